@@ -1,0 +1,3 @@
+"""MedSIGHT: grounded visual comprehension for medical vision-language models."""
+
+__version__ = "0.1.0"

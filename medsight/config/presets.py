@@ -1,0 +1,129 @@
+"""Presets as functions: the same code runs both, only these numbers differ."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from medsight.config.schema import (
+    CodebookConfig,
+    DataConfig,
+    DeepSpeedConfig,
+    EncoderConfig,
+    ExperimentConfig,
+    LLMConfig,
+    LossConfig,
+    ModelConfig,
+    PerceiverConfig,
+)
+from medsight.data.taxonomy import MODALITY_NAMES, REGION_CLASSES
+
+
+def tiny() -> ExperimentConfig:
+    """CPU, offline, minutes: random-init tiny ViT and Qwen3, synthetic data."""
+    config = ExperimentConfig(
+        preset="tiny",
+        model=ModelConfig(
+            encoder=EncoderConfig(),
+            perceiver=PerceiverConfig(num_classes=len(REGION_CLASSES)),
+            codebook=CodebookConfig(num_modalities=len(MODALITY_NAMES), codes_per_modality=16),
+            llm=LLMConfig(),
+            loss=LossConfig(),
+        ),
+        data=DataConfig(),
+    )
+    # Tiny stages see a small synthetic set, so they need more passes and larger steps
+    # than the paper's schedule over 250K+ images.
+    config.perceiver_pretrain.epochs = 12
+    config.perceiver_pretrain.lr = 1e-3
+    config.perceiver_pretrain.batch_size = 16
+    config.codebook_pretrain.epochs = 4
+    config.codebook_pretrain.lr = 2e-3
+    config.codebook_pretrain.batch_size = 16
+    config.v2t_align.epochs = 2
+    config.v2t_align.lr = 2e-3
+    config.t2v_align.epochs = 3
+    config.t2v_align.lr = 2e-3
+    config.instruct_tune.epochs = 6
+    config.instruct_tune.lr = 1e-3
+    return config
+
+
+def full() -> ExperimentConfig:
+    """Paper scale: UniMed-CLIP ViT-L/14-336 + Qwen3-8B on H100s; weights from local paths."""
+    ds = DeepSpeedConfig(zero_stage=3, bf16=True)
+    config = ExperimentConfig(
+        preset="full",
+        model=ModelConfig(
+            encoder=EncoderConfig(
+                model_name="ViT-L-14-336-quickgelu",
+                weights_path="models/unimed-clip-vit-l14-336/open_clip_model.safetensors",
+                image_size=336,
+                patch_size=14,
+                width=1024,
+                layers=24,
+                heads=16,
+            ),
+            perceiver=PerceiverConfig(dim=256, num_heads=8, ffn_dim=1024, num_classes=len(REGION_CLASSES)),
+            codebook=CodebookConfig(num_modalities=18, codes_per_modality=32, code_dim=64),
+            llm=LLMConfig(
+                backbone="qwen3",
+                weights_path="models/Qwen3-8B",
+                hidden_size=4096,
+                num_layers=36,
+                num_heads=32,
+                num_kv_heads=8,
+                intermediate_size=12288,
+                max_position_embeddings=4096,
+                gradient_checkpointing=True,
+            ),
+            loss=LossConfig(bce_weight=5.0, dice_weight=5.0),
+        ),
+        data=DataConfig(source="biomedparse", image_size=336),
+    )
+    config.perceiver_pretrain.epochs = 20
+    config.perceiver_pretrain.lr = 1e-4
+    config.perceiver_pretrain.batch_size = 32
+    config.codebook_pretrain.epochs = 3
+    config.codebook_pretrain.lr = 1e-4
+    config.v2t_align.epochs = 1
+    config.v2t_align.lr = 2e-5
+    config.v2t_align.deepspeed = ds
+    config.t2v_align.epochs = 3
+    config.t2v_align.lr = 5e-4
+    config.t2v_align.deepspeed = DeepSpeedConfig(zero_stage=3, bf16=True)
+    config.instruct_tune.epochs = 3
+    config.instruct_tune.lr = 2e-5
+    config.instruct_tune.deepspeed = DeepSpeedConfig(zero_stage=3, bf16=True)
+    config.evaluate.temperature = 0.2
+    return config
+
+
+def full_qwen25() -> ExperimentConfig:
+    """Backbone-fairness variant: Qwen2.5-7B instead of Qwen3-8B (App. F.6)."""
+    config = full()
+    config.preset = "full-qwen2.5"
+    config.model.llm = LLMConfig(
+        backbone="qwen2",
+        weights_path="models/Qwen2.5-7B-Instruct",
+        hidden_size=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        intermediate_size=18944,
+        max_position_embeddings=4096,
+        gradient_checkpointing=True,
+    )
+    return config
+
+
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "tiny": tiny,
+    "full": full,
+    "full-qwen2.5": full_qwen25,
+}
+
+
+def get_preset(name: str) -> ExperimentConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,214 @@
+"""Typed configuration for every MedSIGHT part and stage.
+
+One dataclass per concept; presets (``presets.py``) are plain functions returning a filled
+``ExperimentConfig``. Nothing here touches torch, so configs load fast in components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EncoderConfig:
+    """Frozen CLIP image encoder (open_clip vision tower)."""
+
+    model_name: str = "medsight-tiny-vit"
+    # Directory or file holding open_clip weights; None = random init (tiny preset only).
+    weights_path: str | None = None
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    # Which transformer block feeds the patch tokens (-2 = penultimate, as LLaVA).
+    feature_layer: int = -2
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass
+class PerceiverConfig:
+    """Region Perceiver (Sec. 2.2, App. A.1)."""
+
+    num_queries: int = 20
+    dim: int = 64
+    num_layers: int = 3
+    num_heads: int = 4
+    ffn_dim: int = 128
+    dropout: float = 0.0
+    # Upsampling factor applied by the conv adapter before each layer.
+    upsample_factor: int = 2
+    # Ablation: False = one-way decoder (queries attend to image only, no image-to-region step).
+    two_way: bool = True
+    mask_threshold: float = 0.5
+    # Number of region classes (structures + lesion kinds); +1 no-object is added by the head.
+    num_classes: int = 16
+
+
+@dataclass
+class LossConfig:
+    """Segmentation criterion weights. Paper: bce=dice=5; authors' code: all 1.0."""
+
+    bce_weight: float = 5.0
+    dice_weight: float = 5.0
+    class_weight: float = 1.0
+    no_object_weight: float = 0.1
+    # Hungarian matching costs.
+    match_bce: float = 1.0
+    match_dice: float = 1.0
+    match_class: float = 1.0
+
+
+@dataclass
+class CodebookConfig:
+    """Modality-aware VQ codebook (Sec. 2.3, App. A.2)."""
+
+    num_modalities: int = 6
+    codes_per_modality: int = 16
+    code_dim: int = 32
+    commitment: float = 0.25
+    # Train a modality classifier on the CLS token so inference works without a label.
+    modality_predictor: bool = True
+
+
+@dataclass
+class LLMConfig:
+    """Language model. Tiny: random-init Qwen3 built from these dims; full: local weights."""
+
+    backbone: str = "qwen3"  # qwen3 | qwen2 (Qwen2.5 backbone-fairness variant)
+    weights_path: str | None = None
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 512
+    tokenizer_vocab_size: int = 600
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Ablation: feed only patch tokens to the LLM (no region embeddings).
+    region_embeddings: bool = True
+    # Ablation: "codebook" (M x K region tokens) or "seg_token" (one [SEG] token).
+    grounding: str = "codebook"
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    bf16: bool = False
+    offload_optimizer: bool = False
+    gradient_accumulation_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage shares: optimisation, checkpoints, guards."""
+
+    epochs: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    seed: int = 0
+    # Save a resumable checkpoint every N optimizer steps (and always at the end).
+    checkpoint_every: int = 200
+    log_every: int = 20
+    num_workers: int = 0
+    # Stop after this many steps (0 = no cap); lets tests and benchmarks bound a stage.
+    max_steps: int = 0
+
+
+@dataclass
+class PerceiverPretrainConfig(TrainConfig):
+    epochs: float = 20.0
+    lr: float = 1e-4
+    max_masks_per_image: int = 16
+
+
+@dataclass
+class CodebookPretrainConfig(TrainConfig):
+    epochs: float = 3.0
+    lr: float = 1e-4
+    max_masks_per_image: int = 16
+
+
+@dataclass
+class V2TAlignConfig(TrainConfig):
+    epochs: float = 1.0
+    lr: float = 2e-5
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class GroundingDataConfig:
+    """Ground-truth regions -> region tokens (App. C), template or LLM-written."""
+
+    generator: str = "template"  # template | llm (OpenAI-compatible endpoint from env)
+    seed: int = 0
+
+
+@dataclass
+class T2VAlignConfig(TrainConfig):
+    epochs: float = 3.0
+    lr: float = 5e-4
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class InstructTuneConfig(TrainConfig):
+    epochs: float = 3.0
+    lr: float = 2e-5
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 48
+    temperature: float = 0.0  # paper: 0.2 with sampling; 0 = greedy, deterministic tests
+    repetition_penalty: float = 1.2
+    report_samples: int = 8
+
+
+@dataclass
+class DataConfig:
+    """Synthetic data volume (tiny preset) or real dataset locations (full preset)."""
+
+    source: str = "synthetic"  # synthetic | biomedparse
+    image_size: int = 64
+    train_images: int = 600
+    val_images: int = 100
+    test_images: int = 100
+    seed: int = 0
+
+
+@dataclass
+class ExperimentConfig:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    perceiver_pretrain: PerceiverPretrainConfig = field(default_factory=PerceiverPretrainConfig)
+    codebook_pretrain: CodebookPretrainConfig = field(default_factory=CodebookPretrainConfig)
+    v2t_align: V2TAlignConfig = field(default_factory=V2TAlignConfig)
+    grounding_data: GroundingDataConfig = field(default_factory=GroundingDataConfig)
+    t2v_align: T2VAlignConfig = field(default_factory=T2VAlignConfig)
+    instruct_tune: InstructTuneConfig = field(default_factory=InstructTuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

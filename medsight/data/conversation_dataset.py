@@ -1,0 +1,141 @@
+"""LLaVA conversations -> token ids, labels and masks for the LLM stages (3-5).
+
+The prompt is built from id segments rather than one formatted string, so the ``<image>``
+placeholder count is exact by construction and answers are the only supervised tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from medsight.data import image_io
+from medsight.data.llava import Conversation
+from medsight.data.taxonomy import modality_index
+
+from medsight.data.tokenizer import ASSISTANT_TOKEN, IMAGE_TOKEN, USER_TOKEN
+from medsight.model.medsight import IGNORE_INDEX
+
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """Token ids of the chat markers, read once from the tokenizer."""
+
+    user_id: int
+    assistant_id: int
+    image_id: int
+    eos_id: int
+    pad_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
+        ids = tokenizer.convert_tokens_to_ids([USER_TOKEN, ASSISTANT_TOKEN, IMAGE_TOKEN])
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            raise ValueError(f"tokenizer lacks one of {USER_TOKEN}, {ASSISTANT_TOKEN}, {IMAGE_TOKEN}")
+        return cls(ids[0], ids[1], ids[2], tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def _strip_image_marker(text: str) -> str:
+    return text.replace(IMAGE_TOKEN, "").strip()
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, question: str, num_visual_tokens: int
+) -> list[int]:
+    """The ids a model sees before it answers the first question."""
+    text_ids = tokenizer.encode("\n" + _strip_image_marker(question), add_special_tokens=False)
+    return [fmt.user_id] + [fmt.image_id] * num_visual_tokens + text_ids + [fmt.assistant_id]
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: PromptFormat,
+    turns: list[tuple[str, str]],
+    num_visual_tokens: int,
+    max_length: int,
+    where: str = "",
+) -> tuple[list[int], list[int]]:
+    """Returns (input_ids, labels) for alternating human/gpt turns; only gpt text is supervised."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for index in range(0, len(turns), 2):
+        pair = turns[index : index + 2]
+        if len(pair) != 2 or pair[0][0] != "human" or pair[1][0] != "gpt":
+            raise ValueError(f"{where}: turns must alternate human/gpt, got {[role for role, _ in turns]}")
+        question, answer = pair[0][1], pair[1][1]
+        if index == 0:
+            prompt = encode_prompt(tokenizer, fmt, question, num_visual_tokens)
+        else:
+            prompt = [fmt.user_id] + tokenizer.encode("\n" + question, add_special_tokens=False) + [fmt.assistant_id]
+        reply = tokenizer.encode(answer, add_special_tokens=False) + [fmt.eos_id]
+        input_ids += prompt + reply
+        labels += [IGNORE_INDEX] * len(prompt) + reply
+    if len(input_ids) > max_length:
+        # Truncating would cut placeholders or region tokens and misalign masks: refuse instead.
+        raise ValueError(f"{where}: conversation is {len(input_ids)} tokens, over max length {max_length}")
+    return input_ids, labels
+
+
+class ConversationDataset(Dataset):
+    def __init__(
+        self,
+        conversations: list[Conversation],
+        tokenizer: PreTrainedTokenizerBase,
+        num_visual_tokens: int,
+        image_size: int,
+        max_length: int,
+    ):
+        self.conversations = conversations
+        self.tokenizer = tokenizer
+        self.format = PromptFormat.from_tokenizer(tokenizer)
+        self.num_visual_tokens = num_visual_tokens
+        self.image_size = image_size
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> dict:
+        conversation = self.conversations[index]
+        where = f"conversation {conversation.id}"
+        input_ids, labels = encode_conversation(
+            self.tokenizer, self.format, conversation.turns, self.num_visual_tokens, self.max_length, where
+        )
+        image = image_io.load_image(conversation.image_paths[0], self.image_size)
+        masks = [image_io.load_mask(path, self.image_size) for path in conversation.mask_paths]
+        mask_tensor = torch.stack(masks) if masks else torch.zeros(0, self.image_size, self.image_size)
+        modality = modality_index(conversation.modality, where) if conversation.modality else -1
+        return {
+            "image": image,
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "masks": mask_tensor.float(),
+            "modality": modality,
+            "id": conversation.id,
+        }
+
+
+def collate_conversations(batch: list[dict], pad_id: int) -> dict:
+    """Right-pads ids; masks stay a per-sample list (their count varies)."""
+    length = max(item["input_ids"].numel() for item in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = item["input_ids"].numel()
+        input_ids[row, :n] = item["input_ids"]
+        labels[row, :n] = item["labels"]
+        attention[row, :n] = 1
+    return {
+        "images": torch.stack([item["image"] for item in batch]),
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention,
+        "masks": [item["masks"] for item in batch],
+        "modality": torch.tensor([item["modality"] for item in batch]),
+        "ids": [item["id"] for item in batch],
+    }

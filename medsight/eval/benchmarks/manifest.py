@@ -1,0 +1,104 @@
+"""A benchmark manifest: which benchmarks to run, with which reader, from which files.
+
+``benchmarks.json``::
+
+    {"benchmarks": [
+      {"name": "vqa_rad", "reader": "vqa", "path": "vqa_rad/test.json", "image_root": "vqa_rad"},
+      {"name": "mmmu_med", "reader": "mmmu", "path": "mmmu"},
+      {"name": "omnimedvqa", "reader": "omnimedvqa", "path": "OmniMedVQA"},
+      {"name": "diagseg", "reader": "diagseg", "path": "diagseg.json", "data_root": "."},
+      {"name": "mecovqa_g", "reader": "mecovqa_grounding", "path": "MeCoVQA_G.json", "image_root": "SAMed2D"},
+      {"name": "schain", "reader": "schain", "path": "schain/English"},
+      {"name": "medtrinity", "reader": "box_json", "path": "medtrinity.json", "image_root": "."}
+    ]}
+
+Relative paths are relative to the manifest's folder. The synthetic writer emits one, and a
+user points the same code at real releases by writing one by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medsight.eval.benchmarks.box_grounding import read_box_json, read_schain
+from medsight.eval.benchmarks.common import BenchmarkData, BenchmarkFormatError
+from medsight.eval.benchmarks.diagseg import read_diagseg
+from medsight.eval.benchmarks.mecovqa_grounding import read_mecovqa_grounding
+from medsight.eval.benchmarks.multiple_choice import read_mmmu, read_omnimedvqa
+from medsight.eval.benchmarks.vqa_llava_med import read_vqa
+
+# The paper's benchmark order (Tables 2-4, then App. F.5).
+BENCHMARK_ORDER = ("vqa_rad", "slake", "pathvqa", "mmmu_med", "omnimedvqa", "diagseg", "mecovqa_g", "schain", "medtrinity")
+_PATH_KEYS = ("path", "image_root", "data_root", "mask_root")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str
+    reader: str
+    options: dict[str, Any]  # reader keyword arguments; path-like ones already resolved
+
+
+def _readers() -> dict[str, Callable[..., BenchmarkData]]:
+    return {
+        "vqa": lambda name, path, image_root, **kw: read_vqa(path, image_root, benchmark=name, **kw),
+        "mmmu": lambda name, path, **kw: read_mmmu(path, **kw),
+        "omnimedvqa": lambda name, path, **kw: read_omnimedvqa(path, **kw),
+        "diagseg": lambda name, path, data_root, **kw: read_diagseg(path, data_root, benchmark=name, **kw),
+        "mecovqa_grounding": lambda name, path, image_root, **kw: read_mecovqa_grounding(path, image_root, **kw),
+        "schain": lambda name, path, **kw: read_schain(path, **kw),
+        "box_json": lambda name, path, image_root, **kw: read_box_json(path, image_root, benchmark=name, **kw),
+    }
+
+
+def read_manifest(path: Path) -> list[BenchmarkSpec]:
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkFormatError(f"{path}: benchmark manifest not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BenchmarkFormatError(f"{path}: not valid JSON ({error})") from error
+    entries = data.get("benchmarks") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise BenchmarkFormatError(f"{path}: expected {{\"benchmarks\": [...]}}")
+    readers = _readers()
+    specs = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry or "reader" not in entry or "path" not in entry:
+            raise BenchmarkFormatError(f"{path}: benchmarks[{index}] needs 'name', 'reader' and 'path'")
+        if entry["reader"] not in readers:
+            raise BenchmarkFormatError(
+                f"{path}: benchmarks[{index}] ({entry['name']}): unknown reader {entry['reader']!r}; "
+                f"choose one of {', '.join(sorted(readers))}"
+            )
+        options = {k: v for k, v in entry.items() if k not in ("name", "reader")}
+        for key in _PATH_KEYS:
+            if key in options and options[key] is not None:
+                options[key] = path.parent / options[key]
+        specs.append(BenchmarkSpec(name=str(entry["name"]), reader=str(entry["reader"]), options=options))
+    return specs
+
+
+def load_benchmark(spec: BenchmarkSpec) -> BenchmarkData:
+    try:
+        return _readers()[spec.reader](spec.name, **spec.options)
+    except TypeError as error:
+        # A wrong or missing option key in the manifest: say which benchmark, not a bare TypeError.
+        raise BenchmarkFormatError(f"benchmark {spec.name} ({spec.reader}): bad manifest options ({error})") from error
+
+
+def load_manifest(path: Path, only: list[str] | None = None) -> list[BenchmarkData]:
+    specs = read_manifest(path)
+    if only:
+        unknown = sorted(set(only) - {spec.name for spec in specs})
+        if unknown:
+            raise BenchmarkFormatError(f"{path}: no benchmark named {', '.join(unknown)}; the manifest has {', '.join(s.name for s in specs)}")
+        specs = [spec for spec in specs if spec.name in only]
+    order = {name: i for i, name in enumerate(BENCHMARK_ORDER)}
+    specs.sort(key=lambda spec: order.get(spec.name, len(order)))
+    return [load_benchmark(spec) for spec in specs]

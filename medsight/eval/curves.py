@@ -1,0 +1,90 @@
+"""Training curves for the report: recorded beside each stage output, collected by lineage.
+
+``HistoryRecorder`` wraps any ``Tracker`` and also appends every ``log_metrics`` call with a
+step to ``<stage output>/history.jsonl`` (``{"step": 20, "perceiver-pretrain/loss": 0.41}``).
+``collect_curves`` walks an evaluation's inputs and their recorded upstream inputs
+(``stage.json`` -> ``inputs``) and gathers every series it finds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from medsight.train.tracker import Tracker
+
+HISTORY_FILE = "history.jsonl"
+Curves = dict[str, list[tuple[float, float]]]
+
+
+class HistoryRecorder:
+    """A Tracker that forwards to ``inner`` and keeps stepped metrics in ``history.jsonl``."""
+
+    def __init__(self, inner: Tracker, output: Path) -> None:
+        self.inner = inner
+        self.path = Path(output) / HISTORY_FILE
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.inner.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.inner.log_metrics(metrics, step=step)
+        if step is None:
+            return  # final summary values are not points of a curve
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.inner.set_tags(tags)
+
+
+def read_history(path: Path, prefix: str = "") -> Curves:
+    """Series from one ``history.jsonl``; a torn last line (interrupted run) is ignored."""
+    curves: Curves = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = record.get("step")
+        if step is None:
+            continue
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                curves.setdefault(f"{prefix}{key}", []).append((float(step), float(value)))
+    return curves
+
+
+def lineage(directories: list[Path]) -> list[Path]:
+    """The given stage outputs and every upstream output their ``stage.json`` names."""
+    seen: list[Path] = []
+    queue = [Path(d) for d in directories]
+    while queue:
+        directory = queue.pop(0)
+        if directory in seen or not directory.is_dir():
+            continue
+        seen.append(directory)
+        stage_file = directory / "stage.json"
+        if stage_file.is_file():
+            try:
+                inputs = json.loads(stage_file.read_text()).get("inputs", {})
+            except json.JSONDecodeError:
+                inputs = {}
+            queue += [Path(p) for p in inputs.values()]
+    return seen
+
+
+def collect_curves(directories: list[Path]) -> Curves:
+    curves: Curves = {}
+    for directory in lineage(directories):
+        history = directory / HISTORY_FILE
+        if history.is_file():
+            for name, points in read_history(history).items():
+                curves.setdefault(name, []).extend(points)
+    return {name: sorted(points) for name, points in curves.items()}

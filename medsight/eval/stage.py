@@ -1,0 +1,151 @@
+"""Stage 6, ``evaluate``: every benchmark, paper-shaped tables, the HTML report, MLflow logging.
+
+Inputs: ``data`` (dataset root), ``base`` (tokenizer + encoder), ``model`` (the newest trained
+bundle) and ``grounding`` (its ``diagseg_test.json`` is DiagSeg). Which benchmarks run:
+``data/benchmarks.json`` when the dataset ships a manifest (real releases, see
+``benchmarks/manifest.py``), else the synthetic test split written in every public format.
+Outputs: ``results.json``, ``predictions.jsonl``, ``tables.md``, ``examples.json``,
+``overlays/``, ``report.html``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from medsight.config.io import to_dict
+from medsight.config.schema import ExperimentConfig
+from medsight.eval.benchmarks.manifest import load_manifest
+from medsight.eval.curves import collect_curves
+from medsight.eval.examples import write_examples
+from medsight.eval.report import build_report
+from medsight.eval.results_io import flat_metrics, results_document, summaries_from, write_predictions, write_results
+from medsight.eval.runner import GenerationSettings, evaluate_all, peak_memory_mb
+from medsight.eval.synthetic_benchmarks import write_synthetic_benchmarks
+from medsight.eval.tables import all_tables, comprehension_table, render_markdown
+from medsight.io_utils import atomic_write_text
+from medsight.train.tracker import Tracker
+
+logger = logging.getLogger(__name__)
+VQA_BENCHMARKS = ("vqa_rad", "slake", "pathvqa")
+REQUIRED_METRICS = ("closed_accuracy", "open_recall", "seg_dice")
+
+
+def benchmark_manifest(data: Path, grounding: Path | None, output: Path) -> Path:
+    """The dataset's own manifest if it has one, else the synthetic benchmarks (written now)."""
+    shipped = Path(data) / "benchmarks.json"
+    if shipped.is_file():
+        return shipped
+    if not (Path(data) / "biomedparse" / "test.json").is_file():
+        raise FileNotFoundError(
+            f"{data}: no benchmarks.json and no synthetic test split; write a manifest listing the "
+            "benchmark releases (see medsight/eval/benchmarks/manifest.py) into the dataset folder"
+        )
+    return write_synthetic_benchmarks(Path(data), Path(output) / "benchmarks", grounding)
+
+
+def _pooled(summaries: dict, benchmarks: tuple[str, ...], metric: str) -> float:
+    """Mean over all questions of several benchmarks (n-weighted), NaN if none ran."""
+    total = count = 0.0
+    for name in benchmarks:
+        summary = summaries.get(name, {}).get(metric)
+        if summary and summary["n"]:
+            total += summary["micro"] * summary["n"]
+            count += summary["n"]
+    return total / count if count else float("nan")
+
+
+def headline_metrics(document: dict) -> dict[str, float]:
+    """The registry's metrics (closed_accuracy, open_recall, seg_dice) and a few more."""
+    summaries = summaries_from(document)
+
+    def get(benchmark: str, metric: str, average: str) -> float:
+        summary = summaries.get(benchmark, {}).get(metric)
+        return summary[average] if summary and summary["n"] else float("nan")
+
+    avg_cell = comprehension_table(summaries).rows[0][-1]
+    box_benchmarks = tuple(name for name in ("schain", "medtrinity") if name in summaries)
+    return {
+        "closed_accuracy": _pooled(summaries, VQA_BENCHMARKS, "closed_accuracy"),
+        "open_recall": _pooled(summaries, VQA_BENCHMARKS, "open_recall"),
+        "seg_dice": get("diagseg", "dice", "macro"),
+        "diagnosis_recall": get("diagseg", "diagnosis_recall", "macro"),
+        "mc_accuracy": _pooled(summaries, ("mmmu_med", "omnimedvqa"), "mc_accuracy"),
+        "mecovqa_dice": get("mecovqa_g", "dice", "macro"),
+        "box_miou": _pooled(summaries, box_benchmarks, "box_miou"),
+        "comprehension_avg": float(avg_cell) / 100 if avg_cell != "-" else float("nan"),
+    }
+
+
+def evaluate_model(
+    model,
+    manifest: Path,
+    output: Path,
+    config: ExperimentConfig,
+    run_info: dict,
+    curve_dirs: list[Path] = (),
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Run every benchmark of ``manifest`` and write all outputs; returns the results document."""
+    output = Path(output)
+    settings = GenerationSettings(
+        batch_size=config.evaluate.batch_size,
+        max_new_tokens=config.evaluate.max_new_tokens,
+        temperature=config.evaluate.temperature,
+        repetition_penalty=config.evaluate.repetition_penalty,
+    )
+    datasets = load_manifest(manifest)
+    started = time.perf_counter()
+    results = evaluate_all(model, datasets, settings, keep_examples=config.evaluate.report_samples, progress=progress)
+    seconds = time.perf_counter() - started
+    evaluated = sum(len(r.results) for r in results)
+    run_info = {
+        **run_info,
+        "samples": evaluated,
+        "seconds": round(seconds, 2),
+        "samples_per_second": round(evaluated / seconds, 3) if seconds else 0.0,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "device": device,
+        "settings": str(to_dict(config.evaluate)),
+    }
+    document = results_document(results, run_info)
+    write_results(output / "results.json", document)
+    write_predictions(output / "predictions.jsonl", results)
+    write_examples(results, output)
+    atomic_write_text(output / "tables.md", render_markdown(all_tables(summaries_from(document))))
+    build_report(output, curves=collect_curves(list(curve_dirs)))
+    return document
+
+
+def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
+    from medsight.model.inference import MedSightInference
+
+    output = Path(output)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    manifest = benchmark_manifest(inputs["data"], inputs.get("grounding"), output)
+    model = MedSightInference.load(Path(inputs["model"]), Path(inputs["base"]), device=device)
+    tracker.log_params({f"evaluate.{k}": v for k, v in to_dict(config.evaluate).items()})
+    document = evaluate_model(
+        model,
+        manifest,
+        output,
+        config,
+        run_info={"model": str(inputs["model"]), "preset": config.preset},
+        curve_dirs=[Path(p) for p in inputs.values()],
+        device=device,
+    )
+    metrics = {**flat_metrics(document), **headline_metrics(document)}
+    metrics["samples_per_second"] = float(document["run"]["samples_per_second"])
+    metrics["peak_memory_mb"] = float(document["run"]["peak_memory_mb"])
+    for name in ("report.html", "results.json", "tables.md", "predictions.jsonl"):
+        tracker.log_artifact(output / name, "eval")
+    for overlay in sorted((output / "overlays").rglob("*.png")):
+        tracker.log_artifact(overlay, f"eval/overlays/{overlay.parent.name}")
+    logger.info("evaluation report: %s", output / "report.html")
+    # A benchmark that did not run gives NaN: keep it out of MLflow except for the registry's three.
+    return {k: v for k, v in metrics.items() if not math.isnan(v) or k in REQUIRED_METRICS}

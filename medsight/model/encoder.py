@@ -1,0 +1,131 @@
+"""Frozen CLIP image encoder E: open_clip vision tower giving patch tokens (not the pooled vector)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medsight.config.schema import EncoderConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "open_clip_config.json"
+
+
+@dataclass
+class EncoderOutput:
+    patch_tokens: torch.Tensor  # [B, N, C] N = grid*grid
+    cls_token: torch.Tensor  # [B, C]
+
+
+def open_clip_config(config: EncoderConfig) -> dict:
+    """An open_clip model config for the encoder dims; the text tower is a stub we never run."""
+    return {
+        "embed_dim": config.width,
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": config.image_size,
+            "layers": config.layers,
+            "width": config.width,
+            "patch_size": config.patch_size,
+            "head_width": config.width // config.heads,
+        },
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+    }
+
+
+def _create_visual(config: EncoderConfig, pretrained: str | None) -> nn.Module:
+    builtin = config.model_name in open_clip.list_models()
+    if not builtin:
+        # Custom (tiny) architectures are registered from a config file, as open_clip expects.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{config.model_name}.json"
+            path.write_text(json.dumps(open_clip_config(config)))
+            open_clip.add_model_config(path)
+    model = open_clip.create_model(config.model_name, pretrained=pretrained)
+    visual = model.visual
+    grid = getattr(visual, "grid_size", None)
+    if grid is not None and tuple(grid) != (config.grid_size, config.grid_size):
+        raise ValueError(
+            f"encoder {config.model_name}: open_clip grid {tuple(grid)} does not match config "
+            f"image_size/patch_size = {config.grid_size}; fix model.encoder.image_size/patch_size"
+        )
+    return visual
+
+
+class ImageEncoder(nn.Module):
+    """Wraps the open_clip vision tower; always frozen and in eval mode."""
+
+    def __init__(self, config: EncoderConfig, visual: nn.Module):
+        super().__init__()
+        self.config = config
+        self.visual = visual
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        self.layer_index = config.layers + config.feature_layer if config.feature_layer < 0 else config.feature_layer
+        if not 0 <= self.layer_index < config.layers:
+            raise ValueError(f"model.encoder.feature_layer={config.feature_layer} out of range for {config.layers} layers")
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def random_init(cls, config: EncoderConfig) -> ImageEncoder:
+        return cls(config, _create_visual(config, pretrained=None))
+
+    @classmethod
+    def from_open_clip_weights(cls, config: EncoderConfig, weights_path: Path) -> ImageEncoder:
+        """Import released CLIP weights (e.g. UniMed-CLIP) through open_clip's own loader."""
+        if not Path(weights_path).exists():
+            raise FileNotFoundError(
+                f"model.encoder.weights_path: {weights_path} does not exist; download the weights "
+                "there or `dvc pull` them first"
+            )
+        return cls(config, _create_visual(config, pretrained=str(weights_path)))
+
+    @classmethod
+    def load(cls, config: EncoderConfig, directory: Path) -> ImageEncoder:
+        """Load what ``save`` wrote (the base-models stage output)."""
+        weights = Path(directory) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: encoder weights missing (run the base-models stage)")
+        encoder = cls.random_init(config)
+        state = load_file(str(weights))
+        missing, unexpected = encoder.visual.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights}: encoder weights do not fit model.encoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return encoder
+
+    def save(self, directory: Path) -> None:
+        from medsight.io_utils import atomic_path, atomic_write_text
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.visual.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(open_clip_config(self.config), indent=2))
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        # Frozen: dropout/norm statistics must never switch to training behaviour.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        """images: [B, 3, S, S] in [0, 1]."""
+        pixels = (images - self.mean) / self.std
+        out = self.visual.forward_intermediates(
+            pixels,
+            indices=[self.layer_index],
+            output_fmt="NLC",
+            intermediates_only=True,
+            output_extra_tokens=True,
+        )
+        patch_tokens = out["image_intermediates"][0]  # [B, N, C]
+        cls_token = out["image_intermediates_prefix"][0][:, 0]  # [B, C]
+        return EncoderOutput(patch_tokens=patch_tokens, cls_token=cls_token)

@@ -1,0 +1,178 @@
+"""MedSIGHT: encoder + Region Perceiver + codebook + LLM, with region tokens that decode to masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from medsight.config.schema import ModelConfig
+from medsight.model.codebook import ModalityCodebook
+from medsight.model.criterion import ordered_mask_loss
+from medsight.model.encoder import ImageEncoder
+from medsight.model.projectors import TextToVisionProjector, VisionToTextProjector
+from medsight.model.region_perceiver import RegionPerceiver
+from medsight.model.region_vocabulary import RegionTokenEmbeddings, RegionVocabulary
+from medsight.model.visual_merge import merge_visual_tokens
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VisualContext:
+    patch_tokens: torch.Tensor  # [B, N, C]
+    cls_token: torch.Tensor  # [B, C]
+    region_queries: torch.Tensor  # [B, Q, d]
+    pixel_features: torch.Tensor  # [B, d, Hr, Wr] (I_r, what region tokens decode against)
+
+
+@dataclass
+class LanguageOutput:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    seg_loss: torch.Tensor
+    num_region_tokens: int
+
+
+class MedSight(nn.Module):
+    """The whole model for the LLM stages (3-5), evaluation and inference."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        encoder: ImageEncoder,
+        perceiver: RegionPerceiver,
+        codebook: ModalityCodebook,
+        llm: PreTrainedModel,
+        base_vocab_size: int,
+        image_token_id: int,
+    ):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.perceiver = perceiver
+        self.codebook = codebook
+        self.llm = llm
+        self.vocabulary = RegionVocabulary(
+            config.codebook.num_modalities, config.codebook.codes_per_modality, config.grounding
+        )
+        hidden = llm.config.hidden_size
+        self.v2t = VisionToTextProjector(config.encoder.width, config.perceiver.dim, hidden)
+        self.t2v = TextToVisionProjector(hidden, config.perceiver.dim)
+        self.region_tokens = RegionTokenEmbeddings(len(self.vocabulary), hidden)
+        self.base_vocab_size = base_vocab_size
+        self.image_token_id = image_token_id
+
+    # ----------------------------------------------------------------- vision side
+    @property
+    def num_visual_tokens(self) -> int:
+        regions = self.config.perceiver.num_queries if self.config.region_embeddings else 0
+        return self.config.encoder.num_patches + regions
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> VisualContext:
+        """images [B, 3, S, S] in [0, 1]; encoder and perceiver are frozen in every LLM stage."""
+        encoded = self.encoder(images)
+        perceived = self.perceiver(encoded.patch_tokens)
+        return VisualContext(
+            patch_tokens=encoded.patch_tokens,
+            cls_token=encoded.cls_token,
+            region_queries=perceived.queries,
+            pixel_features=perceived.pixel_features,
+        )
+
+    def visual_embeddings(self, context: VisualContext) -> torch.Tensor:
+        """[B, Nv, H] through P_v2t; region tokens dropped in the no-region-embeddings ablation."""
+        regions = context.region_queries if self.config.region_embeddings else None
+        return self.v2t(context.patch_tokens, regions)
+
+    @torch.no_grad()
+    def initialise_region_tokens(self) -> None:
+        """Token (m, k) <- P_v2t(P_d(e_{m,k})); the [SEG] ablation starts from the codes' mean."""
+        code_queries = self.codebook.all_code_queries()  # [M*K, d]
+        rows = self.v2t.project_regions(code_queries)  # [M*K, H]
+        if self.vocabulary.mode == "seg_token":
+            rows = rows.mean(dim=0, keepdim=True)
+        self.region_tokens.initialise(rows)
+
+    # ----------------------------------------------------------------- text side
+    def is_region_token(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return token_ids >= self.base_vocab_size
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T, H]: base rows from the LLM, region rows from our own parameters."""
+        region = self.is_region_token(input_ids)
+        base = self.llm.get_input_embeddings()(input_ids.clamp(max=self.base_vocab_size - 1))
+        rows = self.region_tokens.input_rows[(input_ids - self.base_vocab_size).clamp(min=0)]
+        return torch.where(region.unsqueeze(-1), rows.to(base.dtype), base)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., V_base + T_region]."""
+        # Slice: real checkpoints pad their vocab (Qwen3: 151,936 rows for 151,669 tokens), and
+        # region ids start right after the tokenizer's last real token.
+        base = self.llm.get_output_embeddings()(hidden)[..., : self.base_vocab_size]
+        region = hidden @ self.region_tokens.output_rows.to(hidden.dtype).T
+        return torch.cat([base, region], dim=-1)
+
+    def input_embeddings(self, input_ids: torch.Tensor, context: VisualContext) -> torch.Tensor:
+        return merge_visual_tokens(
+            self.embed_tokens(input_ids), input_ids, self.visual_embeddings(context), self.image_token_id
+        )
+
+    def decode_region_masks(self, hidden: torch.Tensor, pixel_features: torch.Tensor) -> torch.Tensor:
+        """hidden [K, H] of emitted region tokens, pixel_features [d, Hr, Wr] -> mask logits [K, Hr, Wr]."""
+        queries = self.t2v(hidden).to(pixel_features.dtype)
+        return self.perceiver.decode_masks(queries.unsqueeze(0), pixel_features.unsqueeze(0))[0]
+
+    # ----------------------------------------------------------------- training
+    def forward(
+        self,
+        images: torch.Tensor,  # [B, 3, S, S]
+        input_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor,  # [B, T]
+        labels: torch.Tensor,  # [B, T], IGNORE_INDEX outside answers
+        masks: list[torch.Tensor] | None = None,  # per sample [K_b, S, S] in region-token order
+        seg_weight: float = 1.0,
+    ) -> LanguageOutput:
+        context = self.encode_images(images)
+        embeddings = self.input_embeddings(input_ids, context)
+        hidden = self.llm.model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
+        logits = self.logits(hidden)  # [B, T, V]
+        lm_loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
+        seg_loss, count = self._region_mask_loss(hidden, input_ids, labels, context, masks)
+        return LanguageOutput(loss=lm_loss + seg_weight * seg_loss, lm_loss=lm_loss, seg_loss=seg_loss, num_region_tokens=count)
+
+    def _region_mask_loss(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        context: VisualContext,
+        masks: list[torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, int]:
+        """Masks are supervised in the order their region tokens appear in the answer."""
+        answer_regions = self.is_region_token(input_ids) & (labels != IGNORE_INDEX)
+        zero = hidden.sum() * 0.0  # keeps the graph connected when a batch has no region token
+        if masks is None or not answer_regions.any():
+            return zero, 0
+        losses = []
+        for b in range(input_ids.shape[0]):
+            positions = answer_regions[b].nonzero().flatten()
+            target = masks[b]
+            if positions.numel() != target.shape[0]:
+                raise ValueError(
+                    f"batch sample {b}: {positions.numel()} region tokens in the answer but "
+                    f"{target.shape[0]} masks; mask_files must list one mask per region token"
+                )
+            if positions.numel() == 0:
+                continue
+            logits = self.decode_region_masks(hidden[b, positions], context.pixel_features[b])
+            losses.append(ordered_mask_loss(logits, target.to(logits.dtype), self.config.loss))
+        if not losses:
+            return zero, 0
+        return torch.stack(losses).mean(), int(answer_regions.sum())

@@ -1,0 +1,335 @@
+"""DVC-backed artifact store: content hashes, push/pull, run-cache and run lineage.
+
+Every stage output is a directory tracked by DVC (md5 of its ``.dir`` manifest) and pushed to
+the DVC remote ``<store>/dvc`` on S3. Next to it, under the same store URL, live two kinds of
+small JSON records:
+
+- ``runcache/<stage>/<key>.json``: key = sha256(stage, the stage's config sections, its input
+  md5s, medsight version) -> the output reference. A stage whose key is present is restored
+  (nothing recomputed, nothing re-uploaded), wherever it runs.
+- ``runs/<run_id>/<stage>.json``: what each run produced (lineage), so any stage's checkpoint of
+  any run can be pulled later by (run, stage).
+
+Credentials never enter a DVC config file: boto reads ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` from the environment, and only URL + endpoint are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from medsight.platform.storage import ENDPOINT_ENV, S3Settings, S3Storage, StorageError, parse_s3_url
+
+if TYPE_CHECKING:
+    from medsight.config.schema import ExperimentConfig
+    from medsight.stages.registry import StageSpec
+
+STORE_ENV = "MEDSIGHT_STORE_URL"
+DEFAULT_STORE_URL = "s3://medsight/store"
+CACHE_ENV = "MEDSIGHT_DVC_CACHE"
+REMOTE_NAME = "store"
+# Bump to invalidate every run-cache entry deliberately (e.g. after a numerics fix).
+CACHE_SALT_ENV = "MEDSIGHT_CACHE_SALT"
+
+
+class ArtifactStoreError(RuntimeError):
+    """A DVC or run-cache operation failed; the message names the stage/remote and next step."""
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What a stage hands downstream: the DVC hash of its output directory."""
+
+    md5: str  # "<32 hex>.dir" for a directory
+    size: int | None = None
+    nfiles: int | None = None
+    stage: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str) -> ArtifactRef | None:
+        """Accepts a JSON reference, a bare DVC md5 (``abc...dir``) or "" (input absent)."""
+        text = (text or "").strip()
+        if not text:
+            return None
+        if text.startswith("{"):
+            data = json.loads(text)
+            if not data.get("md5"):
+                return None
+            return cls(md5=data["md5"], size=data.get("size"), nfiles=data.get("nfiles"), stage=data.get("stage", ""))
+        hex_part = text.removesuffix(".dir")
+        if len(hex_part) == 32 and all(c in "0123456789abcdef" for c in hex_part):
+            return cls(md5=text)
+        raise ArtifactStoreError(
+            f"not a DVC reference: {text!r}; expected a JSON ref, an md5 like 'c518...e.dir', "
+            "or run:<run_id>/<stage> where run references are supported"
+        )
+
+    def pointer(self, path: str) -> str:
+        """The ``.dvc`` file text that makes ``dvc pull`` fetch this output into ``path``."""
+        out: dict[str, Any] = {"md5": self.md5}
+        if self.size is not None:
+            out["size"] = self.size
+        if self.nfiles is not None:
+            out["nfiles"] = self.nfiles
+        out.update({"hash": "md5", "path": path})
+        return yaml.safe_dump({"outs": [out]}, sort_keys=False)
+
+    @property
+    def short(self) -> str:
+        return self.md5[:10]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str  # s3://bucket/prefix holding dvc/, runcache/, runs/
+    endpoint: str
+    cache_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StoreConfig:
+        env = os.environ if env is None else env
+        settings = S3Settings.from_env(env)
+        cache = env.get(CACHE_ENV)
+        return cls(url=env.get(STORE_ENV, DEFAULT_STORE_URL).rstrip("/"), endpoint=settings.endpoint,
+                   cache_dir=Path(cache) if cache else None)
+
+    @property
+    def bucket(self) -> str:
+        return parse_s3_url(self.url)[0]
+
+    @property
+    def prefix(self) -> str:
+        return parse_s3_url(self.url)[1]
+
+    @property
+    def dvc_url(self) -> str:
+        return f"{self.url}/dvc"
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
+
+
+def configure_dvc_repo(repo: Any, config: StoreConfig, *, cache_dir: Path | None = None) -> None:
+    """Point a DVC repo at the store: URL + endpoint only (credentials stay in the env)."""
+    with repo.config.edit() as conf:
+        conf["core"]["remote"] = REMOTE_NAME
+        conf["core"]["analytics"] = False
+        conf["core"]["check_update"] = False
+        conf["remote"][REMOTE_NAME] = {"url": config.dvc_url, "endpointurl": config.endpoint}
+        if cache_dir is not None:
+            conf["cache"]["dir"] = str(cache_dir)
+            # Inputs are linked, not copied, from a shared cache; DVC makes them read-only.
+            conf["cache"]["type"] = "reflink,hardlink,copy"
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    # DVC's repo API prints "Initialized DVC repository." and progress bars to stdout.
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _retry(what: str, attempts: int, fn: Any) -> Any:
+    from dvc.exceptions import DvcException
+
+    last: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            with quiet():
+                return fn()
+        except (DvcException, OSError) as error:
+            last = error
+            if attempt < attempts:
+                time.sleep(min(2.0 * attempt, 6.0))
+    raise ArtifactStoreError(f"{what} failed after {attempts} attempts: {last}") from last
+
+
+class DvcWorkspace:
+    """A throw-away DVC repo (no git) where a stage's inputs are pulled and its output added."""
+
+    def __init__(self, root: Path, config: StoreConfig, *, attempts: int = 3) -> None:
+        from dvc.repo import Repo
+
+        self.root = Path(root).resolve()
+        self.config = config
+        self.attempts = attempts
+        self.root.mkdir(parents=True, exist_ok=True)
+        with quiet():
+            repo = Repo.init(str(self.root), no_scm=True, force=True)
+        configure_dvc_repo(repo, config, cache_dir=config.cache_dir)
+        repo.close()
+        self.repo = Repo(str(self.root))
+
+    def close(self) -> None:
+        self.repo.close()
+
+    def __enter__(self) -> DvcWorkspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, path: Path, stage: str = "") -> ArtifactRef:
+        """Hash ``path`` (a directory inside the workspace) into the DVC cache."""
+        path = Path(path).resolve()
+        if not path.is_dir():
+            raise ArtifactStoreError(f"stage {stage or path.name}: output directory {path} does not exist")
+        with quiet():
+            self.repo.add([str(path)])
+        pointer = yaml.safe_load(path.with_name(path.name + ".dvc").read_text())["outs"][0]
+        return ArtifactRef(md5=pointer["md5"], size=pointer.get("size"), nfiles=pointer.get("nfiles"), stage=stage)
+
+    def push(self, ref: ArtifactRef, name: str) -> None:
+        """Upload ``name``'s objects; already-present objects are skipped, so a rerun resumes."""
+        target = str(self.root / f"{name}.dvc")
+        _retry(
+            f"pushing {ref.stage or name} ({ref.short}) to {self.config.dvc_url} at {self.config.endpoint} "
+            "(is the S3 server up? rerun the same command to resume; uploaded objects are kept)",
+            self.attempts,
+            lambda: self.repo.push(targets=[target], remote=REMOTE_NAME),
+        )
+
+    def pull(self, ref: ArtifactRef, name: str) -> Path:
+        """Fetch ``ref`` from the cache or remote and check it out as ``<workspace>/<name>``."""
+        pointer = self.root / f"{name}.dvc"
+        pointer.write_text(ref.pointer(name))
+        _retry(
+            f"pulling {ref.stage or name} ({ref.md5}) from {self.config.dvc_url} at {self.config.endpoint} "
+            "(is the S3 server up and the object pushed?)",
+            self.attempts,
+            lambda: self.repo.pull(targets=[str(pointer)], remote=REMOTE_NAME),
+        )
+        return self.root / name
+
+
+class ArtifactStore:
+    """The store's S3 records (run-cache, lineage) and workspaces bound to its DVC remote."""
+
+    def __init__(self, config: StoreConfig | None = None, storage: S3Storage | None = None) -> None:
+        self.config = config or StoreConfig.from_env()
+        self.storage = storage or S3Storage()
+
+    def ensure_ready(self) -> None:
+        self.storage.ensure_bucket(self.config.bucket)
+
+    def workspace(self, root: Path) -> DvcWorkspace:
+        return DvcWorkspace(root, self.config)
+
+    def object_key(self, md5: str) -> str:
+        # DVC 3 layout: files/md5/<first two hex>/<rest>, ".dir" kept for manifests.
+        return self.config.key("dvc", "files", "md5", md5[:2], md5[2:])
+
+    def in_remote(self, ref: ArtifactRef) -> bool:
+        """Whether the remote has the manifest and every file it lists (no half-pushed outputs)."""
+        manifest = self.storage.get_bytes(self.config.bucket, self.object_key(ref.md5))
+        if manifest is None:
+            return False
+        if not ref.md5.endswith(".dir"):
+            return True
+        wanted = {self.object_key(entry["md5"]) for entry in json.loads(manifest)}
+        # One listing per two-hex-digit shard touched, never a listing of the whole remote.
+        present: set[str] = set()
+        for shard in sorted({key.rsplit("/", 1)[0] for key in wanted}):
+            present.update(self.storage.list_keys(self.config.bucket, shard + "/"))
+        return wanted <= present
+
+    # -- run-cache -----------------------------------------------------------------------
+    def cache_lookup(self, stage: str, key: str) -> dict[str, Any] | None:
+        entry = self.storage.get_json(self.config.bucket, self.config.key("runcache", stage, f"{key}.json"))
+        if entry is None:
+            return None
+        ref = ArtifactRef.parse(json.dumps(entry.get("ref", {})))
+        # An entry whose objects were garbage-collected is a miss, not a broken restore.
+        if ref is None or not self.in_remote(ref):
+            return None
+        return entry
+
+    def cache_record(self, stage: str, key: str, entry: dict[str, Any]) -> None:
+        self.storage.put_json(self.config.bucket, self.config.key("runcache", stage, f"{key}.json"), entry)
+
+    # -- lineage -------------------------------------------------------------------------
+    def record_lineage(self, run_id: str, stage: str, record: dict[str, Any]) -> None:
+        self.storage.put_json(self.config.bucket, self.config.key("runs", run_id, f"{stage}.json"), record)
+
+    def load_lineage(self, run_id: str) -> dict[str, dict[str, Any]]:
+        prefix = self.config.key("runs", run_id) + "/"
+        records = {}
+        for key in self.storage.list_keys(self.config.bucket, prefix):
+            record = self.storage.get_json(self.config.bucket, key)
+            if record:
+                records[record["stage"]] = record
+        return records
+
+    def resolve(self, text: str) -> ArtifactRef | None:
+        """Like ``ArtifactRef.parse`` plus ``run:<run_id>/<stage>`` looked up in the lineage."""
+        text = (text or "").strip()
+        if text.startswith("run:"):
+            run_id, _, stage = text[4:].partition("/")
+            record = self.load_lineage(run_id).get(stage)
+            if record is None:
+                raise ArtifactStoreError(
+                    f"no lineage record for stage {stage!r} in run {run_id!r} under {self.config.url}; "
+                    "list runs with `medsight platform runs`"
+                )
+            return ArtifactRef.parse(json.dumps(record["ref"]))
+        return ArtifactRef.parse(text)
+
+    def list_runs(self) -> list[str]:
+        prefix = self.config.key("runs") + "/"
+        keys = self.storage.list_keys(self.config.bucket, prefix)
+        return sorted({k[len(prefix):].split("/", 1)[0] for k in keys})
+
+
+def section_value(config_dict: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config_dict
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ArtifactStoreError(f"config section {dotted!r} (from the stage registry) is not in the config")
+        node = node[part]
+    return node
+
+
+def run_cache_key(
+    spec: StageSpec, config: ExperimentConfig, inputs: Mapping[str, ArtifactRef]
+) -> tuple[str, dict[str, Any]]:
+    """Key for "this stage on these inputs with these settings": (sha256, what went into it)."""
+    import medsight
+    from medsight.config import to_dict
+
+    config_dict = to_dict(config)
+    material = {
+        "stage": spec.name,
+        "medsight_version": medsight.__version__,
+        "salt": os.environ.get(CACHE_SALT_ENV, ""),
+        "config": {section: section_value(config_dict, section) for section in spec.config_sections},
+        "inputs": {name: ref.md5 for name, ref in sorted(inputs.items())},
+    }
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return digest, material
+
+
+__all__ = [
+    "ArtifactRef",
+    "ArtifactStore",
+    "ArtifactStoreError",
+    "DvcWorkspace",
+    "ENDPOINT_ENV",
+    "StorageError",
+    "StoreConfig",
+    "configure_dvc_repo",
+    "run_cache_key",
+]

@@ -1,0 +1,241 @@
+"""``medsight platform ...``: run the KFP DAG locally, compile it, pull checkpoints, serve S3."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+platform_app = typer.Typer(
+    help="Pipelines (KFP), artifacts (DVC on S3), tracking (MLflow).", no_args_is_help=True
+)
+
+WorkdirOpt = Annotated[
+    Path, typer.Option("--workdir", help="Local platform directory (S3 data, DVC cache, MLflow, run repo)")
+]
+DEFAULT_WORKDIR = Path("runs/platform")
+
+
+def _fail(message: str, hint: str = "") -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    if hint:
+        typer.echo(hint, err=True)
+    raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _store_env(workdir: Path | None) -> Iterator[None]:
+    """Use the S3 store from the environment, or start the local one under ``workdir``."""
+    import os
+
+    from medsight.platform.artifacts import CACHE_ENV, STORE_ENV
+    from medsight.platform.local_run import LOCAL_STORE_URL, patched_env
+    from medsight.platform.s3_server import SeaweedS3Server
+
+    if os.environ.get("MEDSIGHT_S3_ENDPOINT") or workdir is None:
+        yield
+        return
+    workdir = workdir.resolve()
+    if not (workdir / "s3").is_dir():
+        _fail(f"{workdir} has no local store (s3/)", "Run `medsight platform run-local` first, or set MEDSIGHT_S3_ENDPOINT.")
+    typer.echo(f"starting the local S3 server of {workdir} ...", err=True)
+    with SeaweedS3Server(workdir / "s3") as server:
+        env = {**server.env(), STORE_ENV: LOCAL_STORE_URL, CACHE_ENV: str(workdir / "dvc-cache"), "DVC_NO_ANALYTICS": "1"}
+        with patched_env(env):
+            yield
+
+
+@platform_app.command("run-local")
+def run_local_command(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    preset: Annotated[str, typer.Option(help="Config preset (tiny runs on a CPU)")] = "tiny",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value")] = None,
+    fast: Annotated[bool, typer.Option(help="Few steps per stage on a small synthetic set (smoke run)")] = False,
+    codebook_size: Annotated[int, typer.Option(help="Codes per modality (0 = preset)")] = 0,
+    two_way: Annotated[bool, typer.Option("--two-way/--one-way", help="Perceiver decoder ablation")] = True,
+    region_embeddings: Annotated[bool, typer.Option(help="Feed region tokens to the LLM")] = True,
+    grounding_mode: Annotated[str, typer.Option(help="codebook | seg_token")] = "codebook",
+    skip: Annotated[list[str] | None, typer.Option(help="Ablation: v2t-align / t2v-align / instruct-tune")] = None,
+    data_revision: Annotated[str, typer.Option(help="Use this DVC dataset (md5 or run:<id>/synth-data)")] = "",
+    force: Annotated[list[str] | None, typer.Option(help="Recompute these stages even if cached ('all' = every)")] = None,
+    verbose: Annotated[bool, typer.Option(help="Show KFP and stage output instead of a log file")] = False,
+) -> None:
+    """Run the whole pipeline through kfp.local with a local S3 server, DVC and MLflow; print a summary."""
+    from medsight.platform.local_run import (
+        FAST_OVERRIDES, LocalRunError, LocalRunRequest, format_summary, next_steps, run_local,
+    )
+
+    request = LocalRunRequest(
+        workdir=workdir, preset=preset, overrides=[*(FAST_OVERRIDES if fast else ()), *(overrides or [])],
+        codebook_size=codebook_size, two_way=two_way, region_embeddings=region_embeddings,
+        grounding_mode=grounding_mode, skip=tuple(skip or ()), data_revision=data_revision,
+        force=tuple(force or ()), verbose=verbose,
+    )
+    try:
+        result = run_local(request)
+    except (LocalRunError, ValueError, KeyError) as error:
+        _fail(str(error).strip("'\""))
+    typer.echo("")
+    typer.echo(format_summary(result.stages))
+    typer.echo(f"run {result.run_id}: {len(result.ran)} ran, {len(result.cached)} restored from cache, "
+               f"{result.wall_seconds:.1f}s total; recorded as commit {result.commit[:10]} in {workdir / 'repo'}\n")
+    typer.echo(next_steps(result))
+
+
+@platform_app.command("compile")
+def compile_command(
+    out: Annotated[Path | None, typer.Option(help="Output directory (default pipelines/compiled)")] = None,
+    settings: Annotated[Path | None, typer.Option(help="Deployment settings YAML (node labels, GPUs, images)")] = None,
+    check: Annotated[bool, typer.Option(help="Only verify the golden YAML is current")] = False,
+) -> None:
+    """Compile the pipelines to KFP IR YAML for the Kubeflow Pipelines UI."""
+    from medsight.platform.local_run import REPO_ROOT
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from pipelines import compile as compiler
+
+    args = [*(["--out", str(out)] if out else []), *(["--settings", str(settings)] if settings else []),
+            *(["--check"] if check else [])]
+    try:
+        code = compiler.main(args)
+    except ValueError as error:
+        _fail(str(error))
+    raise typer.Exit(code)
+
+
+@platform_app.command("pull")
+def pull_command(
+    dest: Annotated[Path, typer.Option(help="Directory to write the checkpoint/dataset into")],
+    run: Annotated[str, typer.Option(help="Run id ('latest' = newest recorded run)")] = "",
+    stage: Annotated[str, typer.Option(help="Stage whose output to pull")] = "",
+    md5: Annotated[str, typer.Option(help="Or: the DVC md5 of an output (e.g. from the KFP UI)")] = "",
+    workdir: Annotated[Path | None, typer.Option(help="Local platform dir; starts its S3 server if needed")] = None,
+) -> None:
+    """Pull one stage output of one run from the DVC remote; bytes are identical to what the run pushed."""
+    from medsight.platform.artifacts import ArtifactStore, ArtifactStoreError
+    from medsight.platform.storage import StorageError
+
+    if not md5 and not (run and stage):
+        _fail("give --run and --stage, or --md5", "List runs with `medsight platform runs`.")
+    if dest.exists() and any(dest.iterdir()):
+        _fail(f"{dest} exists and is not empty", "Choose a new --dest.")
+    with _store_env(workdir):
+        try:
+            store = ArtifactStore()
+            if run == "latest":
+                runs = store.list_runs()
+                if not runs:
+                    _fail("no runs recorded in the store")
+                run = runs[-1]
+            ref = store.resolve(md5 or f"run:{run}/{stage}")
+            assert ref is not None
+            with tempfile.TemporaryDirectory() as tmp, store.workspace(Path(tmp)) as ws:
+                pulled = ws.pull(ref, "out")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                # Copy, not move: the pulled files may be links into the DVC cache.
+                shutil.copytree(pulled, dest, dirs_exist_ok=True)
+        except (ArtifactStoreError, StorageError) as error:
+            _fail(str(error))
+    typer.echo(f"pulled {ref.md5} ({ref.nfiles or '?'} files) -> {dest}")
+
+
+@platform_app.command("runs")
+def runs_command(workdir: Annotated[Path | None, typer.Option(help="Local platform dir")] = None) -> None:
+    """List recorded runs and their stage outputs (from the store's lineage records)."""
+    from medsight.platform.artifacts import ArtifactStore
+
+    with _store_env(workdir):
+        store = ArtifactStore()
+        for run_id in store.list_runs():
+            records = store.load_lineage(run_id)
+            cached = sum(1 for r in records.values() if r["cached"])
+            typer.echo(f"{run_id}: {len(records)} stages ({cached} from cache)")
+            for name, record in records.items():
+                typer.echo(f"    {name:<20s} {record['ref']['md5']}")
+
+
+@platform_app.command("run-stage")
+def run_stage_command(
+    name: Annotated[str, typer.Argument(help="Stage name (see `medsight stage list`)")],
+    inputs: Annotated[list[str] | None, typer.Option("--input", help="NAME=REF: md5, run:<id>/<stage>, or JSON ref")] = None,
+    preset: Annotated[str, typer.Option(help="Config preset")] = "tiny",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Local platform dir; starts its S3 server if needed")] = None,
+) -> None:
+    """Run one stage from DVC references to its inputs (restored from the run-cache if unchanged)."""
+    from medsight.platform.component_runtime import execute_stage, resolve_config
+
+    refs = {}
+    for pair in inputs or []:
+        if "=" not in pair:
+            _fail(f"--input {pair!r} must look like NAME=REF (e.g. data=run:local-2026.../synth-data)")
+        key, value = pair.split("=", 1)
+        refs[key.strip()] = value.strip()
+    with _store_env(workdir):
+        try:
+            result = execute_stage(name, refs, resolve_config(preset, overrides or []))
+        except Exception as error:  # stage errors are shown in full below
+            _fail(f"{name}: {error}")
+    how = "restored from run-cache" if result.cached else f"ran in {result.seconds:.1f}s"
+    typer.echo(f"{name}: {how}; output {result.ref.md5}")
+    typer.echo(json.dumps(result.metrics, indent=2))
+
+
+@platform_app.command("s3-serve")
+def s3_serve_command(
+    directory: Annotated[Path, typer.Option("--dir", help="Data directory (e.g. runs/platform/s3)")] = DEFAULT_WORKDIR / "s3",
+    port: Annotated[int | None, typer.Option(help="S3 port (default: the last one used, else free)")] = None,
+) -> None:
+    """Serve the local S3 store until Ctrl-C (for `dvc pull` from a clone of the run repo)."""
+    from medsight.platform.artifacts import STORE_ENV
+    from medsight.platform.local_run import LOCAL_STORE_URL
+    from medsight.platform.run_repo import client_env_file
+    from medsight.platform.s3_server import SeaweedS3Server
+
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    with SeaweedS3Server(directory, port=port) as server:
+        env_file = client_env_file(directory, {**server.env(), STORE_ENV: LOCAL_STORE_URL})
+        typer.echo(f"S3 endpoint {server.endpoint} (data in {directory.resolve()})")
+        typer.echo(f"client settings (credentials, mode 0600): source {env_file}")
+        typer.echo("Ctrl-C to stop.")
+        try:
+            while not stop["now"]:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    typer.echo("stopped.")
+
+
+@platform_app.command("dvc-files")
+def dvc_files_command(
+    preset: Annotated[str, typer.Option(help="Preset written into params.yaml")] = "tiny",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value")] = None,
+    root: Annotated[Path, typer.Option(help="Repository root")] = Path("."),
+    check: Annotated[bool, typer.Option(help="Only verify dvc.yaml/params.yaml are current")] = False,
+) -> None:
+    """Write dvc.yaml (the stage graph) and params.yaml (the config) so `dvc repro` reproduces a run."""
+    from medsight.io_utils import atomic_write_text
+    from medsight.platform.graph import PARAMS_FILE, render_dvc_yaml, render_params_yaml
+
+    files = {root / "dvc.yaml": render_dvc_yaml(), root / PARAMS_FILE: render_params_yaml(preset, overrides)}
+    if check:
+        stale = [str(p) for p, text in files.items() if not p.is_file() or p.read_text() != text]
+        if stale:
+            _fail(f"stale: {', '.join(stale)}", "Regenerate with: medsight platform dvc-files")
+        typer.echo("dvc.yaml and params.yaml are up to date")
+        return
+    for path, text in files.items():
+        atomic_write_text(path, text)
+        typer.echo(f"wrote {path}")
+    typer.echo("Reproduce without Kubeflow: dvc repro   (then: dvc push)")

@@ -1,0 +1,350 @@
+"""The embedded platform on one machine: the whole KFP DAG through ``kfp.local``.
+
+``medsight platform run-local`` starts a SeaweedFS S3 server under the work directory, points
+DVC (remote + shared cache), the run-cache and MLflow (sqlite) at it, runs the same compiled
+stage components the cluster runs, records the run in a git+DVC repo, prints a per-stage
+summary and stops the server. Everything lives under ``--workdir``::
+
+    s3/          SeaweedFS data, credentials.json (0600), weed.log
+    dvc-cache/   DVC cache shared by the stage processes (inputs are linked from here)
+    mlflow/      mlflow.db + artifacts
+    kfp/         kfp.local pipeline root (pointer + metrics artifacts)
+    repo/        git + DVC repo: outputs/<stage>.dvc, runs/<run_id>.json, one tag per run
+    logs/        component output of each run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import medsight
+from medsight.platform.artifacts import CACHE_ENV, STORE_ENV, ArtifactStore
+from medsight.platform.component_runtime import EVENTS_ENV, FORCE_ENV, WORK_DIR_ENV, resolve_config
+from medsight.platform.run_repo import RunRepo, client_env_file
+from medsight.platform.s3_server import SeaweedS3Server
+from medsight.platform.tracking import ARTIFACTS_ENV, git_commit
+
+LOCAL_STORE_URL = "s3://medsight/store"
+REPO_ROOT = Path(medsight.__file__).resolve().parents[1]
+# Small but complete: every stage trains a few steps on a few dozen images (a few minutes on 2 CPUs).
+FAST_OVERRIDES = (
+    "data.train_images=40", "data.val_images=10", "data.test_images=10",
+    "perceiver_pretrain.max_steps=5", "perceiver_pretrain.batch_size=4",
+    "codebook_pretrain.max_steps=5", "codebook_pretrain.batch_size=4",
+    "v2t_align.max_steps=3", "t2v_align.max_steps=3", "instruct_tune.max_steps=3",
+)
+SKIPPABLE = ("v2t-align", "t2v-align", "instruct-tune")
+
+
+class LocalRunError(RuntimeError):
+    """The local pipeline run failed; the message says where the logs are and what to do."""
+
+
+@dataclass
+class LocalRunRequest:
+    workdir: Path
+    preset: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    codebook_size: int = 0
+    two_way: bool = True
+    region_embeddings: bool = True
+    grounding_mode: str = "codebook"
+    skip: tuple[str, ...] = ()
+    data_revision: str = ""
+    force: tuple[str, ...] = ()
+    verbose: bool = False
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "overrides": list(self.overrides),
+            "data_revision": self.data_revision,
+            "codebook_size": self.codebook_size,
+            "two_way": self.two_way,
+            "region_embeddings": self.region_embeddings,
+            "grounding_mode": self.grounding_mode,
+            "skip_v2t_align": "v2t-align" in self.skip,
+            "skip_t2v_align": "t2v-align" in self.skip,
+            "skip_instruct_tune": "instruct-tune" in self.skip,
+        }
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    status: str  # ran | cached | skipped
+    seconds: float = 0.0  # stage compute
+    wall_seconds: float = 0.0  # whole component process
+    metrics: dict[str, float] = field(default_factory=dict)
+    md5: str = ""
+
+
+@dataclass
+class LocalRunResult:
+    run_id: str
+    workdir: Path
+    stages: list[StageSummary]
+    wall_seconds: float
+    commit: str
+    tracking_uri: str
+    report: Path | None
+
+    @property
+    def ran(self) -> list[str]:
+        return [s.stage for s in self.stages if s.status == "ran"]
+
+    @property
+    def cached(self) -> list[str]:
+        return [s.stage for s in self.stages if s.status == "cached"]
+
+
+@contextlib.contextmanager
+def patched_env(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _captured_output(log_path: Path, capture: bool) -> Iterator[IO[str]]:
+    """Send KFP's and the components' chatter to ``log_path``; yield a handle to the real stdout."""
+    if not capture:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        console = os.fdopen(os.dup(saved_out), "w", buffering=1)
+        try:
+            yield console
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            os.close(saved_out)
+            os.close(saved_err)
+            console.close()
+
+
+class _Progress(threading.Thread):
+    """Print one line per stage start/end by following the components' event file."""
+
+    def __init__(self, events: Path, console: IO[str]) -> None:
+        super().__init__(daemon=True)
+        self.events, self.console, self.done = events, console, threading.Event()
+        self.offset = 0
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.drain()
+            self.done.wait(0.5)
+        self.drain()
+
+    def drain(self) -> None:
+        if not self.events.is_file():
+            return
+        with open(self.events) as handle:
+            handle.seek(self.offset)
+            for line in handle:
+                if not line.endswith("\n"):
+                    break
+                self.offset += len(line.encode())
+                event = json.loads(line)
+                if event["event"] == "start":
+                    self.console.write(f"  ... {event['stage']}\n")
+                else:
+                    how = "restored from run-cache" if event["cached"] else f"ran {event['seconds']:.1f}s"
+                    self.console.write(f"  ok  {event['stage']:<20s} {how} (component {event['wall_seconds']:.1f}s)\n")
+        self.console.flush()
+
+
+def _validate(request: LocalRunRequest) -> None:
+    bad = sorted(set(request.skip) - set(SKIPPABLE))
+    if bad:
+        raise LocalRunError(f"cannot skip {bad[0]!r}; skippable stages: {', '.join(SKIPPABLE)}")
+    if {"t2v-align", "instruct-tune"} <= set(request.skip):
+        raise LocalRunError("skipping both t2v-align and instruct-tune leaves evaluate without a model; skip one")
+    # Fail on a bad override before starting servers, with the key named.
+    resolve_config(request.preset, request.overrides, {
+        "codebook_size": request.codebook_size, "two_way": request.two_way,
+        "region_embeddings": request.region_embeddings, "grounding_mode": request.grounding_mode,
+    })
+
+
+def new_run_id() -> str:
+    return time.strftime("local-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> LocalRunResult:
+    from medsight.stages.registry import STAGES
+
+    console = console or sys.stdout
+    _validate(request)
+    workdir = Path(request.workdir).resolve()
+    run_id = new_run_id()
+    for sub in ("dvc-cache", "mlflow", "kfp", "work", "logs"):
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
+    events = workdir / "logs" / f"{run_id}.events.jsonl"
+    log_path = workdir / "logs" / f"{run_id}.log"
+    tracking_uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+    started = time.time()
+    console.write(f"MedSIGHT local pipeline run {run_id} (preset {request.preset}) in {workdir}\n")
+    with SeaweedS3Server(workdir / "s3") as server:
+        console.write(f"  S3 (SeaweedFS) at {server.endpoint}; DVC remote {LOCAL_STORE_URL}/dvc\n")
+        client_env_file(workdir / "s3", {**server.env(), STORE_ENV: LOCAL_STORE_URL})
+        env = {
+            **server.env(),
+            STORE_ENV: LOCAL_STORE_URL,
+            CACHE_ENV: str(workdir / "dvc-cache"),
+            WORK_DIR_ENV: str(workdir / "work"),
+            EVENTS_ENV: str(events),
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            ARTIFACTS_ENV: str(workdir / "mlflow" / "artifacts"),
+            "KFP_RUN_ID": run_id,
+            "MEDSIGHT_GIT_COMMIT": git_commit(),
+            FORCE_ENV: ",".join(request.force),
+            "DVC_NO_ANALYTICS": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+        with patched_env(env):
+            store = ArtifactStore()
+            store.ensure_ready()
+            repo = RunRepo(workdir / "repo")
+            repo.ensure(store.config)
+            _run_pipeline(request, workdir, events, log_path, console)
+            records = store.load_lineage(run_id)
+            summaries = _summaries(STAGES, records)
+            wall = time.time() - started
+            commit = repo.record_run(run_id, records, {
+                "preset": request.preset, "arguments": request.pipeline_arguments(), "wall_seconds": round(wall, 2),
+            })
+            report = None
+            if "evaluate" in records:
+                evaluation = repo.pull("evaluate")
+                found = sorted(evaluation.rglob("*.html"))
+                report = found[0] if found else None
+            _log_pipeline_run(run_id, request, summaries, wall, log_path)
+    return LocalRunResult(run_id, workdir, summaries, time.time() - started, commit, tracking_uri, report)
+
+
+def _run_pipeline(request: LocalRunRequest, workdir: Path, events: Path, log_path: Path, console: IO[str]) -> None:
+    from kfp import local
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # pipelines/ and components/ live beside the package
+    from pipelines.medsight_pipeline import medsight_pipeline
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
+    with _captured_output(log_path, capture=not request.verbose) as out:
+        progress = _Progress(events, out)
+        progress.start()
+        try:
+            medsight_pipeline(**request.pipeline_arguments())
+        except Exception as error:
+            progress.done.set()
+            progress.join()
+            raise LocalRunError(
+                f"pipeline failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}\n"
+                f"  component output: {log_path}\n{_tail(log_path)}\n"
+                "Fix the cause and rerun the same command: stages that finished are restored from the run-cache."
+            ) from error
+        progress.done.set()
+        progress.join()
+    if not request.verbose:
+        console.write(f"  component output: {log_path}\n")
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    interesting = [line for line in text if "Error" in line or "error" in line or "Traceback" in line]
+    shown = (interesting[-8:] if interesting else []) + text[-lines:]
+    return "\n".join("    " + line for line in shown)
+
+
+def _summaries(stages: Sequence[Any], records: Mapping[str, Mapping[str, Any]]) -> list[StageSummary]:
+    summaries = []
+    for spec in stages:
+        record = records.get(spec.name)
+        if record is None:
+            summaries.append(StageSummary(spec.name, "skipped"))
+            continue
+        summaries.append(StageSummary(
+            spec.name, "cached" if record["cached"] else "ran", float(record["seconds"]),
+            float(record["wall_seconds"]), {k: float(v) for k, v in record["metrics"].items()}, record["ref"]["md5"],
+        ))
+    return summaries
+
+
+def _log_pipeline_run(run_id: str, request: LocalRunRequest, summaries: list[StageSummary], wall: float,
+                      log_path: Path) -> None:
+    """One MLflow run for the pipeline as a whole: arguments, per-stage time/cache, summary table."""
+    from medsight.platform.tracking import MLflowTracker
+
+    with MLflowTracker.from_env(stage="pipeline", run_name=f"pipeline {run_id}", log_config=False) as tracker:
+        tracker.log_params({"pipeline": request.pipeline_arguments()})
+        metrics: dict[str, float] = {"wall_seconds": wall}
+        for s in summaries:
+            if s.status != "skipped":
+                metrics[f"{s.stage}.seconds"] = s.seconds
+                metrics[f"{s.stage}.cached"] = 1.0 if s.status == "cached" else 0.0
+        tracker.log_metrics(metrics)
+        tracker.set_tags({f"dvc.{s.stage}": s.md5 for s in summaries if s.md5})
+        table = log_path.with_suffix(".summary.txt")
+        table.write_text(format_summary(summaries))
+        tracker.log_artifact(table, "summary")
+
+
+def format_summary(stages: Sequence[StageSummary]) -> str:
+    from medsight.stages.registry import get_stage
+
+    lines = [f"{'stage':<20s} {'status':<8s} {'compute':>8s} {'process':>8s}  {'output md5':<10s}  key metrics"]
+    for s in stages:
+        keys = [k for k in get_stage(s.stage).metrics if k in s.metrics] or list(s.metrics)[:3]
+        shown = ", ".join(f"{k}={s.metrics[k]:.4g}" for k in keys)
+        compute = f"{s.seconds:.1f}s" if s.status == "ran" else "-"
+        process = f"{s.wall_seconds:.1f}s" if s.status != "skipped" else "-"
+        lines.append(f"{s.stage:<20s} {s.status:<8s} {compute:>8s} {process:>8s}  {s.md5[:10]:<10s}  {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def next_steps(result: LocalRunResult) -> str:
+    w = result.workdir
+    example = next((s.stage for s in result.stages if s.stage == "instruct-tune" and s.md5), "perceiver-pretrain")
+    report = f"  HTML report:     {result.report}\n" if result.report else ""
+    return (
+        "Next:\n"
+        f"{report}"
+        f"  MLflow UI:       mlflow ui --backend-store-uri {result.tracking_uri} --port 5000  (open http://127.0.0.1:5000)\n"
+        f"  Pull a checkpoint here:   medsight platform pull --workdir {w} --run {result.run_id} --stage {example} --dest ./{example}\n"
+        f"  Pull with plain DVC:      medsight platform s3-serve --dir {w / 's3'}   # then, in another shell:\n"
+        f"                            source {w / 's3' / 'client.env'} && git clone {w / 'repo'} run && cd run && "
+        f"git checkout {result.run_id} && dvc pull outputs/{example}.dvc\n"
+        f"  Rerun (unchanged stages come from the cache): same command; change e.g. --codebook-size 8 to retrain only "
+        "codebook-pretrain and what depends on it\n"
+        "  On the cluster: medsight platform compile, then upload pipelines/compiled/medsight-pipeline.yaml in the KFP UI\n"
+    )

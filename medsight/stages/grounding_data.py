@@ -1,0 +1,155 @@
+"""Build the grounding data (App. C): each ground-truth region gets the region token of the
+quantized query Hungarian-matched to it, and conversations are written around those tokens.
+
+Outputs (paths inside are relative to the dataset root, so the data can move between machines):
+  conversations/{train,val,test}.json   LLaVA conversations with ``mask_files`` in token order
+  diagseg_test.json                      diagnosis-then-segment questions (lesion images)
+  region_codes/{split}.json              the extracted codes per region (for inspection / LLM generators)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medsight.config.schema import ExperimentConfig
+from medsight.data.biomedparse import SegmentationRecord
+from medsight.data.taxonomy import LESION_CLASSES
+from medsight.io_utils import atomic_write_json
+from medsight.model.matcher import HungarianMatcher
+from medsight.model.region_vocabulary import RegionVocabulary
+from medsight.stages.bundle import find_modules, load_encoder, load_module, new_codebook, new_perceiver
+from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, load_split
+from medsight.train.tracker import Tracker
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class CodedRegion:
+    class_name: str
+    mask_file: str  # relative to the dataset root
+    token: str
+    host: str | None  # structure containing a lesion, by mask overlap
+
+
+@torch.no_grad()
+def extract_region_tokens(
+    split: SegmentationSplit, perceiver, codebook, matcher: HungarianMatcher, vocabulary: RegionVocabulary
+) -> list[list[str]]:
+    """Per image, per ground-truth region (record order): the token of its matched quantized query."""
+    tokens: list[list[str]] = []
+    names = vocabulary.names
+    for batch in iterate_batches(split, list(range(len(split))), 64):
+        out = perceiver(batch["patch_tokens"])
+        quantized = codebook(out.queries, batch["modality"])
+        masks = perceiver.decode_masks(quantized.quantized, out.pixel_features)
+        classes = perceiver.classify(quantized.quantized)
+        for b, (query_index, target_index) in enumerate(matcher(masks, classes, batch["masks"], batch["labels"])):
+            per_region = [""] * len(target_index)
+            modality = int(batch["modality"][b])
+            for q, t in zip(query_index.tolist(), target_index.tolist()):
+                per_region[t] = names[vocabulary.index(modality, int(quantized.indices[b, q]))]
+            tokens.append(per_region)
+    return tokens
+
+
+def _host_structure(lesion: torch.Tensor, structures: list[tuple[str, torch.Tensor]]) -> str | None:
+    best, best_overlap = None, 0.0
+    for name, mask in structures:
+        overlap = float((lesion * mask).sum())
+        if overlap > best_overlap:
+            best, best_overlap = name, overlap
+    return best
+
+
+def coded_regions(record: SegmentationRecord, masks: torch.Tensor, tokens: list[str], data_root: Path) -> list[CodedRegion]:
+    structures = [
+        (region.class_name, masks[i]) for i, region in enumerate(record.regions) if region.class_name not in LESION_CLASSES
+    ]
+    coded = []
+    for i, region in enumerate(record.regions):
+        is_lesion = region.class_name in LESION_CLASSES
+        coded.append(
+            CodedRegion(
+                class_name=region.class_name,
+                mask_file=str(Path(region.mask_path).resolve().relative_to(data_root.resolve())),
+                token=tokens[i],
+                host=_host_structure(masks[i], structures) if is_lesion else None,
+            )
+        )
+    return coded
+
+
+def template_conversations(record: SegmentationRecord, regions: list[CodedRegion], image: str) -> list[dict]:
+    """Deterministic offline generator: structure, diagnosis and multi-region grounding turns."""
+    modality = record.modality
+    entries = []
+
+    def entry(kind: str, question: str, answer: str, used: list[CodedRegion], **extra) -> dict:
+        return {
+            "id": f"{record.image_id}_{kind}",
+            "image": image,
+            "modality": modality,
+            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+            "mask_files": [r.mask_file for r in used],
+            **extra,
+        }
+
+    structures = [r for r in regions if r.host is None]
+    lesions = [r for r in regions if r.host is not None]
+    for region in structures:
+        entries.append(entry(f"seg_{region.class_name.replace(' ', '_')}", f"Please segment the {region.class_name}.",
+                             f"Here is the {region.class_name} {region.token}.", [region], task="segmentation"))
+    question = f"Is there an abnormality in this {modality} image? If so, segment it."
+    if lesions:
+        lesion = lesions[0]
+        entries.append(entry("diagnosis", question, f"Yes, there is a {lesion.class_name} in the {lesion.host} {lesion.token}.",
+                             [lesion], task="diagseg", diagnosis=lesion.class_name))
+    else:
+        entries.append(entry("diagnosis", question, "No, there is no abnormality in this image.", [],
+                             task="diagseg", diagnosis="none"))
+    if len(structures) > 1:
+        parts = [f"the {r.class_name} {r.token}" for r in structures]
+        answer = ", ".join(parts[:-1]) + f" and {parts[-1]}."
+        entries.append(entry("all_structures", "Segment all visible structures.", answer[0].upper() + answer[1:],
+                             structures, task="multi_segmentation"))
+    return entries
+
+
+def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
+    if config.grounding_data.generator != "template":
+        raise ValueError(
+            f"grounding_data.generator={config.grounding_data.generator!r}: this stage writes template "
+            "conversations; LLM-written ones come from `medsight eval gen-data` over region_codes/*.json"
+        )
+    data_root = Path(inputs["data"])
+    modules = find_modules(inputs)
+    encoder = load_encoder(config, inputs)
+    perceiver = load_module(new_perceiver(config), modules, "perceiver", "perceiver-pretrain").eval()
+    codebook = load_module(new_codebook(config), modules, "codebook", "codebook-pretrain").eval()
+    matcher = HungarianMatcher(config.model.loss)
+    vocabulary = RegionVocabulary(config.model.codebook.num_modalities, config.model.codebook.codes_per_modality, config.model.grounding)
+    metrics: dict[str, float] = {}
+    for split_name in SPLITS:
+        split = load_split(data_root, split_name, config.model.encoder.image_size, config.codebook_pretrain.max_masks_per_image)
+        encode_split(split, encoder)
+        tokens = extract_region_tokens(split, perceiver, codebook, matcher, vocabulary)
+        conversations, codes = [], []
+        for record, masks, image_tokens in zip(split.records, split.masks, tokens):
+            regions = coded_regions(record, masks, image_tokens, data_root)
+            image = str(Path(record.image_path).resolve().relative_to(data_root.resolve()))
+            conversations += template_conversations(record, regions, image)
+            codes.append({"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]})
+        atomic_write_json(output / "conversations" / f"{split_name}.json", conversations)
+        atomic_write_json(output / "region_codes" / f"{split_name}.json", codes)
+        if split_name == "test":
+            diagseg = [c for c in conversations if c.get("task") == "diagseg" and c["mask_files"]]
+            atomic_write_json(output / "diagseg_test.json", diagseg)
+            metrics["diagseg_test_questions"] = float(len(diagseg))
+        metrics[f"{split_name}_conversations"] = float(len(conversations))
+        used = {token for image_tokens in tokens for token in image_tokens}
+        metrics[f"{split_name}_distinct_region_tokens"] = float(len(used))
+    return metrics

@@ -1,0 +1,48 @@
+"""Stage 5: unified instruction tuning. LLM, region-token rows, P_v2t and P_t2v train (LM + seg);
+encoder and perceiver stay frozen. Data: VQA instructions + grounding conversations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medsight.config.schema import ExperimentConfig
+from medsight.model.llm import save_llm
+from medsight.stages.bundle import build_medsight, copy_modules, find_modules, save_modules
+from medsight.stages.language_training import (
+    load_conversations,
+    make_language_data,
+    train_language_stage,
+    validate_language,
+)
+from medsight.stages.zero_gather import gathered_parameters
+from medsight.train.tracker import Tracker
+
+STAGE = "instruct-tune"
+
+
+def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
+    stage = config.instruct_tune
+    model, tokenizer, loaded = build_medsight(config, inputs)
+    data_root = Path(inputs["data"])
+    grounding = Path(inputs["grounding"]) / "conversations"
+    train = load_conversations(data_root / "llava" / "instruct_train.json", data_root)
+    train += load_conversations(grounding / "train.json", data_root)
+    val = load_conversations(data_root / "llava" / "instruct_val.json", data_root)
+    val += load_conversations(grounding / "val.json", data_root)
+    data = make_language_data(config, model, tokenizer, train, val)
+    result = train_language_stage(
+        stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,
+        output=output, tracker=tracker, seg_weight=1.0,
+    )
+    with gathered_parameters(model, stage.deepspeed.zero_stage):
+        save_modules(output, {"t2v": model.t2v, "region_tokens": model.region_tokens, "v2t": model.v2t})
+        save_llm(model.llm, output / "llm")
+    copy_modules(find_modules(inputs), output, ("perceiver", "codebook"))
+    tokenizer.save_pretrained(str(output / "tokenizer"))
+    metrics = validate_language(model, data, stage.batch_size)
+    return {
+        **metrics,
+        "t2v_from_stage4": float("t2v" in loaded),
+        "train_steps": float(result.steps),
+        **{f"final_{k}": v for k, v in result.last_losses.items()},
+    }

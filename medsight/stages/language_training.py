@@ -1,0 +1,156 @@
+"""What the three LLM stages (3, 4, 5) share: the freezing plan, data, the DeepSpeed loop, validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from transformers import PreTrainedTokenizerBase
+
+from medsight.config.schema import ExperimentConfig, TrainConfig
+from medsight.data.conversation_dataset import ConversationDataset, PromptFormat, collate_conversations
+from medsight.data.llava import Conversation, read_conversations
+from medsight.model.medsight import IGNORE_INDEX, MedSight
+from medsight.stages.segmentation_data import hard_dice
+from medsight.train.engine import DeepSpeedEngine
+from medsight.train.loop import LoopResult, run_training, seeded_order
+from medsight.train.tracker import Tracker
+
+# DESIGN.md's stage table, in one place: what each LLM stage may update.
+TRAINABLE_MODULES: dict[str, tuple[str, ...]] = {
+    "v2t-align": ("v2t",),
+    "t2v-align": ("t2v", "region_tokens"),
+    "instruct-tune": ("llm", "region_tokens", "v2t", "t2v"),
+}
+
+
+def apply_freezing(model: MedSight, stage: str) -> None:
+    model.requires_grad_(False)
+    for name in TRAINABLE_MODULES[stage]:
+        getattr(model, name).requires_grad_(True)
+
+
+def load_conversations(path: Path, image_root: Path) -> list[Conversation]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: conversation file missing; check the stage's data/grounding inputs")
+    return read_conversations(Path(path), Path(image_root))
+
+
+def split_holdout(conversations: list[Conversation], fraction: float = 0.1) -> tuple[list, list]:
+    """For sources that ship only a train file (alignment captions): a fixed tail as validation."""
+    cut = max(1, int(len(conversations) * (1 - fraction)))
+    return conversations[:cut], conversations[cut:]
+
+
+@dataclass
+class LanguageData:
+    train: ConversationDataset
+    val: ConversationDataset
+    pad_id: int
+
+
+def make_language_data(
+    config: ExperimentConfig,
+    model: MedSight,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Conversation],
+    val: list[Conversation],
+) -> LanguageData:
+    def dataset(conversations: list[Conversation]) -> ConversationDataset:
+        return ConversationDataset(
+            conversations,
+            tokenizer,
+            num_visual_tokens=model.num_visual_tokens,
+            image_size=config.model.encoder.image_size,
+            max_length=config.model.llm.max_position_embeddings,
+        )
+
+    return LanguageData(dataset(train), dataset(val), PromptFormat.from_tokenizer(tokenizer).pad_id)
+
+
+def _loader(dataset, order: list[int], batch_size: int, pad_id: int) -> DataLoader:
+    return DataLoader(
+        Subset(dataset, order),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=lambda batch: collate_conversations(batch, pad_id),
+    )
+
+
+def _forward(model_call, batch: dict, seg_weight: float):
+    return model_call(
+        images=batch["images"],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        masks=batch["masks"],
+        seg_weight=seg_weight,
+    )
+
+
+def train_language_stage(
+    *,
+    stage: str,
+    model: MedSight,
+    data: LanguageData,
+    train_config: TrainConfig,
+    deepspeed_config,
+    output: Path,
+    tracker: Tracker,
+    seg_weight: float,
+) -> LoopResult:
+    torch.manual_seed(train_config.seed)
+    apply_freezing(model, stage)
+    engine = DeepSpeedEngine(model, train_config, deepspeed_config)
+
+    def step(batch: dict) -> dict[str, torch.Tensor]:
+        out = _forward(engine.model, batch, seg_weight)
+        return {"loss": out.loss, "lm": out.lm_loss, "seg": out.seg_loss}
+
+    steps_per_epoch = -(-len(data.train) // train_config.batch_size)
+    return run_training(
+        name=stage,
+        module=model,
+        engine=engine,
+        make_batches=lambda epoch: _loader(
+            data.train, seeded_order(len(data.train), train_config.seed, epoch), train_config.batch_size, data.pad_id
+        ),
+        steps_per_epoch=steps_per_epoch,
+        step_fn=step,
+        config=train_config,
+        workdir=output,
+        tracker=tracker,
+    )
+
+
+@torch.no_grad()
+def validate_language(model: MedSight, data: LanguageData, batch_size: int) -> dict[str, float]:
+    """Teacher-forced LM loss and Dice of masks decoded from the ground-truth region tokens."""
+    model.eval()
+    lm_losses, dice_scores = [], []
+    loader = _loader(data.val, list(range(len(data.val))), batch_size, data.pad_id)
+    for batch in loader:
+        out = _forward(model, batch, seg_weight=1.0)
+        lm_losses.append(float(out.lm_loss))
+        if out.num_region_tokens:
+            dice_scores.append(_teacher_forced_dice(model, batch))
+    metrics = {"val_lm_loss": sum(lm_losses) / max(1, len(lm_losses))}
+    if dice_scores:
+        metrics["val_seg_dice"] = float(torch.cat(dice_scores).mean())
+    return metrics
+
+
+def _teacher_forced_dice(model: MedSight, batch: dict) -> torch.Tensor:
+    context = model.encode_images(batch["images"])
+    embeddings = model.input_embeddings(batch["input_ids"], context)
+    hidden = model.llm.model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).last_hidden_state
+    regions = model.is_region_token(batch["input_ids"]) & (batch["labels"] != IGNORE_INDEX)
+    scores = []
+    for b in range(hidden.shape[0]):
+        positions = regions[b].nonzero().flatten()
+        if positions.numel():
+            logits = model.decode_region_masks(hidden[b, positions], context.pixel_features[b])
+            scores.append(hard_dice(logits, batch["masks"][b]))
+    return torch.cat(scores) if scores else torch.zeros(0)

@@ -1,0 +1,81 @@
+"""Segmentation splits held in memory for stages 1, 2 and the grounding-data build.
+
+The encoder is frozen, so its patch tokens are computed once per split instead of every epoch;
+on the tiny preset this is most of the speed-up that keeps the chain within minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from medsight.data.biomedparse import SegmentationDataset, SegmentationRecord, read_biomedparse
+from medsight.model.encoder import ImageEncoder
+
+
+@dataclass
+class SegmentationSplit:
+    records: list[SegmentationRecord]
+    images: torch.Tensor  # [N, 3, S, S] in [0, 1]
+    masks: list[torch.Tensor]  # per image [R, S, S] float
+    labels: list[torch.Tensor]  # per image [R]
+    modality: torch.Tensor  # [N]
+    patch_tokens: torch.Tensor | None = None  # [N, P, C] once encoded
+    cls_tokens: torch.Tensor | None = None  # [N, C]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def load_split(data_dir: Path, split: str, image_size: int, max_masks: int) -> SegmentationSplit:
+    records = read_biomedparse(Path(data_dir) / "biomedparse", split)
+    dataset = SegmentationDataset(records, image_size=image_size, max_masks=max_masks, on_too_many="error")
+    items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"load {split}", unit="img", leave=False)]
+    if not items:
+        raise ValueError(f"{data_dir}/biomedparse/{split}.json has no images")
+    return SegmentationSplit(
+        records=list(dataset.records),
+        images=torch.stack([item["image"] for item in items]),
+        masks=[item["masks"].float() for item in items],
+        labels=[item["labels"] for item in items],
+        modality=torch.stack([torch.as_tensor(item["modality"]) for item in items]),
+    )
+
+
+@torch.no_grad()
+def encode_split(split: SegmentationSplit, encoder: ImageEncoder, batch_size: int = 64) -> None:
+    patches, cls = [], []
+    for start in range(0, len(split), batch_size):
+        out = encoder(split.images[start : start + batch_size])
+        patches.append(out.patch_tokens)
+        cls.append(out.cls_token)
+    split.patch_tokens = torch.cat(patches)
+    split.cls_tokens = torch.cat(cls)
+
+
+def iterate_batches(split: SegmentationSplit, order: list[int], batch_size: int) -> Iterator[dict]:
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield {
+            "patch_tokens": split.patch_tokens[index],
+            "cls_tokens": split.cls_tokens[index],
+            "masks": [split.masks[i] for i in index],
+            "labels": [split.labels[i] for i in index],
+            "modality": split.modality[index],
+        }
+
+
+def hard_dice(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-mask Dice of thresholded predictions; pred [K, h, w] resized to target [K, H, W]."""
+    if pred_logits.shape[-2:] != target.shape[-2:]:
+        pred_logits = F.interpolate(pred_logits[None], size=target.shape[-2:], mode="bilinear", align_corners=False)[0]
+    pred = (pred_logits > 0).float()  # sigmoid > 0.5
+    target = (target > 0.5).float()
+    intersection = (pred * target).flatten(1).sum(1)
+    total = pred.flatten(1).sum(1) + target.flatten(1).sum(1)
+    return torch.where(total > 0, 2 * intersection / total.clamp(min=1e-6), torch.ones_like(total))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv from the pinned lock file (idempotent: skips when the lock has not changed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${MEDSIGHT_VENV:-.venv}
+stamp="$VENV/.lock-sha256"
+want=$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "bootstrap: creating $VENV from requirements.lock (first time takes ~3 min)" >&2
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --upgrade pip
+"$VENV/bin/pip" install --quiet -r requirements.lock
+"$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+echo "$want" > "$stamp"
