@@ -15,7 +15,8 @@ emits its ``.dvc`` pointer as an output artifact and its metrics as a Metrics ar
 """
 
 # No `from __future__ import annotations`: KFP reads the parameter annotations as types.
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kfp import dsl
@@ -24,6 +25,8 @@ from components import STAGE_COMPONENTS, compare_variants, stage_from_refs, stan
 from pipelines.deployment import DeploymentSettings, configure_helper, configure_reader, configure_stage
 
 PIPELINE_NAME = "medsight-pipeline"
+ABLATION_DESCRIPTION = "MedSIGHT ablations sharing their unchanged upstream stages."
+SINGLE_DESCRIPTION = "Run one stage from DVC references to its inputs."
 ABLATION_NAME = "medsight-ablation"
 SINGLE_STAGE_NAME = "medsight-single-stage"
 
@@ -60,9 +63,39 @@ DEFAULT_VARIANTS = [
 ]
 
 
-def build_pipelines(settings: DeploymentSettings | None = None) -> dict[str, Callable[..., Any]]:
-    """The three pipelines with ``settings`` baked in (they are compile-time by KFP's design)."""
-    settings = settings or DeploymentSettings()
+@contextlib.contextmanager
+def _fast_container_checks() -> Iterator[None]:
+    """Skip KFP's ``inspect.stack()`` in task setters while building (same check, no stack walk).
+
+    ``PipelineTask._ensure_container_spec_exists`` walks the whole stack (~0.1 s per call on a
+    loaded 2-core machine) only to name the caller in an error message; with ~10 setters per
+    task that made building the DAG take 10+ s. The check itself is kept.
+    """
+    original = getattr(dsl.PipelineTask, "_ensure_container_spec_exists", None)
+    if original is None:  # a newer KFP without the private helper: nothing to speed up
+        yield
+        return
+
+    def check(self: dsl.PipelineTask) -> None:
+        if self.container_spec is None:
+            raise ValueError("resource/image settings can only be used on single-step components")
+
+    dsl.PipelineTask._ensure_container_spec_exists = check  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        dsl.PipelineTask._ensure_container_spec_exists = original  # type: ignore[method-assign]
+
+
+def build_pipelines(
+    settings: DeploymentSettings | None = None, names: tuple[str, ...] | None = None
+) -> dict[str, Callable[..., Any]]:
+    """The pipelines (all, or ``names``) with ``settings`` baked in (compile-time by KFP's design)."""
+    with _fast_container_checks():
+        return _build(settings or DeploymentSettings(), names or (PIPELINE_NAME, ABLATION_NAME, SINGLE_STAGE_NAME))
+
+
+def _build(settings: DeploymentSettings, names: tuple[str, ...]) -> dict[str, Callable[..., Any]]:
     settings.validate()
     c = STAGE_COMPONENTS
 
@@ -118,7 +151,8 @@ def build_pipelines(settings: DeploymentSettings | None = None) -> dict[str, Cal
         evaluation = stage("evaluate", data=d, base=b, model=model_ref, grounding=g, **common)
         return evaluation.outputs["ref"]
 
-    @dsl.pipeline(name=ABLATION_NAME, description="MedSIGHT ablations sharing their unchanged upstream stages.")
+    built: dict[str, Callable[..., Any]] = {PIPELINE_NAME: medsight_pipeline}
+
     def medsight_ablation(
         preset: str = "tiny",
         overrides: list = [],  # noqa: B006
@@ -142,7 +176,6 @@ def build_pipelines(settings: DeploymentSettings | None = None) -> dict[str, Cal
         table = configure_reader(compare_variants(results=dsl.Collected(labelled.output)), settings, "compare variants")
         return table.outputs["Output"]
 
-    @dsl.pipeline(name=SINGLE_STAGE_NAME, description="Run one stage from DVC references to its inputs.")
     def medsight_single_stage(
         stage_name: str = "perceiver-pretrain",
         inputs: dict = {},  # noqa: B006 - e.g. {"data": "run:<id>/synth-data", "base": "<md5>.dir"}
@@ -160,14 +193,26 @@ def build_pipelines(settings: DeploymentSettings | None = None) -> dict[str, Cal
             unknown = stage_from_refs(stage=stage_name, inputs=inputs, preset=preset, overrides=overrides)
             configure_reader(unknown, settings, "unknown stage")
 
-    return {
-        PIPELINE_NAME: medsight_pipeline,
-        ABLATION_NAME: medsight_ablation,
-        SINGLE_STAGE_NAME: medsight_single_stage,
-    }
+    # Decorating builds the graph (seconds), so only what was asked for is decorated.
+    if ABLATION_NAME in names:
+        built[ABLATION_NAME] = dsl.pipeline(name=ABLATION_NAME, description=ABLATION_DESCRIPTION)(medsight_ablation)
+    if SINGLE_STAGE_NAME in names:
+        built[SINGLE_STAGE_NAME] = dsl.pipeline(name=SINGLE_STAGE_NAME, description=SINGLE_DESCRIPTION)(
+            medsight_single_stage
+        )
+    return {name: built[name] for name in names}
 
 
-_DEFAULT = build_pipelines()
-medsight_pipeline = _DEFAULT[PIPELINE_NAME]
-medsight_ablation = _DEFAULT[ABLATION_NAME]
-medsight_single_stage = _DEFAULT[SINGLE_STAGE_NAME]
+_BUILT: dict[str, Callable[..., Any]] = {}
+_ATTRIBUTES = {"medsight_pipeline": PIPELINE_NAME, "medsight_ablation": ABLATION_NAME,
+               "medsight_single_stage": SINGLE_STAGE_NAME}
+
+
+def __getattr__(attribute: str) -> Callable[..., Any]:
+    """``medsight_pipeline`` etc. with default settings, built on first use (building takes seconds)."""
+    if attribute not in _ATTRIBUTES:
+        raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+    name = _ATTRIBUTES[attribute]
+    if name not in _BUILT:
+        _BUILT.update(build_pipelines(names=(name,)))
+    return _BUILT[name]

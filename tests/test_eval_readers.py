@@ -245,5 +245,7 @@ def test_manifest(tmp_path):
     assert len(load_manifest(manifest, only=["pathvqa"])) == 1
     with pytest.raises(BenchmarkFormatError, match="unknown reader"):
         load_manifest(dump(tmp_path / "m2.json", {"benchmarks": [{"name": "x", "reader": "nope", "path": "a"}]}))
+    with pytest.raises(BenchmarkFormatError, match="unknown manifest key.*image_rot"):
+        load_manifest(dump(tmp_path / "m3.json", {"benchmarks": [{"name": "x", "reader": "vqa", "path": "vqa/test.json", "image_rot": "vqa"}]}))
     with pytest.raises(BenchmarkFormatError, match="no benchmark named"):
         load_manifest(manifest, only=["slake"])

@@ -92,18 +92,25 @@ def highlighted_answer(text: str, tokens: list[str], colors: list[str]) -> str:
 
 
 def _case_html(example: dict[str, Any], folder: Path) -> str:
-    # Text-only questions have no masks to compare: show the image once.
-    kinds = ("image", "gt", "pred") if example["task"] in ("diagseg", "grounding", "box") else ("image",)
+    # Text-only questions have no ground-truth masks: show the image, plus the prediction if the
+    # model still generated region tokens (a sign of it over-grounding).
+    if example["task"] in ("diagseg", "grounding", "box"):
+        kinds = ("image", "gt", "pred")
+    else:
+        kinds = ("image", "pred") if example["region_tokens"] else ("image",)
     images = "".join(
         f'<img alt="{kind}" title="{kind}" src="{_image_uri(folder / example["files"][kind])}">'
         for kind in kinds if kind in example["files"]
     )
     scores = ", ".join(f"{k}={v:.3f}" for k, v in sorted(example["scores"].items()))
-    legend = "image | ground truth (green) | prediction (one colour per region token)" if len(kinds) > 1 else "image"
+    legend = " | ".join({"image": "image", "gt": "ground truth (green)", "pred": "prediction (one colour per region token)"}[k] for k in kinds)
     answer = highlighted_answer(example["prediction"], example["region_tokens"], example["token_colors"])
     boxes = ""
     if example["pred_boxes"] or example["gt_boxes"]:
-        fmt = lambda bs: "; ".join("(" + ", ".join(f"{v:.2f}" for v in b) + ")" for b in bs) or "none"
+        def fmt(boxes: list) -> str:
+            shown = "; ".join("(" + ", ".join(f"{v:.2f}" for v in b) + ")" for b in boxes[:4]) or "none"
+            return shown + (f" ... ({len(boxes) - 4} more)" if len(boxes) > 4 else "")
+
         boxes = f'<div class="meta">boxes (x1, y1, x2, y2, normalised) - GT: {fmt(example["gt_boxes"])} | predicted: {fmt(example["pred_boxes"])}</div>'
     return (
         f'<div class="case"><div class="meta">{html.escape(example["benchmark"])} / {html.escape(example["id"])} '

@@ -8,6 +8,7 @@ reason}], "metrics": {metric: {per_modality, counts, macro, micro, n}}}}, "run":
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ def flat_metrics(document: dict[str, Any]) -> dict[str, float]:
             flat[f"{name}.{metric}.macro"] = summary["macro"]
             flat[f"{name}.{metric}.micro"] = summary["micro"]
             for modality, value in summary["per_modality"].items():
-                flat[f"{name}.{metric}.{modality.replace(' ', '_')}"] = value
+                # MLflow metric names allow only letters, digits and _-. /: keep modality names safe.
+                flat[f"{name}.{metric}.{re.sub(r'[^A-Za-z0-9_.-]+', '_', modality)}"] = value
         flat[f"{name}.samples_per_second"] = entry["samples_per_second"]
         flat[f"{name}.skipped"] = float(len(entry["skipped"]))
     return flat

@@ -30,6 +30,7 @@ from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStor
 WORK_DIR_ENV = "MEDSIGHT_WORK_DIR"
 EVENTS_ENV = "MEDSIGHT_EVENTS_FILE"
 FORCE_ENV = "MEDSIGHT_FORCE_RERUN"  # comma-separated stage names, or "all"
+TRACK_HITS_ENV = "MEDSIGHT_TRACK_CACHE_HITS"  # "1": also open an MLflow run for restored stages
 
 # Pipeline-level hyperparameters -> the config key each sets. A component only takes the ones
 # whose key lies in its stage's config sections, so e.g. a codebook-size change leaves the KFP
@@ -211,14 +212,18 @@ def execute_stage(
         ref = ArtifactRef.parse(json.dumps(entry["ref"]))
         assert ref is not None
         metrics = {k: float(v) for k, v in entry.get("metrics", {}).items()}
-        tracker = _make_tracker(stage, config, {
-            **base_tags, "dvc.output": ref.md5, "medsight.cache_hit": "true",
-            "medsight.source_mlflow_run_id": str(entry.get("mlflow_run_id") or ""),
-        })
-        tracker.log_metrics(metrics)
-        _close(tracker)
+        mlflow_run_id = entry.get("mlflow_run_id")
+        if os.environ.get(TRACK_HITS_ENV, "") not in ("", "0", "false"):
+            # Off by default: importing MLflow costs seconds, and the run that computed this
+            # output (linked from the lineage record) already holds its params, curves and tags.
+            tracker = _make_tracker(stage, config, {
+                **base_tags, "dvc.output": ref.md5, "medsight.cache_hit": "true",
+                "medsight.source_mlflow_run_id": str(mlflow_run_id or ""),
+            })
+            tracker.log_metrics(metrics)
+            _close(tracker)
         result = StageResult(stage, ref, True, metrics, 0.0, 0.0, {k: r.md5 for k, r in refs.items()}, key,
-                             getattr(tracker, "run_id", None))
+                             mlflow_run_id)
     else:
         result = _run_and_push(stage, config, refs, store, key, base_tags)
     result.wall_seconds = time.time() - started + age_at_start

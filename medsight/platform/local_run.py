@@ -193,6 +193,11 @@ def _validate(request: LocalRunRequest) -> None:
     })
 
 
+def _import_mlflow() -> None:
+    with contextlib.suppress(Exception):
+        import mlflow.tracking  # noqa: F401
+
+
 def new_run_id() -> str:
     return time.strftime("local-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
@@ -229,6 +234,9 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
             "PYTHONWARNINGS": "ignore",
         }
         with patched_env(env):
+            # MLflow takes seconds to import; do it while the pipeline runs (for the run summary).
+            warm = threading.Thread(target=_import_mlflow, daemon=True)
+            warm.start()
             store = ArtifactStore()
             store.ensure_ready()
             repo = RunRepo(workdir / "repo")
@@ -242,9 +250,10 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
             })
             report = None
             if "evaluate" in records:
-                evaluation = repo.pull("evaluate")
+                evaluation = repo.checkout_dir("evaluate", records["evaluate"]["ref"]["md5"]) or repo.pull("evaluate")
                 found = sorted(evaluation.rglob("*.html"))
                 report = found[0] if found else None
+            warm.join()
             _log_pipeline_run(run_id, request, summaries, wall, log_path)
     return LocalRunResult(run_id, workdir, summaries, time.time() - started, commit, tracking_uri, report)
 

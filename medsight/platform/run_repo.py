@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from medsight.io_utils import atomic_write_json, atomic_write_text
 from medsight.platform.artifacts import ArtifactRef, ArtifactStoreError, StoreConfig, configure_dvc_repo, quiet
 
@@ -70,7 +72,7 @@ class RunRepo:
             if ref is None:
                 continue
             atomic_write_text(self.path / "outputs" / f"{stage}.dvc", ref.pointer(stage))
-            ignore.append(f"/{stage}")
+            ignore += [f"/{stage}", f"/.{stage}.md5"]
         atomic_write_text(self.path / "outputs" / ".gitignore", "\n".join(sorted(ignore)) + "\n")
         atomic_write_json(self.path / "runs" / f"{run_id}.json", {"run_id": run_id, **summary, "stages": records})
         self._commit_if_changed(f"run {run_id}")
@@ -92,7 +94,17 @@ class RunRepo:
             raise ArtifactStoreError(f"dvc pull {pointer} failed: {error}; is the S3 server up?") from error
         finally:
             repo.close()
+        md5 = yaml.safe_load(pointer.read_text())["outs"][0]["md5"]
+        atomic_write_text(self.path / "outputs" / f".{stage}.md5", md5 + "\n")
         return self.path / "outputs" / stage
+
+    def checkout_dir(self, stage: str, md5: str) -> Path | None:
+        """The workspace copy of ``stage`` if it already holds ``md5`` (saves a pull), else None."""
+        marker = self.path / "outputs" / f".{stage}.md5"
+        target = self.path / "outputs" / stage
+        if target.is_dir() and marker.is_file() and marker.read_text().strip() == md5:
+            return target
+        return None
 
     def stages(self) -> list[str]:
         return sorted(p.name.removesuffix(".dvc") for p in (self.path / "outputs").glob("*.dvc"))

@@ -68,8 +68,15 @@ def validate_inputs(spec: StageSpec, inputs: dict[str, Path]) -> None:
     if missing:
         raise ValueError(f"stage {spec.name}: missing input {missing[0]!r} (pass --input {missing[0]}=DIR)")
     for name, path in inputs.items():
-        if not Path(path).is_dir():
+        path = Path(path)
+        if not path.is_dir():
             raise FileNotFoundError(f"stage {spec.name}: input {name}={path} is not a directory")
+        if (path / CONFIG_FILE).is_file() and not (path / STAGE_FILE).is_file():
+            # A stage output without stage.json is one that crashed or is still running.
+            raise ValueError(
+                f"stage {spec.name}: input {name}={path} is an unfinished stage output (no {STAGE_FILE}); "
+                "rerun that stage first (it resumes from its last checkpoint)"
+            )
 
 
 def completed_fingerprint(output: Path) -> str | None:

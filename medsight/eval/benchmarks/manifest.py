@@ -18,6 +18,7 @@ user points the same code at real releases by writing one by hand.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,14 +46,18 @@ class BenchmarkSpec:
 
 def _readers() -> dict[str, Callable[..., BenchmarkData]]:
     return {
-        "vqa": lambda name, path, image_root, **kw: read_vqa(path, image_root, benchmark=name, **kw),
-        "mmmu": lambda name, path, **kw: read_mmmu(path, **kw),
-        "omnimedvqa": lambda name, path, **kw: read_omnimedvqa(path, **kw),
-        "diagseg": lambda name, path, data_root, **kw: read_diagseg(path, data_root, benchmark=name, **kw),
-        "mecovqa_grounding": lambda name, path, image_root, **kw: read_mecovqa_grounding(path, image_root, **kw),
-        "schain": lambda name, path, **kw: read_schain(path, **kw),
-        "box_json": lambda name, path, image_root, **kw: read_box_json(path, image_root, benchmark=name, **kw),
+        "vqa": read_vqa,
+        "mmmu": read_mmmu,
+        "omnimedvqa": read_omnimedvqa,
+        "diagseg": read_diagseg,
+        "mecovqa_grounding": read_mecovqa_grounding,
+        "schain": read_schain,
+        "box_json": read_box_json,
     }
+
+
+# Manifest key -> reader argument, where the reader calls it something else.
+_ARGUMENT_NAMES = {"omnimedvqa": {"path": "root"}}
 
 
 def read_manifest(path: Path) -> list[BenchmarkSpec]:
@@ -85,11 +90,28 @@ def read_manifest(path: Path) -> list[BenchmarkSpec]:
 
 
 def load_benchmark(spec: BenchmarkSpec) -> BenchmarkData:
-    try:
-        return _readers()[spec.reader](spec.name, **spec.options)
-    except TypeError as error:
-        # A wrong or missing option key in the manifest: say which benchmark, not a bare TypeError.
-        raise BenchmarkFormatError(f"benchmark {spec.name} ({spec.reader}): bad manifest options ({error})") from error
+    reader = _readers()[spec.reader]
+    renames = _ARGUMENT_NAMES.get(spec.reader, {})
+    options = {renames.get(key, key): value for key, value in spec.options.items()}
+    parameters = inspect.signature(reader).parameters
+    if "benchmark" in parameters:
+        options["benchmark"] = spec.name
+    # Check the keys here so a typo in the manifest is reported by benchmark and key name.
+    unknown = sorted(set(options) - set(parameters))
+    missing = sorted(n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in options)
+    if unknown or missing:
+        raise BenchmarkFormatError(
+            f"benchmark {spec.name} ({spec.reader}): "
+            + (f"unknown manifest key(s) {', '.join(unknown)}; " if unknown else "")
+            + (f"missing key(s) {', '.join(missing)}; " if missing else "")
+            + f"this reader takes {', '.join(renames.get(n, n) for n in parameters if n != 'benchmark')}"
+        )
+    data = reader(**options)
+    if data.name != spec.name:  # readers of single-release benchmarks name themselves; the manifest wins
+        data.name = spec.name
+        for sample in data.samples:
+            sample.benchmark = spec.name
+    return data
 
 
 def load_manifest(path: Path, only: list[str] | None = None) -> list[BenchmarkData]:

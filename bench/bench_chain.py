@@ -1,0 +1,61 @@
+"""Per-stage wall time and peak memory of the tiny chain (each stage in its own process).
+
+Usage: python bench/bench_chain.py [--workdir DIR] [--set key=value ...]
+Prints a markdown table; paste it into BENCHMARKS.md ("Tiny chain").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from medsight.stages.chain import INPUT_SOURCES
+from medsight.stages.registry import STAGES
+
+
+def run_stage(name: str, out: Path, inputs: dict[str, Path], overrides: list[str]) -> tuple[float, float]:
+    cmd = [sys.executable, "-m", "medsight.cli", "stage", "run", name, "--out", str(out)]
+    for key, path in inputs.items():
+        cmd += ["--input", f"{key}={path}"]
+    for override in overrides:
+        cmd += ["--set", override]
+    started = time.perf_counter()
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # wait4 gives this child's own rusage, so each stage's peak RSS is measured separately.
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"{name} failed:\n{process.stderr.read().decode()[-3000:]}")
+    return elapsed, usage.ru_maxrss / 1024 / 1024  # KiB -> GiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medsight-bench-"))
+    outputs: dict[str, Path] = {}
+    rows = []
+    for spec in STAGES:
+        inputs = {name: outputs[INPUT_SOURCES[name]] for name in spec.inputs if INPUT_SOURCES[name] in outputs}
+        out = workdir / spec.name
+        seconds, peak_gib = run_stage(spec.name, out, inputs, args.overrides)
+        outputs[spec.name] = out
+        rows.append((spec.name, seconds, peak_gib))
+        print(f"{spec.name:20s} {seconds:7.1f} s  {peak_gib:5.2f} GiB", flush=True)
+    total = sum(r[1] for r in rows)
+    print("\n| stage | wall time (s) | peak RSS (GiB) |\n|---|---:|---:|")
+    for name, seconds, peak in rows:
+        print(f"| {name} | {seconds:.1f} | {peak:.2f} |")
+    print(f"| **total** | **{total:.1f}** | **{max(r[2] for r in rows):.2f}** (max) |")
+    print(f"\noutputs: {workdir}")
+
+
+if __name__ == "__main__":
+    main()

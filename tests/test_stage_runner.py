@@ -1,0 +1,110 @@
+"""Stage runner: input validation, lineage, reuse, clear errors on bad data, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from medsight.config import apply_overrides, get_preset
+from medsight.stages.runner import STAGE_FILE, run_stage
+
+SMALL = ["data.train_images=12", "data.val_images=6", "data.test_images=6", "perceiver_pretrain.max_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    config = apply_overrides(get_preset("tiny"), SMALL)
+    run_stage("synth-data", config, {}, root / "data")
+    run_stage("base-models", config, {"data": root / "data"}, root / "base")
+    return root, config
+
+
+def test_stage_writes_lineage_and_reuses_when_unchanged(small_run, tmp_path):
+    root, config = small_run
+    inputs = {"data": root / "data", "base": root / "base"}
+    metrics, reused = run_stage("perceiver-pretrain", config, inputs, tmp_path / "p")
+    assert not reused and "val_dice" in metrics
+    for name in ("config.yaml", "metrics.json", STAGE_FILE, "modules/perceiver.safetensors"):
+        assert (tmp_path / "p" / name).is_file(), name
+    assert not (tmp_path / "p" / "checkpoints").exists()
+    _, reused = run_stage("perceiver-pretrain", config, inputs, tmp_path / "p")
+    assert reused
+    changed = apply_overrides(config, ["perceiver_pretrain.lr=0.002"])
+    _, reused = run_stage("perceiver-pretrain", changed, inputs, tmp_path / "p")
+    assert not reused
+
+
+def test_input_validation_messages(small_run, tmp_path):
+    root, config = small_run
+    with pytest.raises(ValueError, match="missing input 'base'"):
+        run_stage("perceiver-pretrain", config, {"data": root / "data"}, tmp_path / "p")
+    with pytest.raises(ValueError, match="unknown input 'llm'"):
+        run_stage("perceiver-pretrain", config, {"data": root / "data", "base": root / "base", "llm": root}, tmp_path / "p")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(root / "base", unfinished)
+    (unfinished / STAGE_FILE).unlink()
+    with pytest.raises(ValueError, match="unfinished stage output"):
+        run_stage("perceiver-pretrain", config, {"data": root / "data", "base": unfinished}, tmp_path / "p")
+    with pytest.raises(KeyError, match="unknown stage"):
+        run_stage("percever-pretrain", config, {}, tmp_path / "p")
+
+
+def _corrupt(data_dir, how: str) -> str:
+    """Damage one training sample in a copy of the dataset; returns the text the error must name."""
+    index = json.loads((data_dir / "biomedparse" / "train.json").read_text())
+    image = data_dir / "biomedparse" / "train" / index["images"][0]["file_name"]
+    annotation = index["annotations"][0]
+    mask = data_dir / "biomedparse" / "train_mask" / annotation["mask_file"]
+    if how == "truncated image":
+        image.write_bytes(image.read_bytes()[:60])
+        return image.name
+    if how == "mask size mismatch":
+        from PIL import Image
+
+        Image.new("L", (17, 17), 255).save(mask)
+        return mask.name
+    if how == "empty mask":
+        from PIL import Image
+
+        Image.new("L", Image.open(mask).size, 0).save(mask)
+        return mask.name
+    if how == "missing file":
+        mask.unlink()
+        return mask.name
+    if how == "unknown modality":
+        old = index["images"][0]["file_name"]
+        new = old.replace(old.split("_")[1], "Thermography")
+        index["images"][0]["file_name"] = new
+        (data_dir / "biomedparse" / "train" / old).rename(data_dir / "biomedparse" / "train" / new)
+        (data_dir / "biomedparse" / "train.json").write_text(json.dumps(index))
+        return "Thermography"
+    if how == "too many masks":
+        extra = [dict(annotation, id=10_000 + i) for i in range(20)]
+        index["annotations"] += extra
+        (data_dir / "biomedparse" / "train.json").write_text(json.dumps(index))
+        return index["images"][0]["file_name"].rsplit(".", 1)[0]
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated image", "mask size mismatch", "empty mask", "missing file", "unknown modality", "too many masks"]
+)
+def test_bad_data_fails_clearly_and_writes_nothing(small_run, tmp_path, how):
+    root, _ = small_run
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    named = _corrupt(data, how)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "medsight.cli", "stage", "run", "perceiver-pretrain", "--out", str(out),
+         "--input", f"data={data}", "--input", f"base={root / 'base'}", *sum((["--set", s] for s in SMALL), [])],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert named in result.stderr, result.stderr[-1500:]
+    assert not (out / STAGE_FILE).exists() and not (out / "modules").exists()
