@@ -98,13 +98,15 @@ def section(results: list[dict], args: argparse.Namespace) -> str:
     ]
     for r in results:
         lines.append(f"| {r['batch_size']} | {r['samples']} | {r['seconds']:.1f} | {r['samples_per_second']:.2f} | {r['mean_answer_tokens']:.1f} | {r['peak_memory_mb']:.0f} |")
+    mean_tokens = sum(r["mean_answer_tokens"] for r in results) / len(results)
     lines += [
         "",
-        "Peak memory is the evaluation process's max RSS on CPU (CUDA allocator peak on GPU), model load "
-        "included; eval time excludes model loading and reading the benchmarks. The model is a tiny chain "
-        f"trained for {args.max_steps} steps per stage: its answers run long (see mean answer tokens), so this "
-        "is close to the worst case for generation length; a converged model that stops early is faster. "
-        "Times on a shared 2-core machine vary by about 2x with load.",
+        "Peak memory is the evaluation process's max RSS on CPU (CUDA allocator peak on GPU), including "
+        "model load and the torch/transformers libraries, which dominate it at this size. Eval time "
+        "excludes model loading and reading the benchmarks. The model is a tiny chain trained for "
+        f"{args.max_steps} steps per stage (mean answer {mean_tokens:.1f} tokens); generation cost grows "
+        "with answer length, up to max_new_tokens. Each batch size runs once in a fresh process; on a "
+        "shared 2-core machine other load moves these times by up to about 2x.",
         "",
     ]
     return "\n".join(lines)

@@ -14,15 +14,14 @@ from medsight.model.criterion import SetCriterion, dice_loss, ordered_mask_loss,
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_perceiver import PerceiverOutput
 
-LN3 = math.log(3.0)
-
 
 def hand_example() -> tuple[torch.Tensor, torch.Tensor]:
     """Two 2x2 masks whose losses are worked out by hand below."""
+    ln3 = math.log(3.0)  # sigmoid(ln 3) = 0.75
     logits = torch.tensor(
         [
             [[0.0, 0.0], [0.0, 0.0]],  # p = 0.5 everywhere
-            [[LN3, -LN3], [LN3, -LN3]],  # p = 0.75 / 0.25
+            [[ln3, -ln3], [ln3, -ln3]],  # p = 0.75 / 0.25
         ]
     )
     targets = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]])

@@ -10,7 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medsight.eval.metrics import box_from_mask
+import torch
+
+from medsight.eval.metrics import Box, box_from_mask
 from medsight.eval.runner import BenchmarkResult
 from medsight.eval.visuals import GT_COLOR, PALETTE, mask_to_pil, overlay, png_bytes
 from medsight.io_utils import atomic_path, atomic_write_json
@@ -76,7 +78,7 @@ def write_examples(results: list[BenchmarkResult], output: Path) -> list[dict[st
 
 
 def write_prediction_files(
-    output: Path, image, tokens: list[str], masks, boxes: list, stem: str = "region"
+    output: Path, image: torch.Tensor, tokens: list[str], masks: torch.Tensor, boxes: list[Box | None], stem: str = "region"
 ) -> list[dict[str, Any]]:
     """``medsight predict`` outputs: per region token one mask PNG and one overlay PNG.
 

@@ -7,8 +7,8 @@ small JSON records:
 - ``runcache/<stage>/<key>.json``: key = sha256(stage, the stage's config sections, its input
   md5s, medsight version) -> the output reference. A stage whose key is present is restored
   (nothing recomputed, nothing re-uploaded), wherever it runs.
-- ``runs/<run_id>/<stage>.json``: what each run produced (lineage), so any stage's checkpoint of
-  any run can be pulled later by (run, stage).
+- ``runs/<run_id>/stages/<stage>--<key>.json``: what each run produced (lineage), so any stage's
+  checkpoint of any run can be pulled later by (run, stage).
 
 Credentials never enter a DVC config file: boto reads ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` from the environment, and only URL + endpoint are written.
@@ -262,31 +262,41 @@ class ArtifactStore:
         self.storage.put_json(self.config.bucket, self.config.key("runcache", stage, f"{key}.json"), entry)
 
     # -- lineage -------------------------------------------------------------------------
-    def record_lineage(self, run_id: str, stage: str, record: dict[str, Any]) -> None:
-        self.storage.put_json(self.config.bucket, self.config.key("runs", run_id, f"{stage}.json"), record)
+    def record_lineage(self, run_id: str, record: dict[str, Any]) -> None:
+        # Keyed by stage and cache key: an ablation run executes a stage once per variant.
+        name = f"{record['stage']}--{record['cache_key'][:16]}.json"
+        self.storage.put_json(self.config.bucket, self.config.key("runs", run_id, "stages", name), record)
 
-    def load_lineage(self, run_id: str) -> dict[str, dict[str, Any]]:
-        prefix = self.config.key("runs", run_id) + "/"
-        records = {}
-        for key in self.storage.list_keys(self.config.bucket, prefix):
-            record = self.storage.get_json(self.config.bucket, key)
-            if record:
-                records[record["stage"]] = record
-        return records
+    def load_lineage(self, run_id: str) -> list[dict[str, Any]]:
+        """Every stage execution recorded for ``run_id``, in the order they finished."""
+        prefix = self.config.key("runs", run_id, "stages") + "/"
+        records = [self.storage.get_json(self.config.bucket, key) for key in self.storage.list_keys(self.config.bucket, prefix)]
+        return sorted((r for r in records if r), key=lambda r: (r.get("finished_at", ""), r["stage"]))
+
+    def put_run_file(self, run_id: str, name: str, text: str) -> None:
+        self.storage.put_bytes(self.config.bucket, self.config.key("runs", run_id, name), text.encode(), "text/plain")
+
+    def get_run_file(self, run_id: str, name: str) -> str | None:
+        data = self.storage.get_bytes(self.config.bucket, self.config.key("runs", run_id, name))
+        return None if data is None else data.decode()
 
     def resolve(self, text: str) -> ArtifactRef | None:
         """Like ``ArtifactRef.parse`` plus ``run:<run_id>/<stage>`` looked up in the lineage."""
         text = (text or "").strip()
-        if text.startswith("run:"):
-            run_id, _, stage = text[4:].partition("/")
-            record = self.load_lineage(run_id).get(stage)
-            if record is None:
-                raise ArtifactStoreError(
-                    f"no lineage record for stage {stage!r} in run {run_id!r} under {self.config.url}; "
-                    "list runs with `medsight platform runs`"
-                )
-            return ArtifactRef.parse(json.dumps(record["ref"]))
-        return ArtifactRef.parse(text)
+        if not text.startswith("run:"):
+            return ArtifactRef.parse(text)
+        run_id, _, stage = text[4:].partition("/")
+        found = {r["ref"]["md5"]: r for r in self.load_lineage(run_id) if r["stage"] == stage}
+        if not found:
+            raise ArtifactStoreError(
+                f"no lineage record for stage {stage!r} in run {run_id!r} under {self.config.url}; "
+                "list runs with `medsight platform runs`"
+            )
+        if len(found) > 1:
+            raise ArtifactStoreError(
+                f"run {run_id!r} has {len(found)} outputs of {stage!r} (an ablation); pass one md5: {', '.join(found)}"
+            )
+        return ArtifactRef.parse(json.dumps(next(iter(found.values()))["ref"]))
 
     def list_runs(self) -> list[str]:
         prefix = self.config.key("runs") + "/"

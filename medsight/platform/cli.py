@@ -68,10 +68,12 @@ def run_local_command(
     data_revision: Annotated[str, typer.Option(help="Use this DVC dataset (md5 or run:<id>/synth-data)")] = "",
     force: Annotated[list[str] | None, typer.Option(help="Recompute these stages even if cached ('all' = every)")] = None,
     verbose: Annotated[bool, typer.Option(help="Show KFP and stage output instead of a log file")] = False,
+    ablation: Annotated[bool, typer.Option(help="Run the ablation pipeline with the paper's variants")] = False,
+    variants: Annotated[Path | None, typer.Option(help="Ablation variants YAML: list of {name, field: value}")] = None,
 ) -> None:
     """Run the whole pipeline through kfp.local with a local S3 server, DVC and MLflow; print a summary."""
     from medsight.platform.local_run import (
-        FAST_OVERRIDES, LocalRunError, LocalRunRequest, format_summary, next_steps, run_local,
+        FAST_OVERRIDES, LocalRunError, LocalRunRequest, format_summary, load_variants, next_steps, run_local,
     )
 
     request = LocalRunRequest(
@@ -81,11 +83,15 @@ def run_local_command(
         force=tuple(force or ()), verbose=verbose,
     )
     try:
+        if ablation or variants:
+            request.variants = load_variants(variants)
         result = run_local(request)
     except (LocalRunError, ValueError, KeyError) as error:
         _fail(str(error).strip("'\""))
     typer.echo("")
     typer.echo(format_summary(result.stages))
+    if result.ablation_table:
+        typer.echo("Ablation variants (evaluation metrics):\n" + result.ablation_table)
     typer.echo(f"run {result.run_id}: {len(result.ran)} ran, {len(result.cached)} restored from cache, "
                f"{result.wall_seconds:.1f}s total; recorded as commit {result.commit[:10]} in {workdir / 'repo'}\n")
     typer.echo(next_steps(result))
@@ -158,10 +164,10 @@ def runs_command(workdir: Annotated[Path | None, typer.Option(help="Local platfo
         store = ArtifactStore()
         for run_id in store.list_runs():
             records = store.load_lineage(run_id)
-            cached = sum(1 for r in records.values() if r["cached"])
-            typer.echo(f"{run_id}: {len(records)} stages ({cached} from cache)")
-            for name, record in records.items():
-                typer.echo(f"    {name:<20s} {record['ref']['md5']}")
+            cached = sum(1 for r in records if r["cached"])
+            typer.echo(f"{run_id}: {len(records)} stage outputs ({cached} from cache)")
+            for record in records:
+                typer.echo(f"    {record['stage']:<20s} {record['ref']['md5']}  {'cached' if record['cached'] else 'ran'}")
 
 
 @platform_app.command("run-stage")

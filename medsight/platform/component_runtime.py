@@ -41,8 +41,11 @@ HPARAM_KEYS: dict[str, str] = {
     "region_embeddings": "model.region_embeddings",
     "grounding_mode": "model.grounding",
 }
-# Log these output files to MLflow (reports, mask overlays); never weights.
-_ARTIFACT_SUFFIXES = {".html", ".png", ".jpg", ".svg", ".md"}
+# Log these output files to MLflow: reports anywhere, images only from visual folders (mask
+# overlays, plots) so a dataset's own images and any weights are never copied.
+_REPORT_SUFFIXES = {".html", ".md"}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".svg"}
+_VISUAL_DIRS = ("overlay", "report", "plot", "figure", "curve")
 _ARTIFACT_MAX_BYTES = 5 * 2**20
 
 
@@ -147,7 +150,10 @@ def _log_output_files(tracker: Any, output: Path) -> None:
     for path in sorted(output.rglob("*")):
         if shown >= 100:
             break
-        if path.is_file() and path.suffix.lower() in _ARTIFACT_SUFFIXES and path.stat().st_size <= _ARTIFACT_MAX_BYTES:
+        suffix = path.suffix.lower()
+        parent_text = path.parent.relative_to(output).as_posix().lower()
+        visual = suffix in _IMAGE_SUFFIXES and any(word in parent_text for word in _VISUAL_DIRS)
+        if path.is_file() and (suffix in _REPORT_SUFFIXES or visual) and path.stat().st_size <= _ARTIFACT_MAX_BYTES:
             parent = path.parent.relative_to(output).as_posix()
             tracker.log_artifact(path, "outputs" + ("" if parent == "." else f"/{parent}"))
             shown += 1
@@ -227,7 +233,7 @@ def execute_stage(
     else:
         result = _run_and_push(stage, config, refs, store, key, base_tags)
     result.wall_seconds = time.time() - started + age_at_start
-    store.record_lineage(run_id, stage, result.record(run_id))
+    store.record_lineage(run_id, result.record(run_id))
     _event(event="end", stage=stage, run_id=run_id, cached=result.cached, seconds=result.seconds,
            wall_seconds=result.wall_seconds, md5=result.ref.md5)
     return result
@@ -348,6 +354,8 @@ def compare_evaluations(results: Sequence[str], table_path: str | None = None) -
         cells = [f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {md5} |")
     table = "\n".join(lines) + "\n"
+    if os.environ.get("KFP_RUN_ID"):
+        ArtifactStore().put_run_file(os.environ["KFP_RUN_ID"], "ablation.md", table)
     if table_path:
         Path(table_path).parent.mkdir(parents=True, exist_ok=True)
         Path(table_path).write_text(table)

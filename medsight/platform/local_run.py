@@ -63,8 +63,13 @@ class LocalRunRequest:
     data_revision: str = ""
     force: tuple[str, ...] = ()
     verbose: bool = False
+    # Set: run the ablation pipeline over these variants (see pipelines.medsight_pipeline.variant).
+    variants: list[dict[str, Any]] | None = None
 
     def pipeline_arguments(self) -> dict[str, Any]:
+        if self.variants is not None:
+            return {"preset": self.preset, "overrides": list(self.overrides), "data_revision": self.data_revision,
+                    "variants": self.variants}
         return {
             "preset": self.preset,
             "overrides": list(self.overrides),
@@ -98,6 +103,7 @@ class LocalRunResult:
     commit: str
     tracking_uri: str
     report: Path | None
+    ablation_table: str | None = None
 
     @property
     def ran(self) -> list[str]:
@@ -193,6 +199,25 @@ def _validate(request: LocalRunRequest) -> None:
     })
 
 
+def load_variants(path: Path | None) -> list[dict[str, Any]]:
+    """Ablation variants from YAML (a list of {name, <field>: value}), or the paper's defaults."""
+    import yaml
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from pipelines.medsight_pipeline import DEFAULT_VARIANTS, variant
+
+    if path is None:
+        return [dict(v) for v in DEFAULT_VARIANTS]
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, list) or not all(isinstance(item, dict) and "name" in item for item in data):
+        raise LocalRunError(f"{path}: expected a YAML list of variants, each with a name")
+    try:
+        return [variant(**item) for item in data]
+    except (TypeError, ValueError) as error:
+        raise LocalRunError(f"{path}: {error}") from error
+
+
 def _import_mlflow() -> None:
     with contextlib.suppress(Exception):
         import mlflow.tracking  # noqa: F401
@@ -243,19 +268,22 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
             repo.ensure(store.config)
             _run_pipeline(request, workdir, events, log_path, console)
             records = store.load_lineage(run_id)
-            summaries = _summaries(STAGES, records)
+            summaries = _summaries(STAGES, records, show_skipped=request.variants is None)
             wall = time.time() - started
             commit = repo.record_run(run_id, records, {
                 "preset": request.preset, "arguments": request.pipeline_arguments(), "wall_seconds": round(wall, 2),
             })
             report = None
-            if "evaluate" in records:
-                evaluation = repo.checkout_dir("evaluate", records["evaluate"]["ref"]["md5"]) or repo.pull("evaluate")
+            evaluations = [r for r in records if r["stage"] == "evaluate"]
+            if len(evaluations) == 1:
+                md5 = evaluations[0]["ref"]["md5"]
+                evaluation = repo.checkout_dir("evaluate", md5) or repo.pull("evaluate")
                 found = sorted(evaluation.rglob("*.html"))
                 report = found[0] if found else None
+            table = store.get_run_file(run_id, "ablation.md") if request.variants is not None else None
             warm.join()
             _log_pipeline_run(run_id, request, summaries, wall, log_path)
-    return LocalRunResult(run_id, workdir, summaries, time.time() - started, commit, tracking_uri, report)
+    return LocalRunResult(run_id, workdir, summaries, time.time() - started, commit, tracking_uri, report, table)
 
 
 def _run_pipeline(request: LocalRunRequest, workdir: Path, events: Path, log_path: Path, console: IO[str]) -> None:
@@ -263,14 +291,16 @@ def _run_pipeline(request: LocalRunRequest, workdir: Path, events: Path, log_pat
 
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))  # pipelines/ and components/ live beside the package
-    from pipelines.medsight_pipeline import medsight_pipeline
+    from pipelines import medsight_pipeline as pipelines
+
+    pipeline = pipelines.medsight_ablation if request.variants is not None else pipelines.medsight_pipeline
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
     with _captured_output(log_path, capture=not request.verbose) as out:
         progress = _Progress(events, out)
         progress.start()
         try:
-            medsight_pipeline(**request.pipeline_arguments())
+            pipeline(**request.pipeline_arguments())
         except Exception as error:
             progress.done.set()
             progress.join()
@@ -295,17 +325,19 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join("    " + line for line in shown)
 
 
-def _summaries(stages: Sequence[Any], records: Mapping[str, Mapping[str, Any]]) -> list[StageSummary]:
+def _summaries(stages: Sequence[Any], records: Sequence[Mapping[str, Any]], show_skipped: bool = True) -> list[StageSummary]:
+    """One row per stage execution, in DAG order (an ablation has several per stage)."""
     summaries = []
     for spec in stages:
-        record = records.get(spec.name)
-        if record is None:
+        mine = [r for r in records if r["stage"] == spec.name]
+        if not mine and show_skipped:
             summaries.append(StageSummary(spec.name, "skipped"))
-            continue
-        summaries.append(StageSummary(
-            spec.name, "cached" if record["cached"] else "ran", float(record["seconds"]),
-            float(record["wall_seconds"]), {k: float(v) for k, v in record["metrics"].items()}, record["ref"]["md5"],
-        ))
+        for record in mine:
+            summaries.append(StageSummary(
+                spec.name, "cached" if record["cached"] else "ran", float(record["seconds"]),
+                float(record["wall_seconds"]), {k: float(v) for k, v in record["metrics"].items()},
+                record["ref"]["md5"],
+            ))
     return summaries
 
 
@@ -314,15 +346,17 @@ def _log_pipeline_run(run_id: str, request: LocalRunRequest, summaries: list[Sta
     """One MLflow run for the pipeline as a whole: arguments, per-stage time/cache, summary table."""
     from medsight.platform.tracking import MLflowTracker
 
-    with MLflowTracker.from_env(stage="pipeline", run_name=f"pipeline {run_id}", log_config=False) as tracker:
+    with MLflowTracker.from_env(stage="pipeline", run_name=f"pipeline {run_id}", log_config=False,
+                                tags={"medsight.preset": request.preset}) as tracker:
         tracker.log_params({"pipeline": request.pipeline_arguments()})
         metrics: dict[str, float] = {"wall_seconds": wall}
         for s in summaries:
             if s.status != "skipped":
-                metrics[f"{s.stage}.seconds"] = s.seconds
-                metrics[f"{s.stage}.cached"] = 1.0 if s.status == "cached" else 0.0
+                metrics[f"{s.stage}.seconds"] = metrics.get(f"{s.stage}.seconds", 0.0) + s.seconds
+                metrics[f"{s.stage}.ran"] = metrics.get(f"{s.stage}.ran", 0.0) + (s.status == "ran")
         tracker.log_metrics(metrics)
-        tracker.set_tags({f"dvc.{s.stage}": s.md5 for s in summaries if s.md5})
+        counts = {s.stage: sum(1 for t in summaries if t.stage == s.stage and t.md5) for s in summaries}
+        tracker.set_tags({f"dvc.{s.stage}": s.md5 for s in summaries if s.md5 and counts[s.stage] == 1})
         table = log_path.with_suffix(".summary.txt")
         table.write_text(format_summary(summaries))
         tracker.log_artifact(table, "summary")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +64,32 @@ class RunRepo:
         _git(self.path, "commit", "-q", "-m", message)
         return True
 
-    def record_run(self, run_id: str, records: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
-        """Write pointers + lineage for ``run_id``, commit, tag; returns the commit id."""
+    def record_run(self, run_id: str, records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
+        """Write pointers + lineage for ``run_id``, commit, tag; returns the commit id.
+
+        A stage with one output gets ``outputs/<stage>.dvc``; an ablation's several outputs of
+        one stage get ``outputs/<stage>-<md5[:8]>.dvc`` each.
+        """
+        by_stage: dict[str, list[Mapping[str, Any]]] = {}
+        for record in records:
+            by_stage.setdefault(record["stage"], []).append(record)
+        # HEAD shows this run only; earlier runs stay reachable through their tags.
+        for old in (self.path / "outputs").glob("*.dvc"):
+            old.unlink()
         ignore = []
-        for stage, record in records.items():
-            ref = ArtifactRef.parse(json.dumps(record["ref"]))
-            if ref is None:
-                continue
-            atomic_write_text(self.path / "outputs" / f"{stage}.dvc", ref.pointer(stage))
-            ignore += [f"/{stage}", f"/.{stage}.md5"]
-        atomic_write_text(self.path / "outputs" / ".gitignore", "\n".join(sorted(ignore)) + "\n")
-        atomic_write_json(self.path / "runs" / f"{run_id}.json", {"run_id": run_id, **summary, "stages": records})
+        for stage, mine in by_stage.items():
+            distinct = {r["ref"]["md5"]: r for r in mine}
+            for md5, record in distinct.items():
+                ref = ArtifactRef.parse(json.dumps(record["ref"]))
+                if ref is None:
+                    continue
+                name = stage if len(distinct) == 1 else f"{stage}-{md5[:8]}"
+                atomic_write_text(self.path / "outputs" / f"{name}.dvc", ref.pointer(name))
+                ignore += [f"/{name}", f"/.{name}.md5"]
+        gitignore = self.path / "outputs" / ".gitignore"
+        known = set(gitignore.read_text().split()) if gitignore.is_file() else set()
+        atomic_write_text(gitignore, "\n".join(sorted(known | set(ignore))) + "\n")
+        atomic_write_json(self.path / "runs" / f"{run_id}.json", {"run_id": run_id, **summary, "stages": list(records)})
         self._commit_if_changed(f"run {run_id}")
         _git(self.path, "tag", "-f", run_id)
         return _git(self.path, "rev-parse", "HEAD")
