@@ -106,7 +106,7 @@ def section(results: list[dict], args: argparse.Namespace) -> str:
         "excludes model loading and reading the benchmarks. The model is a tiny chain trained for "
         f"{args.max_steps} steps per stage (mean answer {mean_tokens:.1f} tokens); generation cost grows "
         "with answer length, up to max_new_tokens. Each batch size runs once in a fresh process; on a "
-        "shared 2-core machine other load moves these times by up to about 2x.",
+        "shared 2-core machine other load moves these times a lot (3x seen between two runs).",
         "",
     ]
     return "\n".join(lines)

@@ -33,6 +33,12 @@ def stage_from_refs(
 
 
 @dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
+def merge_overrides(base: list, extra: list) -> list:
+    """Pipeline-wide overrides followed by a variant's own (later ones win)."""
+    return [*base, *extra]
+
+
+@dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
 def tag_variant(name: str, evaluation: str) -> str:
     """Pair a variant's name with its evaluation output, so collected results stay labelled."""
     import json

@@ -21,7 +21,7 @@ from typing import Any
 
 from kfp import dsl
 
-from components import STAGE_COMPONENTS, compare_variants, stage_from_refs, stand_in, tag_variant
+from components import STAGE_COMPONENTS, compare_variants, merge_overrides, stage_from_refs, stand_in, tag_variant
 from pipelines.deployment import DeploymentSettings, configure_helper, configure_reader, configure_stage
 
 PIPELINE_NAME = "medsight-pipeline"
@@ -160,9 +160,10 @@ def _build(settings: DeploymentSettings, names: tuple[str, ...]) -> dict[str, Ca
         variants: list = DEFAULT_VARIANTS,  # noqa: B006
     ) -> str:
         with dsl.ParallelFor(variants, parallelism=settings.ablation_parallelism) as item:
+            merged = configure_helper(merge_overrides(base=overrides, extra=item.overrides), settings, "overrides")
             chain = medsight_pipeline(
                 preset=preset,
-                overrides=item.overrides,
+                overrides=merged.output,
                 data_revision=data_revision,
                 codebook_size=item.codebook_size,
                 two_way=item.two_way,

@@ -45,8 +45,9 @@ class PerceiverConfig:
     num_heads: int = 4
     ffn_dim: int = 128
     dropout: float = 0.0
-    # Upsampling factor applied by the conv adapter before each layer.
-    upsample_factor: int = 2
+    # Upsampling factor of the conv adapter before each layer (one per layer). The paper doubles
+    # at every layer; the tiny preset skips the last doubling to stay within CPU minutes.
+    upsample_factors: tuple[int, ...] = (2, 2, 2)
     # Ablation: False = one-way decoder (queries attend to image only, no image-to-region step).
     two_way: bool = True
     mask_threshold: float = 0.5

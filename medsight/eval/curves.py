@@ -1,6 +1,6 @@
 """Training curves for the report: recorded beside each stage output, collected by lineage.
 
-``HistoryRecorder`` wraps any ``Tracker`` and also appends every ``log_metrics`` call with a
+``HistoryRecorder`` (medsight.train.tracker) wraps any ``Tracker`` and also appends every ``log_metrics`` call with a
 step to ``<stage output>/history.jsonl`` (``{"step": 20, "perceiver-pretrain/loss": 0.41}``).
 ``collect_curves`` walks an evaluation's inputs and their recorded upstream inputs
 (``stage.json`` -> ``inputs``) and gathers every series it finds.
@@ -13,35 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medsight.train.tracker import Tracker
+from medsight.train.tracker import HISTORY_FILE, HistoryRecorder  # noqa: F401  (re-exported)
 
-HISTORY_FILE = "history.jsonl"
 Curves = dict[str, list[tuple[float, float]]]
-
-
-class HistoryRecorder:
-    """A Tracker that forwards to ``inner`` and keeps stepped metrics in ``history.jsonl``."""
-
-    def __init__(self, inner: Tracker, output: Path) -> None:
-        self.inner = inner
-        self.path = Path(output) / HISTORY_FILE
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self.inner.log_params(params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.inner.log_metrics(metrics, step=step)
-        if step is None:
-            return  # final summary values are not points of a curve
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.inner.log_artifact(path, artifact_path)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self.inner.set_tags(tags)
 
 
 def read_history(path: Path, prefix: str = "") -> Curves:

@@ -76,7 +76,12 @@ class RegionPerceiver(nn.Module):
         self.position_encoding = SinePositionEncoding2D(dim)
         layer_args = (dim, config.num_heads, config.ffn_dim, config.dropout)
         self.initial_layer = RegionToImageLayer(*layer_args)
-        self.adapters = nn.ModuleList(UpsampleAdapter(dim, config.upsample_factor) for _ in range(config.num_layers))
+        if len(config.upsample_factors) != config.num_layers:
+            raise ValueError(
+                f"model.perceiver.upsample_factors has {len(config.upsample_factors)} entries; "
+                f"num_layers={config.num_layers} needs one per layer"
+            )
+        self.adapters = nn.ModuleList(UpsampleAdapter(dim, factor) for factor in config.upsample_factors)
         self.region_to_image = nn.ModuleList(RegionToImageLayer(*layer_args) for _ in range(config.num_layers))
         # Empty in the one-way ablation: the map is then only ever changed by the adapters.
         self.image_to_region = nn.ModuleList(

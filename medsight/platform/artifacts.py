@@ -5,8 +5,8 @@ the DVC remote ``<store>/dvc`` on S3. Next to it, under the same store URL, live
 small JSON records:
 
 - ``runcache/<stage>/<key>.json``: key = sha256(stage, the stage's config sections, its input
-  md5s, medsight version) -> the output reference. A stage whose key is present is restored
-  (nothing recomputed, nothing re-uploaded), wherever it runs.
+  md5s, medsight version + source fingerprint) -> the output reference. A stage whose key is
+  present is restored (nothing recomputed, nothing re-uploaded), wherever it runs.
 - ``runs/<run_id>/stages/<stage>--<key>.json``: what each run produced (lineage), so any stage's
   checkpoint of any run can be pulled later by (run, stage).
 
@@ -129,7 +129,7 @@ def configure_dvc_repo(repo: Any, config: StoreConfig, *, cache_dir: Path | None
         conf["core"]["remote"] = REMOTE_NAME
         conf["core"]["analytics"] = False
         conf["core"]["check_update"] = False
-        conf["remote"][REMOTE_NAME] = {"url": config.dvc_url, "endpointurl": config.endpoint}
+        conf["remote"][REMOTE_NAME] = {"url": config.dvc_url, "endpointurl": config.endpoint, "connect_timeout": 10}
         if cache_dir is not None:
             conf["cache"]["dir"] = str(cache_dir)
             # Inputs are linked, not copied, from a shared cache; DVC makes them read-only.
@@ -144,14 +144,12 @@ def quiet() -> Iterator[None]:
 
 
 def _retry(what: str, attempts: int, fn: Any) -> Any:
-    from dvc.exceptions import DvcException
-
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
             with quiet():
                 return fn()
-        except (DvcException, OSError) as error:
+        except Exception as error:  # DvcException, botocore/aiohttp connection errors, OSError
             last = error
             if attempt < attempts:
                 time.sleep(min(2.0 * attempt, 6.0))
@@ -164,6 +162,11 @@ class DvcWorkspace:
     def __init__(self, root: Path, config: StoreConfig, *, attempts: int = 3) -> None:
         from dvc.repo import Repo
 
+        # botocore's default (5 attempts per object, inside s3fs's own retries) turns a dead
+        # endpoint into minutes of silence; we retry whole pushes/pulls instead (uploaded
+        # objects are skipped), so one retry per request is enough. User settings win.
+        os.environ.setdefault("AWS_MAX_ATTEMPTS", "2")
+        os.environ.setdefault("AWS_RETRY_MODE", "standard")
         self.root = Path(root).resolve()
         self.config = config
         self.attempts = attempts
@@ -319,11 +322,15 @@ def run_cache_key(
     """Key for "this stage on these inputs with these settings": (sha256, what went into it)."""
     import medsight
     from medsight.config import to_dict
+    from medsight.stages.runner import code_fingerprint
 
     config_dict = to_dict(config)
     material = {
         "stage": spec.name,
         "medsight_version": medsight.__version__,
+        # The sources themselves (the image's code on the cluster): an edit without a version
+        # bump must not restore outputs the old code made.
+        "code": code_fingerprint(),
         "salt": os.environ.get(CACHE_SALT_ENV, ""),
         "config": {section: section_value(config_dict, section) for section in spec.config_sections},
         "inputs": {name: ref.md5 for name, ref in sorted(inputs.items())},

@@ -70,6 +70,8 @@ def run_local_command(
     verbose: Annotated[bool, typer.Option(help="Show KFP and stage output instead of a log file")] = False,
     ablation: Annotated[bool, typer.Option(help="Run the ablation pipeline with the paper's variants")] = False,
     variants: Annotated[Path | None, typer.Option(help="Ablation variants YAML: list of {name, field: value}")] = None,
+    stage: Annotated[str, typer.Option(help="Run only this stage (single-stage pipeline)")] = "",
+    inputs: Annotated[list[str] | None, typer.Option("--input", help="With --stage: NAME=REF (md5 or run:<id>/<stage>)")] = None,
 ) -> None:
     """Run the whole pipeline through kfp.local with a local S3 server, DVC and MLflow; print a summary."""
     from medsight.platform.local_run import (
@@ -85,6 +87,9 @@ def run_local_command(
     try:
         if ablation or variants:
             request.variants = load_variants(variants)
+        if stage:
+            request.stage = stage
+            request.stage_inputs = dict(pair.split("=", 1) for pair in inputs or [] if "=" in pair)
         result = run_local(request)
     except (LocalRunError, ValueError, KeyError) as error:
         _fail(str(error).strip("'\""))

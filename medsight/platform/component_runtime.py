@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -239,6 +240,18 @@ def execute_stage(
     return result
 
 
+def _warm_imports(stage: str, config: Any) -> None:
+    from medsight.platform.tracking import resolve_tracking_uri
+    from medsight.stages.registry import get_stage
+
+    try:
+        if resolve_tracking_uri(config):
+            import mlflow.tracking  # noqa: F401
+        get_stage(stage).load()
+    except Exception:  # the real import (in run_stage) reports any problem with context
+        pass
+
+
 def _run_and_push(
     stage: str, config: Any, refs: dict[str, ArtifactRef], store: ArtifactStore, key: str, base_tags: dict[str, str]
 ) -> StageResult:
@@ -247,10 +260,16 @@ def _run_and_push(
     work_root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir())
     work_root.mkdir(parents=True, exist_ok=True)
     ws_dir = Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=work_root))
-    tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"})
+    # Stage code (torch, transformers) and MLflow take seconds to import; do that while the
+    # inputs download instead of after.
+    warm = threading.Thread(target=_warm_imports, args=(stage, config), daemon=True)
+    warm.start()
+    tracker: Any = None
     try:
         with store.workspace(ws_dir) as ws:
             paths = {name: ws.pull(ref, f"in-{name}") for name, ref in refs.items()}
+            warm.join()
+            tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"})
             output = ws_dir / stage
             compute_started = time.time()
             metrics, _reused = run_stage(stage, config, paths, output, tracker, reuse=False)
@@ -267,7 +286,8 @@ def _run_and_push(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
     except BaseException:
-        _close(tracker, "FAILED")
+        if tracker is not None:
+            _close(tracker, "FAILED")
         raise
     finally:
         shutil.rmtree(ws_dir, ignore_errors=True)

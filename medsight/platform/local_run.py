@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -65,8 +66,20 @@ class LocalRunRequest:
     verbose: bool = False
     # Set: run the ablation pipeline over these variants (see pipelines.medsight_pipeline.variant).
     variants: list[dict[str, Any]] | None = None
+    # Set: run only this stage (single-stage pipeline), inputs as DVC references.
+    stage: str = ""
+    stage_inputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pipeline_name(self) -> str:
+        from pipelines.medsight_pipeline import ABLATION_NAME, PIPELINE_NAME, SINGLE_STAGE_NAME
+
+        return SINGLE_STAGE_NAME if self.stage else ABLATION_NAME if self.variants is not None else PIPELINE_NAME
 
     def pipeline_arguments(self) -> dict[str, Any]:
+        if self.stage:
+            return {"stage_name": self.stage, "inputs": dict(self.stage_inputs), "preset": self.preset,
+                    "overrides": list(self.overrides)}
         if self.variants is not None:
             return {"preset": self.preset, "overrides": list(self.overrides), "data_revision": self.data_revision,
                     "variants": self.variants}
@@ -129,29 +142,36 @@ def patched_env(values: Mapping[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _captured_output(log_path: Path, capture: bool) -> Iterator[IO[str]]:
-    """Send KFP's and the components' chatter to ``log_path``; yield a handle to the real stdout."""
+def _captured_output(log_path: Path, capture: bool, console: IO[str]) -> Iterator[IO[str]]:
+    """Send KFP's and the components' chatter to ``log_path``; yield where progress lines go."""
     if not capture:
-        yield sys.stdout
+        yield console
         return
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
+    saved_streams = sys.stdout, sys.stderr
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with open(log_path, "a", buffering=1) as log:
+        # Both levels: child processes write to fds 1/2, KFP's Python logging to sys.stdout
+        # (which a test runner may have replaced by its own buffer).
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
-        console = os.fdopen(os.dup(saved_out), "w", buffering=1)
+        sys.stdout = sys.stderr = log
+        # The terminal itself is now fd 1 no more: write progress to a duplicate of it.
+        terminal = console is sys.__stdout__ or console is saved_streams[0]
+        out = os.fdopen(os.dup(saved_out), "w", buffering=1) if terminal else console
         try:
-            yield console
+            yield out
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            log.flush()
+            sys.stdout, sys.stderr = saved_streams
             os.dup2(saved_out, 1)
             os.dup2(saved_err, 2)
             os.close(saved_out)
             os.close(saved_err)
-            console.close()
+            if terminal:
+                out.close()
 
 
 class _Progress(threading.Thread):
@@ -218,6 +238,23 @@ def load_variants(path: Path | None) -> list[dict[str, Any]]:
         raise LocalRunError(f"{path}: {error}") from error
 
 
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (e.g. `timeout`, a CI cancel) unwinds like Ctrl-C, so the S3 server is stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _import_mlflow() -> None:
     with contextlib.suppress(Exception):
         import mlflow.tracking  # noqa: F401
@@ -232,6 +269,8 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
 
     console = console or sys.stdout
     _validate(request)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # pipelines/ and components/ live beside the package
     workdir = Path(request.workdir).resolve()
     run_id = new_run_id()
     for sub in ("dvc-cache", "mlflow", "kfp", "work", "logs"):
@@ -241,7 +280,7 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
     tracking_uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
     started = time.time()
     console.write(f"MedSIGHT local pipeline run {run_id} (preset {request.preset}) in {workdir}\n")
-    with SeaweedS3Server(workdir / "s3") as server:
+    with _sigterm_as_exit(), SeaweedS3Server(workdir / "s3") as server:
         console.write(f"  S3 (SeaweedFS) at {server.endpoint}; DVC remote {LOCAL_STORE_URL}/dvc\n")
         client_env_file(workdir / "s3", {**server.env(), STORE_ENV: LOCAL_STORE_URL})
         env = {
@@ -268,7 +307,7 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
             repo.ensure(store.config)
             _run_pipeline(request, workdir, events, log_path, console)
             records = store.load_lineage(run_id)
-            summaries = _summaries(STAGES, records, show_skipped=request.variants is None)
+            summaries = _summaries(STAGES, records, show_skipped=request.variants is None and not request.stage)
             wall = time.time() - started
             commit = repo.record_run(run_id, records, {
                 "preset": request.preset, "arguments": request.pipeline_arguments(), "wall_seconds": round(wall, 2),
@@ -289,14 +328,16 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
 def _run_pipeline(request: LocalRunRequest, workdir: Path, events: Path, log_path: Path, console: IO[str]) -> None:
     from kfp import local
 
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # pipelines/ and components/ live beside the package
-    from pipelines import medsight_pipeline as pipelines
+    from pipelines.deployment import DeploymentSettings
+    from pipelines.medsight_pipeline import build_pipelines
 
-    pipeline = pipelines.medsight_ablation if request.variants is not None else pipelines.medsight_pipeline
+    # Same DAG as the compiled YAML; only retries are off: kfp.local honours them (with a 60 s
+    # backoff), and locally a failure is deterministic, so retrying only delays the error.
+    name = request.pipeline_name
+    pipeline = build_pipelines(DeploymentSettings(retries=0), names=(name,))[name]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
-    with _captured_output(log_path, capture=not request.verbose) as out:
+    with _captured_output(log_path, not request.verbose, console) as out:
         progress = _Progress(events, out)
         progress.start()
         try:

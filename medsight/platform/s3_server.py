@@ -8,6 +8,7 @@ and started again on the same data.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -118,6 +120,16 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_RUNNING: "weakref.WeakSet[SeaweedS3Server]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    # A script that dies without leaving its `with` block must not leave a server behind.
+    for server in list(_RUNNING):
+        server.stop()
 
 
 class SeaweedS3Server:
@@ -231,6 +243,8 @@ class SeaweedS3Server:
         finally:
             log.close()
         self.port = ports["s3"]
+        self._ports = ports
+        _RUNNING.add(self)
         self._pid_path.write_text(str(self.process.pid))
         self._state_path.write_text(json.dumps({"port": self.port}))
         try:
@@ -268,6 +282,9 @@ class SeaweedS3Server:
         """Ready = the S3 port answers HTTP and a signed request with our identity succeeds."""
         deadline = time.monotonic() + self.startup_timeout
         last_error = "no answer yet"
+        # After a restart, S3 answers before the master knows where the old volumes are; reads
+        # of existing objects then fail with InternalError. Wait until every volume is back.
+        on_disk = len(list((self.data_dir / "store").rglob("*.dat")))
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
@@ -277,7 +294,10 @@ class SeaweedS3Server:
                 )
             try:
                 self._signed_list_buckets()
-                return
+                if self._volumes_registered() >= on_disk:
+                    return
+                last_error = "volumes still loading"
+                time.sleep(0.2)
             except Exception as error:  # not up yet: connection refused, 503, identity not loaded
                 last_error = f"{type(error).__name__}: {error}"
                 time.sleep(0.2)
@@ -300,6 +320,13 @@ class SeaweedS3Server:
         )
         client.list_buckets()
 
+    def _volumes_registered(self) -> int:
+        url = f"http://{LOOPBACK}:{self._ports['master']}/vol/status"
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback http)
+            status = json.load(response)
+        racks = status.get("Volumes", {}).get("DataCenters", {}).values()
+        return sum(len(volumes or []) for rack in racks for nodes in rack.values() for volumes in nodes.values())
+
     def _log_tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -319,6 +346,7 @@ class SeaweedS3Server:
                 process.kill()
                 process.wait(timeout=10)
         self.process = None
+        _RUNNING.discard(self)
         self._pid_path.unlink(missing_ok=True)
 
     def kill(self) -> None:
@@ -327,6 +355,7 @@ class SeaweedS3Server:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+        _RUNNING.discard(self)
         self._pid_path.unlink(missing_ok=True)
 
     @property

@@ -118,6 +118,8 @@ class S3Storage:
                         "check the bucket exists and the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
                     ) from error
                 last = error
+            except (ValueError, TypeError) as error:  # e.g. an invalid bucket name: retrying cannot help
+                raise StorageError(f"S3 {what} {where} at {self.settings.endpoint}: {error}") from error
             except (ServerError, OSError, Exception) as error:  # urllib3 errors subclass Exception
                 if isinstance(error, StorageError):
                     raise

@@ -83,6 +83,10 @@ def coded_regions(record: SegmentationRecord, masks: torch.Tensor, tokens: list[
     return coded
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def template_conversations(record: SegmentationRecord, regions: list[CodedRegion], image: str) -> list[dict]:
     """Deterministic offline generator: structure, diagnosis and multi-region grounding turns."""
     modality = record.modality
@@ -106,7 +110,7 @@ def template_conversations(record: SegmentationRecord, regions: list[CodedRegion
     question = f"Is there an abnormality in this {modality} image? If so, segment it."
     if lesions:
         lesion = lesions[0]
-        entries.append(entry("diagnosis", question, f"Yes, there is a {lesion.class_name} in the {lesion.host} {lesion.token}.",
+        entries.append(entry("diagnosis", question, f"Yes, there is {_article(lesion.class_name)} {lesion.class_name} in the {lesion.host} {lesion.token}.",
                              [lesion], task="diagseg", diagnosis=lesion.class_name))
     else:
         entries.append(entry("diagnosis", question, "No, there is no abnormality in this image.", [],
@@ -119,12 +123,27 @@ def template_conversations(record: SegmentationRecord, regions: list[CodedRegion
     return entries
 
 
+def _llm_conversations(output: Path, data_root: Path, seed: int) -> list[dict]:
+    """Extra multi-turn conversations from an OpenAI-compatible endpoint (env-configured);
+    resumable, validated against each region's mask and description, template fallback."""
+    import json
+
+    from medsight.eval.datagen.grounding_conversations import build_grounding_conversations
+    from medsight.eval.datagen.llm_client import ChatClient
+    from medsight.eval.datagen.llm_generator import LLMGenerator
+    from medsight.eval.datagen.records import triples_from_region_codes
+    from medsight.eval.datagen.templates import TemplateGenerator
+
+    triples = triples_from_region_codes(output / "region_codes" / "train.json", data_root, "train")
+    generator = LLMGenerator(ChatClient.from_env(), fallback=TemplateGenerator(seed))
+    target = output / "llm_conversations" / "train.json"
+    build_grounding_conversations(triples, generator, target, work_dir=output / "checkpoints" / "llm_generation")
+    return json.loads(target.read_text())
+
+
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
-    if config.grounding_data.generator != "template":
-        raise ValueError(
-            f"grounding_data.generator={config.grounding_data.generator!r}: this stage writes template "
-            "conversations; LLM-written ones come from `medsight eval gen-data` over region_codes/*.json"
-        )
+    if config.grounding_data.generator not in ("template", "llm"):
+        raise ValueError(f"grounding_data.generator={config.grounding_data.generator!r}: use template or llm")
     data_root = Path(inputs["data"])
     modules = find_modules(inputs)
     encoder = load_encoder(config, inputs)
@@ -143,8 +162,12 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
             image = str(Path(record.image_path).resolve().relative_to(data_root.resolve()))
             conversations += template_conversations(record, regions, image)
             codes.append({"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]})
-        atomic_write_json(output / "conversations" / f"{split_name}.json", conversations)
         atomic_write_json(output / "region_codes" / f"{split_name}.json", codes)
+        if config.grounding_data.generator == "llm" and split_name == "train":
+            # App. C: an LLM writes the training conversations around the extracted codes; the
+            # val/test questions stay templated so evaluation is comparable across runs.
+            conversations += _llm_conversations(output, data_root, config.grounding_data.seed)
+        atomic_write_json(output / "conversations" / f"{split_name}.json", conversations)
         if split_name == "test":
             diagseg = [c for c in conversations if c.get("task") == "diagseg" and c["mask_files"]]
             atomic_write_json(output / "diagseg_test.json", diagseg)

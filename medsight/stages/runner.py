@@ -7,6 +7,7 @@ chain and the pipeline components skip a stage whose inputs did not change.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -19,7 +20,7 @@ from medsight.config.io import save_config, to_dict
 from medsight.config.schema import ExperimentConfig
 from medsight.io_utils import atomic_write_json
 from medsight.stages.registry import StageSpec, get_stage
-from medsight.train.tracker import NullTracker, Tracker
+from medsight.train.tracker import HistoryRecorder, NullTracker, Tracker
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.json"
@@ -50,12 +51,23 @@ def directory_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Hash of the installed medsight sources: a code change invalidates reuse, as it should."""
+    root = Path(medsight.__file__).parent
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        digest.update(str(file.relative_to(root)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def stage_fingerprint(spec: StageSpec, config: ExperimentConfig, input_fingerprints: dict[str, str]) -> str:
     payload = {
         "stage": spec.name,
         "config": config_sections(config, spec.config_sections),
         "inputs": dict(sorted(input_fingerprints.items())),
-        "code": medsight.__version__,
+        "code": code_fingerprint(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -108,6 +120,8 @@ def run_stage(
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     save_config(config, output / CONFIG_FILE)
+    # Curves land beside the checkpoint too, so the report works without an MLflow server.
+    tracker = HistoryRecorder(tracker, output)
     tracker.set_tags({"medsight.stage": name, "medsight.fingerprint": fingerprint})
     started = time.perf_counter()
     metrics = spec.load()(config, inputs, output, tracker)

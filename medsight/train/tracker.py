@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Protocol
+
+HISTORY_FILE = "history.jsonl"
 
 
 class Tracker(Protocol):
@@ -30,3 +33,28 @@ class NullTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
+
+
+class HistoryRecorder:
+    """A Tracker that forwards to ``inner`` and keeps stepped metrics in ``history.jsonl``."""
+
+    def __init__(self, inner: Tracker, output: Path) -> None:
+        self.inner = inner
+        self.path = Path(output) / HISTORY_FILE
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.inner.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.inner.log_metrics(metrics, step=step)
+        if step is None:
+            return  # final summary values are not points of a curve
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.inner.set_tags(tags)

@@ -1,0 +1,134 @@
+"""Whole tiny DAG through kfp.local vs the same stages called in one process.
+
+Measures, each in a fresh child process (wall time, peak RSS from wait4):
+  1. in-process chain (`medsight.stages.chain.run_chain`): the no-orchestrator baseline;
+  2. first `medsight platform run-local` (SeaweedFS + DVC + MLflow + kfp.local, empty store);
+  3. the same command again with nothing changed (every stage restored from the run-cache).
+Targets: (2)/(1) <= 1.15, (3)/(2) <= 5%. Writes the "## Platform (KFP DAG)" section of
+BENCHMARKS.md (other sections untouched).
+
+Usage: python bench/bench_dag.py [--workdir DIR] [--full-tiny] [--set key=value ...] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Platform (KFP DAG)"
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB over the process tree) of one command; output goes to ``log``."""
+    started = time.perf_counter()
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}; see {log}")
+    return wall, usage.ru_maxrss / 2**20
+
+
+def in_process(workdir: Path, overrides: list[str], log: Path) -> tuple[float, float]:
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from medsight.config import apply_overrides, get_preset\n"
+        "from medsight.stages.chain import run_chain\n"
+        "run_chain(apply_overrides(get_preset('tiny'), sys.argv[2:]), Path(sys.argv[1]))\n"
+    )
+    return timed([sys.executable, "-c", code, str(workdir), *overrides], log)
+
+
+def local_run(workdir: Path, overrides: list[str], log: Path) -> tuple[float, float, dict]:
+    cmd = [sys.executable, "-m", "medsight.cli", "platform", "run-local", "--workdir", str(workdir)]
+    for override in overrides:
+        cmd += ["--set", override]
+    wall, rss = timed(cmd, log)
+    runs = sorted((workdir / "repo" / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return wall, rss, json.loads(runs[-1].read_text())
+
+
+def stage_table(run: dict) -> list[str]:
+    lines = ["| stage | stage compute (s) | component process (s) | overhead (s) |", "|---|---:|---:|---:|"]
+    for record in run["stages"]:
+        overhead = record["wall_seconds"] - record["seconds"]
+        lines.append(f"| {record['stage']} | {record['seconds']:.1f} | {record['wall_seconds']:.1f} | {overhead:.1f} |")
+    return lines
+
+
+def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
+    current = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if SECTION in current:
+        head, _, rest = current.partition(SECTION)
+        tail = rest[rest.find("\n## "):] if "\n## " in rest else "\n"
+        current = head.rstrip() + "\n\n" + text.rstrip() + "\n" + tail
+    else:
+        current = current.rstrip() + "\n\n" + text.rstrip() + "\n"
+    path.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temp dir, removed)")
+    parser.add_argument("--full-tiny", action="store_true", help="the tiny preset as is (long), not the fast cut")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    from medsight.platform.local_run import FAST_OVERRIDES
+
+    overrides = ([] if args.full_tiny else list(FAST_OVERRIDES)) + args.overrides
+    scratch = args.workdir or Path(tempfile.mkdtemp(prefix="bench-dag-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    log = scratch / "bench.log"
+    load_before = os.getloadavg()
+    print(f"in-process chain ... (log {log})", flush=True)
+    chain_wall, chain_rss = in_process(scratch / "chain", overrides, log)
+    print(f"  {chain_wall:.1f}s; kfp.local first run ...", flush=True)
+    first_wall, first_rss, first = local_run(scratch / "platform", overrides, log)
+    print(f"  {first_wall:.1f}s; kfp.local unchanged rerun ...", flush=True)
+    again_wall, again_rss, again = local_run(scratch / "platform", overrides, log)
+    load_after = os.getloadavg()
+    ran_again = [r["stage"] for r in again["stages"] if not r["cached"]]
+    overhead = first_wall / chain_wall
+    fraction = again_wall / first_wall
+    text = "\n".join([
+        SECTION,
+        "",
+        "`python bench/bench_dag.py" + (" --full-tiny" if args.full_tiny else "") + "`: tiny preset"
+        + ("" if args.full_tiny else " cut to a few steps per stage (`run-local --fast`)") + f"; {os.cpu_count()} CPUs, "
+        f"{platform.machine()}, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after "
+        "(the machine was shared with other jobs).",
+        "",
+        "| measurement | wall (s) | peak RSS (GiB) |",
+        "|---|---:|---:|",
+        f"| in-process chain (no orchestrator, one process) | {chain_wall:.1f} | {chain_rss:.2f} |",
+        f"| kfp.local first run (S3 server, DVC push, MLflow, 9 component processes) | {first_wall:.1f} | {first_rss:.2f} |",
+        f"| kfp.local rerun, nothing changed ({len(again['stages']) - len(ran_again)}/9 restored) | {again_wall:.1f} | {again_rss:.2f} |",
+        "",
+        f"- Orchestration overhead: {overhead:.2f}x the in-process chain (target <= 1.15x).",
+        f"- Unchanged rerun: {100 * fraction:.1f}% of the first run (target <= 5%).",
+        "",
+        "Per stage in the first run (component process = interpreter + imports + DVC pull/push + MLflow + stage):",
+        "",
+        *stage_table(first),
+    ])
+    print(text)
+    if not args.no_write:
+        write_section(text)
+        print(f"\nwrote {SECTION!r} in BENCHMARKS.md")
+    if args.workdir is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""DVC artifact store against a real S3 server: push/pull, fresh-clone pulls, run-cache, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
+from medsight.platform.run_repo import RunRepo
+from medsight.platform.s3_server import SeaweedS3Server
+from platform_fixtures import s3_server, store_env, tree_hashes, write_tree  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.slow
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def _add_and_push(store: ArtifactStore, root: Path, name: str = "stage-out", **tree: int) -> tuple[ArtifactRef, dict]:
+    ws = store.workspace(root)
+    hashes = write_tree(root / name, **tree)
+    ref = ws.add(root / name, stage=name)
+    ws.push(ref, name)
+    ws.close()
+    return ref, hashes
+
+
+def test_push_then_pull_into_fresh_cache_gives_identical_bytes(store_env: dict, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ArtifactStore()
+    store.ensure_ready()
+    ref, hashes = _add_and_push(store, tmp_path / "a")
+    assert ref.md5.endswith(".dir") and ref.nfiles == len(hashes)
+    assert store.in_remote(ref)
+    monkeypatch.setenv("MEDSIGHT_DVC_CACHE", str(tmp_path / "other-cache"))  # nothing cached locally
+    with ArtifactStore().workspace(tmp_path / "b") as ws:
+        pulled = ws.pull(ArtifactRef.parse(ref.md5), "again")
+        assert tree_hashes(pulled) == hashes
+
+
+def test_fresh_git_clone_and_dvc_pull_reproduce_the_bytes(store_env: dict, tmp_path: Path) -> None:
+    store = ArtifactStore()
+    store.ensure_ready()
+    ref, hashes = _add_and_push(store, tmp_path / "ws", name="perceiver-pretrain", files=7)
+    repo = RunRepo(tmp_path / "repo")
+    repo.ensure(store.config)
+    record = {"stage": "perceiver-pretrain", "ref": json.loads(ref.to_json()), "cache_key": "k" * 64}
+    repo.record_run("run-1", [record], {"preset": "tiny"})
+    # Another machine: a clone has no workspace copy and no cache; only git + the S3 remote.
+    shutil.rmtree(tmp_path / "ws")
+    shutil.rmtree(store_env["MEDSIGHT_DVC_CACHE"])
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo.path), str(clone)], check=True)
+    config = (clone / ".dvc" / "config").read_text()
+    assert store_env["AWS_SECRET_ACCESS_KEY"] not in config and "endpointurl" in config
+    result = subprocess.run([DVC, "pull", "outputs/perceiver-pretrain.dvc"], cwd=clone, capture_output=True,
+                            text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert tree_hashes(clone / "outputs" / "perceiver-pretrain") == hashes
+    assert subprocess.run(["git", "-C", str(clone), "tag"], capture_output=True, text=True).stdout.split() == ["run-1"]
+
+
+def test_run_cache_records_only_complete_outputs(store_env: dict, tmp_path: Path) -> None:
+    store = ArtifactStore()
+    store.ensure_ready()
+    ref, _ = _add_and_push(store, tmp_path / "ws")
+    store.cache_record("perceiver-pretrain", "abc", {"ref": json.loads(ref.to_json()), "metrics": {"val_dice": 0.5}})
+    assert store.cache_lookup("perceiver-pretrain", "abc")["metrics"] == {"val_dice": 0.5}
+    assert store.cache_lookup("perceiver-pretrain", "other") is None
+    # An entry whose objects vanished (e.g. `dvc gc -c`) is a miss, never a broken restore.
+    manifest = json.loads(store.storage.get_bytes(store.config.bucket, store.object_key(ref.md5)))
+    store.storage.client.remove_object(store.config.bucket, store.object_key(manifest[0]["md5"]))
+    assert store.cache_lookup("perceiver-pretrain", "abc") is None
+
+
+def test_lineage_resolves_run_references(store_env: dict) -> None:
+    store = ArtifactStore()
+    store.ensure_ready()
+    ref = {"md5": "0" * 32 + ".dir", "size": 1, "nfiles": 1, "stage": "synth-data"}
+    store.record_lineage("run-7", {"stage": "synth-data", "ref": ref, "cache_key": "a" * 64})
+    assert store.resolve("run:run-7/synth-data").md5 == ref["md5"]
+    assert store.list_runs() == ["run-7"]
+    with pytest.raises(ArtifactStoreError, match="no lineage record for stage 'base-models'"):
+        store.resolve("run:run-7/base-models")
+    store.record_lineage("run-7", {"stage": "synth-data", "ref": {**ref, "md5": "1" * 32 + ".dir"}, "cache_key": "b" * 64})
+    with pytest.raises(ArtifactStoreError, match="2 outputs"):
+        store.resolve("run:run-7/synth-data")
+    with pytest.raises(ArtifactStoreError, match="not a DVC reference"):
+        ArtifactRef.parse("not-a-hash")
+
+
+def test_server_killed_mid_push_then_rerun_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from platform_fixtures import make_credentials
+
+    server = SeaweedS3Server(tmp_path / "s3", credentials=make_credentials())
+    try:
+        server.start()
+        for key, value in {**server.env(), "MEDSIGHT_STORE_URL": "s3://crash/store",
+                           "MEDSIGHT_DVC_CACHE": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(key, value)
+        store = ArtifactStore()
+        store.ensure_ready()
+        ws = store.workspace(tmp_path / "ws")
+        hashes = write_tree(tmp_path / "ws" / "big", files=240, size=256 * 1024)
+        ref = ws.add(tmp_path / "ws" / "big", stage="big")
+        outcome: dict[str, BaseException | float] = {}
+
+        def push() -> None:
+            started = time.monotonic()
+            try:
+                ws.push(ref, "big")
+            except BaseException as error:  # noqa: BLE001 - examined below
+                outcome["error"] = error
+            outcome["seconds"] = time.monotonic() - started
+
+        thread = threading.Thread(target=push)
+        thread.start()
+        prefix = store.config.key("dvc", "files") + "/"
+        deadline = time.monotonic() + 60
+        while len(store.storage.list_keys("crash", prefix)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.kill()  # SIGKILL in the middle of the upload
+        thread.join(timeout=180)
+        assert not thread.is_alive()
+        error = outcome.get("error")
+        assert isinstance(error, ArtifactStoreError), f"push should fail clearly, got {error!r}"
+        message = str(error)
+        assert server.endpoint in message and "rerun the same command" in message
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in message
+        assert outcome["seconds"] < 120
+
+        server.start()  # same directory, same port
+        keys = store.storage.list_keys("crash", prefix)
+        assert not store.in_remote(ref)  # the manifest goes last: a half push is never "complete"
+        for key in keys:  # every object present is whole: its content hashes to its name
+            data = store.storage.get_bytes("crash", key)
+            name = "".join(key.split("/")[-2:])
+            if not name.endswith(".dir"):
+                assert hashlib.md5(data).hexdigest() == name
+        ws.push(ref, "big")  # rerun after restart completes
+        assert store.in_remote(ref)
+        ws.close()
+        monkeypatch.setenv("MEDSIGHT_DVC_CACHE", str(tmp_path / "fresh-cache"))
+        with ArtifactStore().workspace(tmp_path / "ws2") as fresh:
+            assert tree_hashes(fresh.pull(ref, "copy")) == hashes
+    finally:
+        server.stop()

@@ -1,0 +1,167 @@
+"""The whole tiny DAG through kfp.local, DVC on a real S3 server, MLflow on sqlite.
+
+Three runs in one work directory: first (everything computed and pushed), unchanged (nothing
+recomputed), codebook size changed (exactly the downstream stages recomputed); then a checkpoint
+is pulled from a fresh clone of the run repo with the `dvc` CLI. Stages are cut to one step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medsight.platform.local_run import LocalRunRequest, LocalRunResult, run_local
+from medsight.platform.s3_server import SeaweedS3Server
+from medsight.stages.registry import STAGES
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+TEST_OVERRIDES = [
+    "data.train_images=12", "data.val_images=4", "data.test_images=4",
+    *(f"{section}.{key}" for section in ("perceiver_pretrain", "codebook_pretrain", "v2t_align", "t2v_align",
+                                         "instruct_tune") for key in ("max_steps=1", "batch_size=2")),
+    "evaluate.max_new_tokens=8", "evaluate.report_samples=2",
+]
+ALL = [spec.name for spec in STAGES]
+DOWNSTREAM_OF_CODEBOOK = {"codebook-pretrain", "grounding-data", "t2v-align", "instruct-tune", "evaluate"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("platform")
+
+
+def _run(workdir: Path, **changes: object) -> tuple[LocalRunResult, str]:
+    console = io.StringIO()
+    result = run_local(LocalRunRequest(workdir=workdir, overrides=list(TEST_OVERRIDES), **changes), console=console)
+    return result, console.getvalue()
+
+
+@pytest.fixture(scope="module")
+def first(workdir: Path) -> tuple[LocalRunResult, str]:
+    return _run(workdir)
+
+
+@pytest.fixture
+def server(workdir: Path, first: tuple[LocalRunResult, str]) -> SeaweedS3Server:
+    # Each run starts and stops its own server; between runs, a test reopens the same data.
+    with SeaweedS3Server(workdir / "s3") as running:
+        yield running
+
+
+def test_first_run_computes_every_stage(first: tuple[LocalRunResult, str]) -> None:
+    result, console = first
+    assert result.ran == ALL
+    assert result.report is not None and result.report.is_file()
+    for name in ALL:
+        assert f"ok  {name}" in console  # per-stage progress lines
+    assert (result.workdir / "repo" / "runs" / f"{result.run_id}.json").is_file()
+
+
+def test_every_stage_output_is_in_the_dvc_remote(first: tuple[LocalRunResult, str], server: SeaweedS3Server,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from medsight.platform.artifacts import ArtifactRef, ArtifactStore
+
+    for key, value in {**server.env(), "MEDSIGHT_STORE_URL": "s3://medsight/store"}.items():
+        monkeypatch.setenv(key, value)
+    store = ArtifactStore()
+    records = store.load_lineage(first[0].run_id)
+    assert sorted(r["stage"] for r in records) == sorted(ALL)
+    for record in records:
+        assert store.in_remote(ArtifactRef.parse(json.dumps(record["ref"]))), record["stage"]
+
+
+def test_mlflow_has_params_metrics_and_lineage_tags(first: tuple[LocalRunResult, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    result = first[0]
+    client = MlflowClient(result.tracking_uri)
+    experiment = client.get_experiment_by_name("medsight")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`kfp.run_id` = '{result.run_id}'")
+    by_stage = {r.data.tags["medsight.stage"]: r for r in runs}
+    assert set(by_stage) == {*ALL, "pipeline"}
+    run = by_stage["perceiver-pretrain"]
+    assert run.data.params["model.perceiver.two_way"] == "True"
+    assert "val_dice" in run.data.metrics
+    assert {"git.commit", "dvc.data", "dvc.base", "dvc.output", "medsight.cache_key"} <= set(run.data.tags)
+    assert by_stage["t2v-align"].data.tags["dvc.v2t"].endswith(".dir")
+
+
+def test_unchanged_rerun_recomputes_nothing(first: tuple[LocalRunResult, str], workdir: Path) -> None:
+    second, console = _run(workdir)
+    assert second.ran == [] and second.cached == ALL
+    assert "restored from run-cache" in console
+    first_md5 = {s.stage: s.md5 for s in first[0].stages}
+    assert {s.stage: s.md5 for s in second.stages} == first_md5
+
+
+def test_codebook_size_change_recomputes_only_downstream(first: tuple[LocalRunResult, str], workdir: Path) -> None:
+    third, _ = _run(workdir, codebook_size=8)
+    assert set(third.ran) == DOWNSTREAM_OF_CODEBOOK
+    assert set(third.cached) == set(ALL) - DOWNSTREAM_OF_CODEBOOK
+
+
+def test_checkpoint_pull_from_fresh_clone_is_byte_identical(first: tuple[LocalRunResult, str],
+                                                           server: SeaweedS3Server, tmp_path: Path) -> None:
+    from medsight.platform.storage import S3Settings, S3Storage
+
+    result = first[0]
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(result.workdir / "repo"), str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "checkout", "-q", result.run_id], check=True)
+    env = {**os.environ, **server.env(), "DVC_NO_ANALYTICS": "1"}
+    env.pop("MEDSIGHT_DVC_CACHE", None)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    pulled = subprocess.run([dvc, "pull", "outputs/perceiver-pretrain.dvc"], cwd=clone, env=env,
+                            capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stderr
+    # The manifest in the remote lists every file's md5 as pushed by the run.
+    md5 = next(s.md5 for s in result.stages if s.stage == "perceiver-pretrain")
+    manifest = json.loads(S3Storage(S3Settings.from_env(server.env())).get_bytes(
+        "medsight", f"store/dvc/files/md5/{md5[:2]}/{md5[2:]}"))
+    root = clone / "outputs" / "perceiver-pretrain"
+    assert manifest and all(
+        hashlib.md5((root / entry["relpath"]).read_bytes()).hexdigest() == entry["md5"] for entry in manifest
+    )
+    assert {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} == {e["relpath"] for e in manifest}
+
+
+def test_single_stage_from_dvc_references(first: tuple[LocalRunResult, str], workdir: Path) -> None:
+    run_id = first[0].run_id
+    single, _ = _run(workdir, stage="perceiver-pretrain",
+                     stage_inputs={"data": f"run:{run_id}/synth-data", "base": f"run:{run_id}/base-models"})
+    assert [(s.stage, s.status) for s in single.stages] == [("perceiver-pretrain", "cached")]
+    assert single.stages[0].md5 == next(s.md5 for s in first[0].stages if s.stage == "perceiver-pretrain")
+
+
+def test_ablation_variants_share_upstream_stages(first: tuple[LocalRunResult, str], workdir: Path) -> None:
+    from pipelines.medsight_pipeline import variant
+
+    # Both variants were computed by the runs above, so every stage of both is restored.
+    ablation, _ = _run(workdir, variants=[variant("full"), variant("codebook-8", codebook_size=8)])
+    assert ablation.ran == []
+    evaluations = {s.md5 for s in ablation.stages if s.stage == "evaluate"}
+    assert len(evaluations) == 2
+    assert ablation.ablation_table and "| full |" in ablation.ablation_table and "| codebook-8 |" in ablation.ablation_table
+
+
+def test_pull_command_gives_the_pushed_bytes(first: tuple[LocalRunResult, str], workdir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medsight.platform.cli import platform_app
+
+    dest = tmp_path / "ckpt"
+    result = CliRunner().invoke(platform_app, ["pull", "--workdir", str(workdir), "--run", first[0].run_id,
+                                               "--stage", "base-models", "--dest", str(dest)])
+    assert result.exit_code == 0, result.output
+    md5 = next(s.md5 for s in first[0].stages if s.stage == "base-models")
+    assert f"pulled {md5}" in result.output and any(dest.iterdir())
+    listing = CliRunner().invoke(platform_app, ["runs", "--workdir", str(workdir)])
+    assert first[0].run_id in listing.output
