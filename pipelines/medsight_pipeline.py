@@ -48,7 +48,8 @@ def variant(name: str, **changes: Any) -> dict[str, Any]:
     unknown = sorted(set(changes) - set(VARIANT_FIELDS))
     if unknown:
         raise ValueError(f"ablation variant {name!r}: unknown field {unknown[0]!r}; fields: {', '.join(VARIANT_FIELDS)}")
-    return {"name": name, **VARIANT_FIELDS, **changes}
+    # "label", not "name": a loop item's ``.name`` is the KFP channel's own name attribute.
+    return {"label": name, **VARIANT_FIELDS, **changes}
 
 
 DEFAULT_VARIANTS = [
@@ -173,7 +174,7 @@ def _build(settings: DeploymentSettings, names: tuple[str, ...]) -> dict[str, Ca
                 skip_t2v_align=item.skip_t2v_align,
                 skip_instruct_tune=item.skip_instruct_tune,
             )
-            labelled = configure_helper(tag_variant(name=item.name, evaluation=chain.output), settings, "label")
+            labelled = configure_helper(tag_variant(name=item.label, evaluation=chain.output), settings, "label")
         table = configure_reader(compare_variants(results=dsl.Collected(labelled.output)), settings, "compare variants")
         return table.outputs["Output"]
 

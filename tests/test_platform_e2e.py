@@ -142,6 +142,9 @@ def test_single_stage_from_dvc_references(first: tuple[LocalRunResult, str], wor
 
 
 def test_ablation_variants_share_upstream_stages(first: tuple[LocalRunResult, str], workdir: Path) -> None:
+    from medsight.platform.local_run import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT))
     from pipelines.medsight_pipeline import variant
 
     # Both variants were computed by the runs above, so every stage of both is restored.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from medsight.platform.graph import (
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ROOT / "pipelines" / "compiled"
+if str(ROOT) not in sys.path:  # pipelines/ and components/ are top-level folders, not installed
+    sys.path.insert(0, str(ROOT))
 
 
 def _compiled(name: str) -> dict:

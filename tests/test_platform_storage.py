@@ -79,7 +79,7 @@ def test_errors_name_endpoint_and_bucket_never_the_secret(s3_server: SeaweedS3Se
     # Nothing listening: retried, then a clear error.
     closed = S3Settings("http://127.0.0.1:9", good.access_key, good.secret_key)
     with pytest.raises(StorageError, match=r"failed after 2 attempts.*is the S3 server running"):
-        S3Storage(closed, attempts=2, backoff=0.01).put_json("b", "k.json", {})
+        S3Storage(closed, attempts=2, backoff=0.01).put_json("bucket-x", "k.json", {})
 
 
 def test_settings_from_env_explain_what_is_missing() -> None:

@@ -368,7 +368,11 @@ def compare_evaluations(results: Sequence[str], table_path: str | None = None) -
         files = _pull_files(ref, ["metrics.json"])
         metrics = json.loads(files["metrics.json"]) if "metrics.json" in files else {}
         rows.append((data["name"], metrics, ref.short))
-    keys = sorted({k for _, metrics, _ in rows for k in metrics})
+    from medsight.stages.registry import get_stage
+
+    # Headline numbers only; every metric stays in each evaluation's metrics.json and MLflow run.
+    headline = (*get_stage("evaluate").metrics, "comprehension_avg", "diagnosis_recall", "mecovqa_dice")
+    keys = [k for k in dict.fromkeys(headline) if any(k in metrics for _, metrics, _ in rows)]
     lines = ["| variant | " + " | ".join(keys) + " | evaluation md5 |", "|---" * (len(keys) + 2) + "|"]
     for name, metrics, md5 in rows:
         cells = [f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys]
