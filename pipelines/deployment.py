@@ -95,6 +95,9 @@ def _common(task: PipelineTask, settings: DeploymentSettings, timeout_s: int) ->
         {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
         optional=True,
     )
+    # No library phones home from a training pod (DVC analytics, MLflow 3 telemetry).
+    task.set_env_variable("DVC_NO_ANALYTICS", "1")
+    task.set_env_variable("MLFLOW_DISABLE_TELEMETRY", "true")
     # The run id comes from the pod label, not a parameter: a parameter would defeat KFP caching.
     kubernetes.use_field_path_as_env(task, "KFP_RUN_ID", "metadata.labels['pipeline/runid']")
     kubernetes.set_timeout(task, timeout_s)

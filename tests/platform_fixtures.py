@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,8 +59,3 @@ def write_tree(root: Path, files: int = 5, size: int = 4096, seed: int = 0) -> d
         path.write_bytes(rng.randbytes(size))
     (root / "metrics.json").write_text('{"val_dice": 0.5}\n')
     return tree_hashes(root)
-
-
-def clean_env() -> dict[str, str]:
-    """os.environ without anything a test set, for subprocesses that must see only what we pass."""
-    return dict(os.environ)

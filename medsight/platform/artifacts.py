@@ -208,15 +208,24 @@ class DvcWorkspace:
 
     def pull(self, ref: ArtifactRef, name: str) -> Path:
         """Fetch ``ref`` from the cache or remote and check it out as ``<workspace>/<name>``."""
-        pointer = self.root / f"{name}.dvc"
-        pointer.write_text(ref.pointer(name))
-        _retry(
-            f"pulling {ref.stage or name} ({ref.md5}) from {self.config.dvc_url} at {self.config.endpoint} "
-            "(is the S3 server up and the object pushed?)",
-            self.attempts,
-            lambda: self.repo.pull(targets=[str(pointer)], remote=REMOTE_NAME),
-        )
-        return self.root / name
+        return self.pull_many({name: ref})[name]
+
+    def pull_many(self, refs: Mapping[str, ArtifactRef]) -> dict[str, Path]:
+        """Several outputs in one DVC call (one S3 session, parallel transfers)."""
+        pointers = []
+        for name, ref in refs.items():
+            pointer = self.root / f"{name}.dvc"
+            pointer.write_text(ref.pointer(name))
+            pointers.append(str(pointer))
+        if pointers:
+            what = ", ".join(f"{ref.stage or name} ({ref.md5})" for name, ref in refs.items())
+            _retry(
+                f"pulling {what} from {self.config.dvc_url} at {self.config.endpoint} "
+                "(is the S3 server up and the object pushed?)",
+                self.attempts,
+                lambda: self.repo.pull(targets=pointers, remote=REMOTE_NAME),
+            )
+        return {name: self.root / name for name in refs}
 
 
 class ArtifactStore:

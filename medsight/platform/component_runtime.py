@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -240,18 +239,6 @@ def execute_stage(
     return result
 
 
-def _warm_imports(stage: str, config: Any) -> None:
-    from medsight.platform.tracking import resolve_tracking_uri
-    from medsight.stages.registry import get_stage
-
-    try:
-        if resolve_tracking_uri(config):
-            import mlflow.tracking  # noqa: F401
-        get_stage(stage).load()
-    except Exception:  # the real import (in run_stage) reports any problem with context
-        pass
-
-
 def _run_and_push(
     stage: str, config: Any, refs: dict[str, ArtifactRef], store: ArtifactStore, key: str, base_tags: dict[str, str]
 ) -> StageResult:
@@ -260,15 +247,11 @@ def _run_and_push(
     work_root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir())
     work_root.mkdir(parents=True, exist_ok=True)
     ws_dir = Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=work_root))
-    # Stage code (torch, transformers) and MLflow take seconds to import; do that while the
-    # inputs download instead of after.
-    warm = threading.Thread(target=_warm_imports, args=(stage, config), daemon=True)
-    warm.start()
     tracker: Any = None
     try:
         with store.workspace(ws_dir) as ws:
-            paths = {name: ws.pull(ref, f"in-{name}") for name, ref in refs.items()}
-            warm.join()
+            paths = ws.pull_many({f"in-{name}": ref for name, ref in refs.items()})
+            paths = {name: paths[f"in-{name}"] for name in refs}
             tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"})
             output = ws_dir / stage
             compute_started = time.time()

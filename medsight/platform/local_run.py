@@ -295,6 +295,7 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
             "MEDSIGHT_GIT_COMMIT": git_commit(),
             FORCE_ENV: ",".join(request.force),
             "DVC_NO_ANALYTICS": "1",
+            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
             "PYTHONWARNINGS": "ignore",
         }
         with patched_env(env):

@@ -21,6 +21,11 @@ from urllib.parse import urlparse
 
 import medsight
 
+# MLflow 3 reports usage to a remote endpoint by default, and its DNS lookup can stall a
+# sandboxed or air-gapped pod for minutes. Off unless the user explicitly turns it on; this runs
+# before any module here imports mlflow.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 DEFAULT_EXPERIMENT = "medsight"
 ARTIFACTS_ENV = "MEDSIGHT_MLFLOW_ARTIFACTS"
 _PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
