@@ -18,7 +18,7 @@ from medsight.model.upsample_adapter import UpsampleAdapter
 
 
 def small_config(**overrides: object) -> PerceiverConfig:
-    base = PerceiverConfig(num_queries=6, dim=32, num_layers=2, num_heads=4, ffn_dim=64, num_classes=3)
+    base = PerceiverConfig(num_queries=6, dim=32, num_layers=2, upsample_factors=(2, 2), num_heads=4, ffn_dim=64, num_classes=3)
     return dataclasses.replace(base, **overrides)
 
 

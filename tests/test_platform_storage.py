@@ -84,10 +84,10 @@ def test_errors_name_endpoint_and_bucket_never_the_secret(s3_server: SeaweedS3Se
 
 def test_settings_from_env_explain_what_is_missing() -> None:
     with pytest.raises(StorageError, match="MEDSIGHT_S3_ENDPOINT"):
-        S3Settings.from_env({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+        S3Settings.from_env({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "CHANGE_ME"})
     settings = S3Settings.from_env({"MEDSIGHT_S3_ENDPOINT": "127.0.0.1:1234", "AWS_ACCESS_KEY_ID": "a",
-                                    "AWS_SECRET_ACCESS_KEY": "topsecret"})
-    assert settings.endpoint == "http://127.0.0.1:1234" and "topsecret" not in repr(settings)
+                                    "AWS_SECRET_ACCESS_KEY": "CHANGE_ME_SECRET"})
+    assert settings.endpoint == "http://127.0.0.1:1234" and "CHANGE_ME_SECRET" not in repr(settings)
     assert parse_s3_url("s3://bucket/a/b") == ("bucket", "a/b")
     with pytest.raises(StorageError):
         parse_s3_url("http://bucket/a")

@@ -63,5 +63,5 @@ def test_missing_uri_and_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(TrackingError, match="MLFLOW_TRACKING_URI"):
         MLflowTracker.from_env(stage="x")
-    assert _safe_uri("https://user:hunter2@mlflow.example:5000/") == "https://mlflow.example:5000/"
+    assert _safe_uri("https://user:CHANGE_ME@mlflow.example:5000/") == "https://mlflow.example:5000/"
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}}) == {"a.b": 1, "a.c.d": [1, 2]}
