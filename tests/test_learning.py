@@ -42,15 +42,14 @@ def test_stage2_quantized_dice_retention_and_code_usage(chain):
 
 def test_stage5_generated_region_tokens_and_closed_accuracy(chain):
     metrics = chain.stages["evaluate"].metrics
-    # Issue bars: DiagSeg Dice >= 0.50 and closed accuracy >= 0.75. Across runs (thread timing
-    # makes CPU training non-bitwise-reproducible) we measured Dice 0.25-0.60 and accuracy
-    # 0.76-0.78, so the test asserts what holds on every run (see BENCHMARKS.md) and the
-    # issue's bars stay open.
-    # Dice of masks decoded from the region tokens the model generated itself (DiagSeg, test split);
-    # a model that never emits a region token, or emits the wrong one, scores ~0.
-    assert metrics["seg_dice"] >= 0.15
-    # Yes/no questions are balanced (chance 0.5; 363 questions in all benchmarks).
-    assert metrics["closed_accuracy"] >= 0.70
+    # The issue's bars. Dice of masks decoded from the region tokens the model generated itself
+    # (DiagSeg, test split): a model that never emits a region token, or answers "no
+    # abnormality" to a lesion image, scores 0 on that case. Measured 0.64-0.66 (BENCHMARKS.md).
+    assert metrics["seg_dice"] >= 0.50
+    # Yes/no questions are balanced (chance 0.5; 363 questions in all benchmarks). Measured 0.81-0.83.
+    assert metrics["closed_accuracy"] >= 0.75
+    # Text-prompted segmentation with a wording the training data never used (MeCoVQA-G format).
+    assert metrics["mecovqa_dice"] >= 0.50
     # Teacher-forced: masks decoded from region-token hidden states after stage 5 (val split).
     assert chain.stages["instruct-tune"].metrics["val_seg_dice"] >= 0.80
 

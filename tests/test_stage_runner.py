@@ -34,7 +34,7 @@ def test_stage_writes_lineage_and_reuses_when_unchanged(small_run, tmp_path):
     assert not (tmp_path / "p" / "checkpoints").exists()
     _, reused = run_stage("perceiver-pretrain", config, inputs, tmp_path / "p")
     assert reused
-    changed = apply_overrides(config, ["perceiver_pretrain.lr=0.002"])
+    changed = apply_overrides(config, ["perceiver_pretrain.lr=0.0005"])
     _, reused = run_stage("perceiver-pretrain", changed, inputs, tmp_path / "p")
     assert not reused
 

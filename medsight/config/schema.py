@@ -108,6 +108,13 @@ class ModelConfig:
     region_embeddings: bool = True
     # Ablation: "codebook" (M x K region tokens) or "seg_token" (one [SEG] token).
     grounding: str = "codebook"
+    # P_v2t merges each s x s block of patch tokens into one LLM token (Qwen2-VL's merger).
+    # 1 = every patch is a token, as in the paper (576 at full scale).
+    patch_merge: int = 1
+
+    @property
+    def num_patch_tokens(self) -> int:
+        return self.encoder.num_patches // self.patch_merge**2
 
 
 @dataclass
@@ -152,10 +159,18 @@ class CodebookPretrainConfig(TrainConfig):
 
 
 @dataclass
-class V2TAlignConfig(TrainConfig):
+class LanguageTrainConfig(TrainConfig):
+    """The LLM stages (3-5): DeepSpeed, and the frozen vision side's feature cache."""
+
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # MiB of per-image encoder/perceiver features kept between steps (0 = recompute every step).
+    visual_cache_mb: int = 0
+
+
+@dataclass
+class V2TAlignConfig(LanguageTrainConfig):
     epochs: float = 1.0
     lr: float = 2e-5
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
@@ -167,17 +182,15 @@ class GroundingDataConfig:
 
 
 @dataclass
-class T2VAlignConfig(TrainConfig):
+class T2VAlignConfig(LanguageTrainConfig):
     epochs: float = 3.0
     lr: float = 5e-4
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
-class InstructTuneConfig(TrainConfig):
+class InstructTuneConfig(LanguageTrainConfig):
     epochs: float = 3.0
     lr: float = 2e-5
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass

@@ -116,12 +116,14 @@ class ConversationDataset(Dataset):
             "masks": mask_tensor.float(),
             "modality": modality,
             "id": conversation.id,
+            "image_key": str(conversation.image_paths[0]),
         }
 
 
 def collate_conversations(batch: list[dict], pad_id: int) -> dict:
     """Right-pads ids; masks stay a per-sample list (their count varies)."""
     length = max(item["input_ids"].numel() for item in batch)
+    keys = [item.get("image_key") for item in batch]  # absent for in-memory samples: no caching
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(batch), length), dtype=torch.long)
@@ -138,4 +140,5 @@ def collate_conversations(batch: list[dict], pad_id: int) -> dict:
         "masks": [item["masks"] for item in batch],
         "modality": torch.tensor([item["modality"] for item in batch]),
         "ids": [item["id"] for item in batch],
+        "image_keys": keys if all(keys) else None,
     }

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,27 @@ def open_clip_config(config: EncoderConfig) -> dict:
     }
 
 
+@contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """open_clip reports "No pretrained weights loaded" through ``logging.warning`` on the root
+    logger. Here that is expected (the tiny preset is random by design, and ``load`` fills the
+    weights right after), and the call would also install a root handler on whatever stderr is
+    current (a closed pytest capture later). A filter plus a no-op handler prevent both."""
+    root = logging.getLogger()
+    handler = logging.NullHandler()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root.addHandler(handler)
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        root.removeHandler(handler)
+
+
 def _create_visual(config: EncoderConfig, pretrained: str | None) -> nn.Module:
     builtin = config.model_name in open_clip.list_models()
     if not builtin:
@@ -48,7 +72,11 @@ def _create_visual(config: EncoderConfig, pretrained: str | None) -> nn.Module:
             path = Path(tmp) / f"{config.model_name}.json"
             path.write_text(json.dumps(open_clip_config(config)))
             open_clip.add_model_config(path)
-    model = open_clip.create_model(config.model_name, pretrained=pretrained)
+    if pretrained is None:
+        with _without_random_init_warning():
+            model = open_clip.create_model(config.model_name, pretrained=None)
+    else:
+        model = open_clip.create_model(config.model_name, pretrained=pretrained)
     visual = model.visual
     grid = getattr(visual, "grid_size", None)
     if grid is not None and tuple(grid) != (config.grid_size, config.grid_size):

@@ -16,6 +16,7 @@ from medsight.model.encoder import ImageEncoder
 from medsight.model.projectors import TextToVisionProjector, VisionToTextProjector
 from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.region_vocabulary import RegionTokenEmbeddings, RegionVocabulary
+from medsight.model.visual_cache import VisualContextCache
 from medsight.model.visual_merge import merge_visual_tokens
 
 IGNORE_INDEX = -100
@@ -60,29 +61,41 @@ class MedSight(nn.Module):
             config.codebook.num_modalities, config.codebook.codes_per_modality, config.grounding
         )
         hidden = llm.config.hidden_size
-        self.v2t = VisionToTextProjector(config.encoder.width, config.perceiver.dim, hidden)
+        self.v2t = VisionToTextProjector(config.encoder.width, config.perceiver.dim, hidden, config.patch_merge)
         self.t2v = TextToVisionProjector(hidden, config.perceiver.dim)
         self.region_tokens = RegionTokenEmbeddings(len(self.vocabulary), hidden)
         self.base_vocab_size = base_vocab_size
         self.image_token_id = image_token_id
+        # Set by an LLM stage while the encoder and perceiver are frozen (see visual_cache.py).
+        self.visual_cache: VisualContextCache | None = None
+
+    def train(self, mode: bool = True) -> MedSight:
+        # The vision side is frozen in every stage that builds a MedSight (3-5, eval): it never
+        # applies dropout, and the visual cache may serve its features.
+        super().train(mode)
+        self.encoder.eval()
+        self.perceiver.eval()
+        return self
 
     # ----------------------------------------------------------------- vision side
     @property
     def num_visual_tokens(self) -> int:
         regions = self.config.perceiver.num_queries if self.config.region_embeddings else 0
-        return self.config.encoder.num_patches + regions
+        return self.config.num_patch_tokens + regions
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> VisualContext:
-        """images [B, 3, S, S] in [0, 1]; encoder and perceiver are frozen in every LLM stage."""
+    def encode_images(self, images: torch.Tensor, image_keys: list[str] | None = None) -> VisualContext:
+        """images [B, 3, S, S] in [0, 1]; encoder and perceiver are frozen in every LLM stage,
+        so with ``image_keys`` and a cache an image's features are computed once per stage."""
+        if self.visual_cache is not None and image_keys is not None:
+            return VisualContext(*self.visual_cache.lookup(image_keys, images, self._encode_fields))
+        return VisualContext(*self._encode_fields(images))
+
+    def _encode_fields(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         encoded = self.encoder(images)
         perceived = self.perceiver(encoded.patch_tokens)
-        return VisualContext(
-            patch_tokens=encoded.patch_tokens,
-            cls_token=encoded.cls_token,
-            region_queries=perceived.queries,
-            pixel_features=perceived.pixel_features,
-        )
+        # VisualContext field order
+        return encoded.patch_tokens, encoded.cls_token, perceived.queries, perceived.pixel_features
 
     def visual_embeddings(self, context: VisualContext) -> torch.Tensor:
         """[B, Nv, H] through P_v2t; region tokens dropped in the no-region-embeddings ablation."""
@@ -136,8 +149,9 @@ class MedSight(nn.Module):
         labels: torch.Tensor,  # [B, T], IGNORE_INDEX outside answers
         masks: list[torch.Tensor] | None = None,  # per sample [K_b, S, S] in region-token order
         seg_weight: float = 1.0,
+        image_keys: list[str] | None = None,  # lets a stage's visual cache serve repeated images
     ) -> LanguageOutput:
-        context = self.encode_images(images)
+        context = self.encode_images(images, image_keys)
         embeddings = self.input_embeddings(input_ids, context)
         hidden = self.llm.model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
         logits = self.logits(hidden)  # [B, T, V]

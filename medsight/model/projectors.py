@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -12,12 +14,20 @@ class VisionToTextProjector(nn.Module):
     Patch and region tokens share one MLP (as in the paper). When the perceiver width d differs
     from the encoder width C (full preset: 256 vs 1024) region tokens are first lifted to C by a
     linear map, so the shared MLP still sees one input space; at equal widths it is the identity.
+    With ``patch_merge`` s > 1, each s x s block of neighbouring patches is concatenated and
+    mapped back to C first (Qwen2-VL's merger), so the LLM reads s^2 times fewer patch tokens.
     """
 
-    def __init__(self, encoder_width: int, region_dim: int, llm_dim: int):
+    def __init__(self, encoder_width: int, region_dim: int, llm_dim: int, patch_merge: int = 1):
         super().__init__()
+        if patch_merge < 1:
+            raise ValueError(f"model.patch_merge must be >= 1, got {patch_merge}")
+        self.patch_merge = patch_merge
         self.region_lift: nn.Module = (
             nn.Identity() if region_dim == encoder_width else nn.Linear(region_dim, encoder_width)
+        )
+        self.merge: nn.Module = (
+            nn.Identity() if patch_merge == 1 else nn.Linear(encoder_width * patch_merge**2, encoder_width)
         )
         self.mlp = nn.Sequential(
             nn.Linear(encoder_width, llm_dim),
@@ -29,11 +39,23 @@ class VisionToTextProjector(nn.Module):
         """regions: [..., d] -> [..., H]."""
         return self.mlp(self.region_lift(regions))
 
+    def merge_patches(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, g*g, C] (row-major grid) -> [B, (g/s)^2, C]."""
+        s = self.patch_merge
+        if s == 1:
+            return patch_tokens
+        batch, count, width = patch_tokens.shape
+        grid = math.isqrt(count)
+        if grid * grid != count or grid % s:
+            raise ValueError(f"patch_merge={s} needs a square patch grid divisible by {s}, got {count} patches")
+        blocks = patch_tokens.view(batch, grid // s, s, grid // s, s, width).permute(0, 1, 3, 2, 4, 5)
+        return self.merge(blocks.reshape(batch, (grid // s) ** 2, s * s * width))
+
     def forward(self, patch_tokens: torch.Tensor, region_tokens: torch.Tensor | None) -> torch.Tensor:
-        """patch_tokens [B, N, C], region_tokens [B, Q, d] or None -> [B, N(+Q), H]."""
-        sequence = patch_tokens
+        """patch_tokens [B, N, C], region_tokens [B, Q, d] or None -> [B, N/s^2 (+Q), H]."""
+        sequence = self.merge_patches(patch_tokens)
         if region_tokens is not None:
-            sequence = torch.cat([patch_tokens, self.region_lift(region_tokens)], dim=1)
+            sequence = torch.cat([sequence, self.region_lift(region_tokens)], dim=1)
         return self.mlp(sequence)
 
 

@@ -9,6 +9,7 @@ Outputs (paths inside are relative to the dataset root, so the data can move bet
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,40 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
-def template_conversations(record: SegmentationRecord, regions: list[CodedRegion], image: str) -> list[dict]:
+# Phrasings of each request. The first is canonical (val/test, so evaluation questions stay fixed
+# across runs); training draws among all, so the model learns the request rather than one
+# sentence (a tiny LLM trained on a single wording answers "yes" to an unseen one).
+SEGMENT_REQUESTS = (
+    "Please segment the {name}.",
+    "Segment the {name}.",
+    "Can you segment the {name} in the image?",
+    "Show me the {name} and give its mask.",
+    "Where is the {name}? Outline it.",
+    "Please outline the {name} in this scan.",
+)
+ABNORMALITY_REQUESTS = (
+    "Is there an abnormality in this {modality} image? If so, segment it.",
+    "Does this {modality} image show a lesion? Segment it if present.",
+    "Find any abnormal region in this image and segment it.",
+    "Is anything abnormal here? If yes, outline it.",
+)
+ALL_STRUCTURES_REQUESTS = (
+    "Segment all visible structures.",
+    "Please segment every structure in this image.",
+    "Outline each structure you can see.",
+)
+
+
+def _phrasing(options: tuple[str, ...], key: str, vary: bool) -> str:
+    """Deterministic per (image, request): a hash, not global random state."""
+    if not vary:
+        return options[0]
+    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
+
+
+def template_conversations(
+    record: SegmentationRecord, regions: list[CodedRegion], image: str, vary_phrasing: bool = False
+) -> list[dict]:
     """Deterministic offline generator: structure, diagnosis and multi-region grounding turns."""
     modality = record.modality
     entries = []
@@ -105,9 +139,11 @@ def template_conversations(record: SegmentationRecord, regions: list[CodedRegion
     structures = [r for r in regions if r.host is None]
     lesions = [r for r in regions if r.host is not None]
     for region in structures:
-        entries.append(entry(f"seg_{region.class_name.replace(' ', '_')}", f"Please segment the {region.class_name}.",
+        kind = f"seg_{region.class_name.replace(' ', '_')}"
+        request = _phrasing(SEGMENT_REQUESTS, f"{record.image_id}/{kind}", vary_phrasing)
+        entries.append(entry(kind, request.format(name=region.class_name),
                              f"Here is the {region.class_name} {region.token}.", [region], task="segmentation"))
-    question = f"Is there an abnormality in this {modality} image? If so, segment it."
+    question = _phrasing(ABNORMALITY_REQUESTS, f"{record.image_id}/diagnosis", vary_phrasing).format(modality=modality)
     if lesions:
         lesion = lesions[0]
         entries.append(entry("diagnosis", question, f"Yes, there is {_article(lesion.class_name)} {lesion.class_name} in the {lesion.host} {lesion.token}.",
@@ -118,7 +154,8 @@ def template_conversations(record: SegmentationRecord, regions: list[CodedRegion
     if len(structures) > 1:
         parts = [f"the {r.class_name} {r.token}" for r in structures]
         answer = ", ".join(parts[:-1]) + f" and {parts[-1]}."
-        entries.append(entry("all_structures", "Segment all visible structures.", answer[0].upper() + answer[1:],
+        request = _phrasing(ALL_STRUCTURES_REQUESTS, f"{record.image_id}/all_structures", vary_phrasing)
+        entries.append(entry("all_structures", request, answer[0].upper() + answer[1:],
                              structures, task="multi_segmentation"))
     return entries
 
@@ -160,7 +197,7 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         for record, masks, image_tokens in zip(split.records, split.masks, tokens):
             regions = coded_regions(record, masks, image_tokens, data_root)
             image = str(Path(record.image_path).resolve().relative_to(data_root.resolve()))
-            conversations += template_conversations(record, regions, image)
+            conversations += template_conversations(record, regions, image, vary_phrasing=split_name == "train")
             codes.append({"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]})
         atomic_write_json(output / "region_codes" / f"{split_name}.json", codes)
         if config.grounding_data.generator == "llm" and split_name == "train":

@@ -9,10 +9,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import PreTrainedTokenizerBase
 
-from medsight.config.schema import ExperimentConfig, TrainConfig
+from medsight.config.schema import ExperimentConfig, LanguageTrainConfig
 from medsight.data.conversation_dataset import ConversationDataset, PromptFormat, collate_conversations
 from medsight.data.llava import Conversation, read_conversations
 from medsight.model.medsight import IGNORE_INDEX, MedSight
+from medsight.model.visual_cache import VisualContextCache
 from medsight.stages.segmentation_data import hard_dice
 from medsight.train.engine import DeepSpeedEngine
 from medsight.train.loop import LoopResult, run_training, seeded_order
@@ -25,18 +26,15 @@ TRAINABLE_MODULES: dict[str, tuple[str, ...]] = {
     "instruct-tune": ("llm", "region_tokens", "v2t", "t2v"),
 }
 
-
 def apply_freezing(model: MedSight, stage: str) -> None:
     model.requires_grad_(False)
     for name in TRAINABLE_MODULES[stage]:
         getattr(model, name).requires_grad_(True)
 
-
 def load_conversations(path: Path, image_root: Path) -> list[Conversation]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: conversation file missing; check the stage's data/grounding inputs")
     return read_conversations(Path(path), Path(image_root))
-
 
 def split_holdout(conversations: list[Conversation], fraction: float = 0.1) -> tuple[list, list]:
     """For sources that ship only a train file (alignment captions): a fixed tail as validation."""
@@ -87,6 +85,7 @@ def _forward(model_call, batch: dict, seg_weight: float):
         labels=batch["labels"],
         masks=batch["masks"],
         seg_weight=seg_weight,
+        image_keys=batch["image_keys"],
     )
 
 
@@ -95,7 +94,7 @@ def train_language_stage(
     stage: str,
     model: MedSight,
     data: LanguageData,
-    train_config: TrainConfig,
+    train_config: LanguageTrainConfig,
     deepspeed_config,
     output: Path,
     tracker: Tracker,
@@ -103,6 +102,8 @@ def train_language_stage(
 ) -> LoopResult:
     torch.manual_seed(train_config.seed)
     apply_freezing(model, stage)
+    # Stays on the model for the stage's validation pass, which sees the same val images.
+    model.visual_cache = VisualContextCache.from_megabytes(train_config.visual_cache_mb)
     engine = DeepSpeedEngine(model, train_config, deepspeed_config)
 
     def step(batch: dict) -> dict[str, torch.Tensor]:
@@ -143,7 +144,7 @@ def validate_language(model: MedSight, data: LanguageData, batch_size: int) -> d
 
 
 def _teacher_forced_dice(model: MedSight, batch: dict) -> torch.Tensor:
-    context = model.encode_images(batch["images"])
+    context = model.encode_images(batch["images"], batch["image_keys"])
     embeddings = model.input_embeddings(batch["input_ids"], context)
     hidden = model.llm.model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).last_hidden_state
     regions = model.is_region_token(batch["input_ids"]) & (batch["labels"] != IGNORE_INDEX)
