@@ -5,7 +5,7 @@ benchmark once per batch size, each run in its own process so peak memory is the
 own. Writes the "## Evaluation" section of BENCHMARKS.md (other sections are left alone).
 
 Usage: python bench/bench_eval.py [--workdir DIR] [--batch-sizes 1,8,16] [--max-steps 10]
-       [--set key=value ...] [--no-write]
+       [--from-chain TRAINED_CHAIN_DIR] [--set key=value ...] [--no-write]
 """
 
 from __future__ import annotations
@@ -38,6 +38,17 @@ def train_chain(workdir: Path, max_steps: int, overrides: list[str]) -> dict[str
     config = apply_overrides(get_preset("tiny"), caps + sizes + overrides)
     result = run_chain(config, workdir, until="instruct-tune")
     return {name: record.output for name, record in result.stages.items()}
+
+
+def chain_outputs(workdir: Path) -> dict[str, Path]:
+    """Outputs of an already-trained chain (``medsight chain --workdir DIR``): newest per stage."""
+    outputs = {}
+    for stage in ("synth-data", "base-models", "grounding-data", "instruct-tune"):
+        finished = sorted(Path(workdir).glob(f"{stage}/*/stage.json"), key=lambda p: p.stat().st_mtime)
+        if not finished:
+            raise SystemExit(f"{workdir}: no finished {stage} output; run `medsight chain --workdir {workdir}` first")
+        outputs[stage] = finished[-1].parent
+    return outputs
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -88,7 +99,7 @@ def section(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
         SECTION,
         "",
-        f"`python bench/bench_eval.py --max-steps {args.max_steps} --batch-sizes {args.batch_sizes}` "
+        f"`python bench/bench_eval.py {trained_by(args)} --batch-sizes {args.batch_sizes}` "
         f"(tiny preset, every synthetic benchmark: VQA-RAD/SLAKE/PathVQA, MMMU-Med, OmniMedVQA, DiagSeg, "
         f"MeCoVQA-G, S-Chain, MedTrinity; greedy decoding, max_new_tokens={args.max_new_tokens}; {results[0]['device']}, {cpu}; "
         f"torch {torch.__version__}; measured {time.strftime('%Y-%m-%d')}).",
@@ -103,13 +114,18 @@ def section(results: list[dict], args: argparse.Namespace) -> str:
         "",
         "Peak memory is the evaluation process's max RSS on CPU (CUDA allocator peak on GPU), including "
         "model load and the torch/transformers libraries, which dominate it at this size. Eval time "
-        "excludes model loading and reading the benchmarks. The model is a tiny chain trained for "
-        f"{args.max_steps} steps per stage (mean answer {mean_tokens:.1f} tokens); generation cost grows "
+        "excludes model loading and reading the benchmarks. The model is "
+        + ("the fully trained tiny chain" if args.from_chain else f"a tiny chain trained for {args.max_steps} steps per stage")
+        + f" (mean answer {mean_tokens:.1f} tokens); generation cost grows "
         "with answer length, up to max_new_tokens. Each batch size runs once in a fresh process; on a "
         "shared 2-core machine other load moves these times a lot (3x seen between two runs).",
         "",
     ]
     return "\n".join(lines)
+
+
+def trained_by(args: argparse.Namespace) -> str:
+    return "--from-chain DIR" if args.from_chain else f"--max-steps {args.max_steps}"
 
 
 def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
@@ -127,6 +143,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_eval")
     parser.add_argument("--batch-sizes", default="1,8,16")
     parser.add_argument("--max-steps", type=int, default=10)
+    parser.add_argument("--from-chain", type=Path, help="evaluate this trained chain's model instead of training a short one")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--no-write", action="store_true", help="print the section instead of updating BENCHMARKS.md")
@@ -139,7 +156,11 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    outputs = train_chain(args.workdir, args.max_steps, args.overrides)
+    if args.from_chain:
+        outputs = chain_outputs(args.from_chain)
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        outputs = train_chain(args.workdir, args.max_steps, args.overrides)
     results = []
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         result = run_worker(outputs, batch_size, args.max_new_tokens, args.workdir)
