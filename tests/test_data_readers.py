@@ -19,7 +19,9 @@ from medsight.data.biomedparse import (
 from medsight.data.image_io import DataError, load_image, load_mask
 from medsight.data.llava import Conversation, read_conversations, write_conversations
 from medsight.data.synthetic import generate_dataset
-from medsight.data.taxonomy import REGION_CLASSES, class_index, modality_index
+from medsight.data.taxonomy import Taxonomy
+
+SYNTHETIC = Taxonomy.synthetic()
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +64,21 @@ def _write_biomedparse(root: Path, stem: str = "case1_CT_abdomen",
 
 def test_biomedparse_round_trip(dataset: Path) -> None:
     coco = json.loads((dataset / "biomedparse" / "train.json").read_text())
-    records = read_biomedparse(dataset / "biomedparse", "train")
+    records = read_biomedparse(dataset / "biomedparse", "train", SYNTHETIC)
     assert len(records) == len(coco["images"]) == 24
     assert sum(len(r.regions) for r in records) == len(coco["annotations"])
     for record in records:
         assert record.image_path.is_file()
-        assert record.modality_id == modality_index(record.modality)
+        assert record.modality_id == SYNTHETIC.modality_index(record.modality)
         assert record.image_id == record.image_path.stem
         assert f"_{record.modality}_" in record.image_path.name
         for region in record.regions:
-            assert REGION_CLASSES[region.class_id] == region.class_name
+            assert SYNTHETIC.region_classes[region.class_id] == region.class_name
             assert region.sentence and region.bbox is not None
 
 
 def test_segmentation_dataset_items_and_collate(dataset: Path) -> None:
-    records = read_biomedparse(dataset / "biomedparse", "val")
+    records = read_biomedparse(dataset / "biomedparse", "val", SYNTHETIC)
     data = SegmentationDataset(records, image_size=32)
     item = data[0]
     regions = records[0].regions
@@ -93,7 +95,7 @@ def test_segmentation_dataset_items_and_collate(dataset: Path) -> None:
 
 
 def test_full_size_masks_match_the_files(dataset: Path) -> None:
-    record = read_biomedparse(dataset / "biomedparse", "test")[0]
+    record = read_biomedparse(dataset / "biomedparse", "test", SYNTHETIC)[0]
     item = SegmentationDataset([record], image_size=64)[0]
     for mask, region in zip(item["masks"], record.regions):
         on_disk = np.asarray(Image.open(region.mask_path)) > 0
@@ -102,7 +104,7 @@ def test_full_size_masks_match_the_files(dataset: Path) -> None:
 
 def test_too_many_masks_raises_or_skips(tmp_path: Path) -> None:
     _write_biomedparse(tmp_path, targets=("liver", "kidney", "tumor"))
-    records = read_biomedparse(tmp_path, "train")
+    records = read_biomedparse(tmp_path, "train", SYNTHETIC)
     with pytest.raises(DataError, match="case1_CT_abdomen"):
         SegmentationDataset(records, image_size=16, max_masks=2)
     with pytest.warns(UserWarning, match="case1_CT_abdomen"):
@@ -117,21 +119,21 @@ def test_truncated_image_names_the_file(tmp_path: Path) -> None:
     image_path = _write_biomedparse(tmp_path)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), np.uint8)).save(image_path)
     image_path.write_bytes(image_path.read_bytes()[:-200])
-    record = read_biomedparse(tmp_path, "train")
+    record = read_biomedparse(tmp_path, "train", SYNTHETIC)
     with pytest.raises(DataError, match=r"case1_CT_abdomen\.png.*truncated"):
         SegmentationDataset(record, image_size=16)[0]
 
 
 def test_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
     _write_biomedparse(tmp_path, mask_pixels=_disc(size=24))
-    records = read_biomedparse(tmp_path, "train")
+    records = read_biomedparse(tmp_path, "train", SYNTHETIC)
     with pytest.raises(DataError, match=r"case1_CT_abdomen_liver\.png.*24x24"):
         SegmentationDataset(records, image_size=16)[0]
 
 
 def test_empty_mask_names_the_mask(tmp_path: Path) -> None:
     _write_biomedparse(tmp_path, mask_pixels=np.zeros((32, 32), np.uint8))
-    records = read_biomedparse(tmp_path, "train")
+    records = read_biomedparse(tmp_path, "train", SYNTHETIC)
     with pytest.raises(DataError, match=r"case1_CT_abdomen_liver\.png.*empty"):
         SegmentationDataset(records, image_size=16)[0]
 
@@ -139,20 +141,20 @@ def test_empty_mask_names_the_mask(tmp_path: Path) -> None:
 def test_unknown_modality_names_the_file(tmp_path: Path) -> None:
     _write_biomedparse(tmp_path, stem="eye7_Fundus_retina")
     with pytest.raises(DataError, match=r"eye7_Fundus_retina\.png.*Fundus"):
-        read_biomedparse(tmp_path, "train")
+        read_biomedparse(tmp_path, "train", SYNTHETIC)
 
 
 def test_unknown_class_names_the_mask(tmp_path: Path) -> None:
     _write_biomedparse(tmp_path, targets=("spleen",))
     with pytest.raises(DataError, match=r"case1_CT_abdomen_spleen\.png.*spleen"):
-        read_biomedparse(tmp_path, "train")
+        read_biomedparse(tmp_path, "train", SYNTHETIC)
 
 
 def test_class_with_space_is_read_from_plus_in_mask_name(tmp_path: Path) -> None:
     _write_biomedparse(tmp_path, stem="c_X-Ray_chest", targets=("left lung",))
-    (region,) = read_biomedparse(tmp_path, "train")[0].regions
+    (region,) = read_biomedparse(tmp_path, "train", SYNTHETIC)[0].regions
     assert region.mask_path.name == "c_X-Ray_chest_left+lung.png"
-    assert region.class_name == "left lung" and region.class_id == class_index("left lung")
+    assert region.class_name == "left lung" and region.class_id == SYNTHETIC.class_index("left lung")
 
 
 @pytest.mark.parametrize("folder", ["train", "train_mask"])
@@ -161,7 +163,7 @@ def test_missing_referenced_file_names_json_and_path(tmp_path: Path, folder: str
     victim = next((tmp_path / folder).iterdir())
     victim.unlink()
     with pytest.raises(DataError, match=rf"train\.json.*{victim.name}"):
-        read_biomedparse(tmp_path, "train")
+        read_biomedparse(tmp_path, "train", SYNTHETIC)
 
 
 # --- image_io --------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from medsight.data import synthetic
 from medsight.data.synthetic import generate_dataset, split_plan
 from medsight.data.synthetic_images import render_scene
 from medsight.data.synthetic_text import LESION_PRESENCE_QUESTION, describe_scene
-from medsight.data.taxonomy import LESION_CLASSES, SYNTHETIC_MODALITIES
+from medsight.data.synthetic_world import SYNTHETIC_MODALITIES
+from medsight.data.taxonomy import Taxonomy
 
 SMALL = DataConfig(image_size=64, train_images=120, val_images=24, test_images=24, seed=3)
 
@@ -177,7 +178,7 @@ def test_yes_no_answers_follow_the_masks(dataset: Path) -> None:
                 if e["conversations"][0]["value"].endswith(LESION_PRESENCE_QUESTION)]
     assert len(presence) == SMALL.train_images
     for entry in presence:
-        has_lesion_mask = bool(classes[Path(entry["image"]).name] & LESION_CLASSES)
+        has_lesion_mask = bool(classes[Path(entry["image"]).name] & Taxonomy.synthetic().lesion_classes)
         assert entry["conversations"][1]["value"] == ("yes" if has_lesion_mask else "no")
     answers = Counter(e["conversations"][1]["value"] for e in presence)
     assert answers["yes"] == answers["no"]

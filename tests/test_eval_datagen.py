@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from medsight.data.taxonomy import Taxonomy
 from medsight.eval.datagen.diagseg_builder import build_diagseg
 from medsight.eval.datagen.grounding_conversations import build_grounding_conversations
 from medsight.eval.datagen.jsonl_store import JsonlStore
@@ -29,6 +30,7 @@ def make_triple(index: int, token_base: int = 0, lesion: str = "tumor") -> Tripl
             RegionInfo("liver", "liver in abdomen CT", f"masks/img{index:02d}_liver.png", False, f"[C0_{token_base}]"),
             RegionInfo(lesion, f"{lesion} in liver in abdomen CT, upper left", f"masks/img{index:02d}_{lesion}.png", True, f"[C0_{token_base + 1}]", host="liver"),
         ),
+        findings=tuple(sorted(Taxonomy.synthetic().lesion_classes)),
     )
 
 
@@ -84,7 +86,7 @@ def test_conversation_validation():
     for problem, turns in bad_cases.items():
         assert any(problem in p for p in validate_conversation(turns, triple)), problem
     # One-[SEG] ablation: both regions share the token; each occurrence maps to the region named before it.
-    seg = Triple("s", "i.png", "CT", tuple(RegionInfo(r.class_name, r.description, r.mask_file, r.is_lesion, "[SEG]") for r in triple.regions))
+    seg = Triple("s", "i.png", "CT", tuple(RegionInfo(r.class_name, r.description, r.mask_file, r.is_lesion, "[SEG]") for r in triple.regions), triple.findings)
     turns = [("human", "q"), ("gpt", "The tumor [SEG] sits in the liver [SEG].")]
     assert validate_conversation(turns, seg) == []
     assert mask_files_in_token_order(turns, seg) == ["masks/img01_tumor.png", "masks/img01_liver.png"]

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from medsight.data.taxonomy import Taxonomy
 from medsight.eval.benchmarks.box_grounding import SCHAIN_BOX_COLUMN, read_box_json, read_schain
 from medsight.eval.benchmarks.common import BenchmarkFormatError, canonical_modality, model_modality
 from medsight.eval.benchmarks.diagseg import read_diagseg
@@ -51,8 +52,8 @@ def test_modality_names():
     assert canonical_modality("fundus_photography") == "FP"
     assert canonical_modality("X-Ray") == "X-ray"
     assert canonical_modality("Infrared Reflectance Imaging") == "Infrared Reflectance Imaging"
-    assert model_modality("MR (Mag-netic Resonance Imaging)") == "MRI"
-    assert model_modality("Microscopy Images") is None
+    assert model_modality("MR (Mag-netic Resonance Imaging)", Taxonomy.synthetic()) == "MRI"
+    assert model_modality("Microscopy Images", Taxonomy.synthetic()) is None
 
 
 # ---------------------------------------------------------------------------- VQA
@@ -74,7 +75,7 @@ def test_vqa_llava_med_format(tmp_path):
         ("q1", "closed", "Is there a tumor?", "Yes"),
         ("q2", "open", "Which organ?", "the liver"),
     ]
-    assert data.samples[0].modality == "CT" and data.samples[0].model_modality == "CT"
+    assert data.samples[0].modality == "CT" and data.samples[0].source_modality == "CT"
     assert data.samples[1].modality == "Radiology"  # the benchmark default
     assert [s.sample_id for s in data.skipped] == ["q3"] and "missing" in data.skipped[0].reason
 

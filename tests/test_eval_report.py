@@ -22,6 +22,7 @@ from eval_fakes import FakeModel
 from medsight.config.presets import get_preset
 from medsight.config.schema import DataConfig
 from medsight.data.synthetic import generate_dataset
+from medsight.data.taxonomy import Taxonomy
 from medsight.eval import stage as eval_stage
 from medsight.eval.benchmarks.manifest import load_manifest
 from medsight.eval.curves import HistoryRecorder, collect_curves
@@ -60,7 +61,7 @@ class RecordingTracker(NullTracker):
 
 
 def test_synthetic_benchmarks_exercise_every_reader(dataset, tmp_path):
-    manifest = write_synthetic_benchmarks(dataset, tmp_path / "bench")
+    manifest = write_synthetic_benchmarks(dataset, tmp_path / "bench", Taxonomy.synthetic())
     datasets = {d.name: d for d in load_manifest(manifest)}
     assert set(datasets) == ALL_BENCHMARKS
     for name, data in datasets.items():
@@ -72,7 +73,7 @@ def test_synthetic_benchmarks_exercise_every_reader(dataset, tmp_path):
 
 
 def test_runner_batches_and_scores(dataset, tmp_path, caplog):
-    manifest = write_synthetic_benchmarks(dataset, tmp_path / "bench")
+    manifest = write_synthetic_benchmarks(dataset, tmp_path / "bench", Taxonomy.synthetic())
     data = {d.name: d for d in load_manifest(manifest)}["mecovqa_g"]
     model = FakeModel()
     result = evaluate_benchmark(model, data, GenerationSettings(batch_size=4), keep_examples=2, progress=False)

@@ -15,11 +15,12 @@ from medsight.config.schema import (
     ModelConfig,
     PerceiverConfig,
 )
-from medsight.data.taxonomy import MODALITY_NAMES, REGION_CLASSES
+from medsight.data.taxonomy import Taxonomy
 
 
 def tiny() -> ExperimentConfig:
     """CPU, offline, minutes: random-init tiny ViT and Qwen3, synthetic data."""
+    synthetic = Taxonomy.synthetic()
     config = ExperimentConfig(
         preset="tiny",
         model=ModelConfig(
@@ -27,9 +28,9 @@ def tiny() -> ExperimentConfig:
             # d=32 and no final doubling (I_r at 32x32, upsampled to the 64x64 masks): a
             # quarter of the paper-shaped perceiver's FLOPs, still Dice ~0.88 on held-out data.
             perceiver=PerceiverConfig(
-                num_classes=len(REGION_CLASSES), dim=32, ffn_dim=64, upsample_factors=(2, 2, 1)
+                num_classes=len(synthetic.region_classes), dim=32, ffn_dim=64, upsample_factors=(2, 2, 1)
             ),
-            codebook=CodebookConfig(num_modalities=len(MODALITY_NAMES), codes_per_modality=32),
+            codebook=CodebookConfig(num_modalities=len(synthetic.modalities), codes_per_modality=32),
             llm=LLMConfig(),
             loss=LossConfig(),
             # 16 merged patch tokens + 20 region tokens instead of 64 + 20: the LLM stages are
@@ -79,7 +80,9 @@ def full() -> ExperimentConfig:
                 layers=24,
                 heads=16,
             ),
-            perceiver=PerceiverConfig(dim=256, num_heads=8, ffn_dim=1024, num_classes=len(REGION_CLASSES)),
+            # Both counts must match the release's taxonomy.json (the stages check): M = 18 is the
+            # authors' fine-grained split; num_classes is a placeholder until a release is chosen.
+            perceiver=PerceiverConfig(dim=256, num_heads=8, ffn_dim=1024, num_classes=len(Taxonomy.synthetic().region_classes)),
             codebook=CodebookConfig(num_modalities=18, codes_per_modality=32, code_dim=64),
             llm=LLMConfig(
                 backbone="qwen3",

@@ -212,6 +212,9 @@ class DataConfig:
     val_images: int = 100
     test_images: int = 100
     seed: int = 0
+    # Label space (medsight/data/taxonomy.py): "" = <data root>/taxonomy.json if the dataset
+    # ships one, else the synthetic one; otherwise a taxonomy JSON, relative to the data root.
+    taxonomy: str = ""
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Layout: ``{split}/IMAGE_MODALITY_SITE.png``, ``{split}_mask/IMAGE_MODALITY_SITE_TARGET.png``
 (spaces in TARGET written as ``+``) and a COCO-like ``{split}.json``. The modality comes from
 the image file name and the class from the mask file name, as the real dataset encodes them;
-the JSON category is the fallback for masks not named after their image.
+the JSON category is the fallback for masks not named after their image. Which names exist is
+the dataset's ``Taxonomy`` (its ``taxonomy.json``); names outside it are refused, naming the file.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import torch
 from torch.utils.data import Dataset
 
 from medsight.data.image_io import DataError, image_size, load_image, load_mask
-from medsight.data.taxonomy import class_index, modality_index
+from medsight.data.taxonomy import Taxonomy
 
 
 @dataclass(frozen=True)
 class RegionRecord:
     mask_path: Path
     class_name: str
-    class_id: int  # index into taxonomy.REGION_CLASSES
+    class_id: int  # index into Taxonomy.region_classes
     sentence: str  # first referring sentence ("" when the annotation has none)
     bbox: tuple[float, float, float, float] | None  # x, y, w, h in original pixels
 
@@ -35,7 +36,7 @@ class SegmentationRecord:
     image_path: Path
     image_id: str  # file stem, e.g. "00042_CT_abdomen"
     modality: str
-    modality_id: int  # index into taxonomy.MODALITY_NAMES
+    modality_id: int  # index into Taxonomy.modalities
     regions: list[RegionRecord]
 
 
@@ -100,7 +101,7 @@ def _categories(data: dict[str, Any], json_path: Path) -> dict[int, str]:
 
 
 def _region(annotation: dict[str, Any], where: str, image_file: str, mask_dir: Path,
-            categories: dict[int, str]) -> RegionRecord:
+            categories: dict[int, str], taxonomy: Taxonomy) -> RegionRecord:
     """``where`` is 'JSON: annotations[i]'; every error below starts with it."""
     mask_file = str(_require(annotation, "mask_file", where))
     mask_path = mask_dir / mask_file
@@ -113,22 +114,22 @@ def _region(annotation: dict[str, Any], where: str, image_file: str, mask_dir: P
             raise DataError(f"{where} ({mask_file}): unknown category_id {category_id}")
         class_name = categories[category_id]
     try:
-        class_id = class_index(class_name, where=f"{where} ({mask_file})")
+        class_id = taxonomy.class_index(class_name, where=f"{where} ({mask_file})")
     except ValueError as error:
         raise DataError(str(error)) from None
     return RegionRecord(mask_path, class_name, class_id, _first_sentence(annotation),
                         _bbox(annotation))
 
 
-def _modality_of(file_name: str, json_path: Path) -> tuple[str, int]:
+def _modality_of(file_name: str, json_path: Path, taxonomy: Taxonomy) -> tuple[str, int]:
     try:
         _, modality, _ = parse_image_name(file_name)
-        return modality, modality_index(modality)
+        return modality, taxonomy.modality_index(modality)
     except ValueError as error:
         raise DataError(f"{json_path} ({file_name}): {error}") from None
 
 
-def read_biomedparse(root: Path, split: str) -> list[SegmentationRecord]:
+def read_biomedparse(root: Path, split: str, taxonomy: Taxonomy) -> list[SegmentationRecord]:
     """Records of ``root/{split}.json`` in image order; every referenced file must exist."""
     root = Path(root)
     json_path = root / f"{split}.json"
@@ -136,6 +137,7 @@ def read_biomedparse(root: Path, split: str) -> list[SegmentationRecord]:
     image_dir, mask_dir = root / split, root / f"{split}_mask"
     categories = _categories(data, json_path)
     files: dict[Any, str] = {}  # JSON image id -> file name, in JSON order
+    modalities: dict[Any, tuple[str, int]] = {}
     for i, image in enumerate(_require(data, "images", str(json_path))):
         where = f"{json_path}: images[{i}]"
         image_id, file_name = _require(image, "id", where), str(_require(image, "file_name", where))
@@ -145,16 +147,19 @@ def read_biomedparse(root: Path, split: str) -> list[SegmentationRecord]:
             missing = image_dir / file_name
             raise DataError(f"{where}: referenced image file does not exist: {missing}")
         files[image_id] = file_name
+        # Before the masks: an unlisted modality is the root problem, not its class names.
+        modalities[image_id] = _modality_of(file_name, json_path, taxonomy)
     regions: dict[Any, list[RegionRecord]] = {image_id: [] for image_id in files}
     for i, annotation in enumerate(_require(data, "annotations", str(json_path))):
         where = f"{json_path}: annotations[{i}]"
         image_id = _require(annotation, "image_id", where)
         if image_id not in files:
             raise DataError(f"{where}: unknown image_id {image_id!r}")
-        regions[image_id].append(_region(annotation, where, files[image_id], mask_dir, categories))
+        regions[image_id].append(_region(annotation, where, files[image_id], mask_dir, categories,
+                                       taxonomy))
     records = []
     for image_id, file_name in files.items():
-        modality, modality_id = _modality_of(file_name, json_path)
+        modality, modality_id = modalities[image_id]
         records.append(SegmentationRecord(image_dir / file_name, Path(file_name).stem, modality,
                                           modality_id, regions[image_id]))
     return records

@@ -14,11 +14,9 @@ from transformers import PreTrainedTokenizerBase
 
 from medsight.data import image_io
 from medsight.data.llava import Conversation
-from medsight.data.taxonomy import modality_index
-
+from medsight.data.taxonomy import Taxonomy
 from medsight.data.tokenizer import ASSISTANT_TOKEN, IMAGE_TOKEN, USER_TOKEN
 from medsight.model.medsight import IGNORE_INDEX
-
 
 
 @dataclass(frozen=True)
@@ -88,8 +86,10 @@ class ConversationDataset(Dataset):
         num_visual_tokens: int,
         image_size: int,
         max_length: int,
+        taxonomy: Taxonomy,
     ):
         self.conversations = conversations
+        self.taxonomy = taxonomy
         self.tokenizer = tokenizer
         self.format = PromptFormat.from_tokenizer(tokenizer)
         self.num_visual_tokens = num_visual_tokens
@@ -108,7 +108,7 @@ class ConversationDataset(Dataset):
         image = image_io.load_image(conversation.image_paths[0], self.image_size)
         masks = [image_io.load_mask(path, self.image_size) for path in conversation.mask_paths]
         mask_tensor = torch.stack(masks) if masks else torch.zeros(0, self.image_size, self.image_size)
-        modality = modality_index(conversation.modality, where) if conversation.modality else -1
+        modality = self.taxonomy.modality_index(conversation.modality, where) if conversation.modality else -1
         return {
             "image": image,
             "input_ids": torch.tensor(input_ids),

@@ -13,6 +13,7 @@ Layout under ``out_dir``::
     llava/instruct_{train,val,test}.json  one VQA question per entry
     vqa/test.json                       LLaVA-Med VQA-RAD/SLAKE test style
     corpus.txt                          training-split text, for the tokenizer
+    taxonomy.json                       the label space (modalities, region and lesion classes)
     manifest.json                       counts, seeds, config hash
 """
 
@@ -32,7 +33,8 @@ from PIL import Image
 from medsight.config.schema import DataConfig
 from medsight.data.synthetic_images import SyntheticScene, render_scene
 from medsight.data.synthetic_text import ALIGNMENT_PROMPTS, SceneText, describe_scene
-from medsight.data.taxonomy import REGION_CLASSES, SYNTHETIC_MODALITIES, class_index
+from medsight.data.synthetic_world import SYNTHETIC_MODALITIES
+from medsight.data.taxonomy import TAXONOMY_FILE, Taxonomy
 from medsight.io_utils import atomic_directory
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -68,7 +70,10 @@ def bbox_xywh(mask: np.ndarray) -> list[int]:
 
 
 def config_sha256(config: DataConfig) -> str:
-    text = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    # data.taxonomy tells readers where a label space is; the generator always writes the
+    # synthetic one, so it is left out and existing datasets keep their hash.
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "taxonomy"}
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -82,6 +87,7 @@ class _SplitWriter:
 
     root: Path  # dataset root (the temp dir while building)
     split: str
+    taxonomy: Taxonomy
     images: list[dict[str, Any]] = field(default_factory=list)
     annotations: list[dict[str, Any]] = field(default_factory=list)
     alignment: list[dict[str, Any]] = field(default_factory=list)
@@ -108,7 +114,7 @@ class _SplitWriter:
                 "image_id": index,
                 "file_name": f"{stem}.png",
                 "mask_file": mask_name,
-                "category_id": class_index(region.name) + 1,
+                "category_id": self.taxonomy.class_index(region.name) + 1,
                 "bbox": bbox_xywh(region.mask),
                 "area": int(region.mask.sum()),
                 "iscrowd": 0,
@@ -130,7 +136,7 @@ class _SplitWriter:
         self.with_lesion += scene.lesion_mask is not None
 
     def coco(self) -> dict[str, Any]:
-        categories = [{"id": i + 1, "name": name} for i, name in enumerate(REGION_CLASSES)]
+        categories = [{"id": i + 1, "name": name} for i, name in enumerate(self.taxonomy.region_classes)]
         return {"images": self.images, "annotations": self.annotations, "categories": categories}
 
     def summary(self, seed_words: tuple[int, int]) -> dict[str, Any]:
@@ -151,11 +157,11 @@ def _dump(path: Path, data: Any, indent: int | None = None) -> None:
 
 
 def _write_split(root: Path, split: str, first_index: int, count: int, config: DataConfig,
-                 ) -> _SplitWriter:
+                 taxonomy: Taxonomy) -> _SplitWriter:
     for folder in (split, f"{split}_mask"):
         (root / "biomedparse" / folder).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(np.random.SeedSequence(split_seed(config.seed, split)))
-    writer = _SplitWriter(root, split)
+    writer = _SplitWriter(root, split, taxonomy)
     for offset, (modality_id, has_lesion) in enumerate(split_plan(count, rng)):
         modality = SYNTHETIC_MODALITIES[modality_id]
         scene = render_scene(modality, config.image_size, rng, has_lesion)
@@ -180,11 +186,12 @@ def generate_dataset(out_dir: Path, config: DataConfig) -> dict:
     if config.image_size < 32:
         raise ValueError(f"data.image_size must be >= 32 to hold lesions, got {config.image_size}")
     out_dir = Path(out_dir)
+    taxonomy = Taxonomy.synthetic()
     with atomic_directory(out_dir) as root:
         summaries: dict[str, Any] = {}
         first_index = 0
         for split in SPLITS:
-            writer = _write_split(root, split, first_index, counts[split], config)
+            writer = _write_split(root, split, first_index, counts[split], config, taxonomy)
             summaries[split] = writer.summary(split_seed(config.seed, split))
             first_index += counts[split]
             if split == "train":
@@ -198,9 +205,10 @@ def generate_dataset(out_dir: Path, config: DataConfig) -> dict:
             "seed": config.seed,
             "image_size": config.image_size,
             "config_sha256": config_sha256(config),
-            "modalities": [spec.name for spec in SYNTHETIC_MODALITIES],
-            "region_classes": list(REGION_CLASSES),
+            "modalities": list(taxonomy.modalities),
+            "region_classes": list(taxonomy.region_classes),
             "splits": summaries,
         }
+        taxonomy.save(root / TAXONOMY_FILE)
         _dump(root / "manifest.json", manifest, indent=2)
     return manifest

@@ -14,7 +14,7 @@ from types import MappingProxyType
 import numpy as np
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-from medsight.data.taxonomy import ModalitySpec
+from medsight.data.synthetic_world import ModalitySpec
 
 # (min radius, max radius, boundary wobble) in 64-px units; effusion is shaped separately.
 _LESION_SHAPES = MappingProxyType(

@@ -16,7 +16,7 @@ from typing import TypeVar
 import numpy as np
 
 from medsight.data.synthetic_images import SyntheticScene
-from medsight.data.taxonomy import ModalitySpec
+from medsight.data.synthetic_world import ModalitySpec
 
 ALIGNMENT_PROMPTS: tuple[str, ...] = (
     "Describe this image.",

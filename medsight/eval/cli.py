@@ -65,7 +65,8 @@ def predict_command(
         _fail(str(error))
     model = _load_model(checkpoint, base, device)
     try:
-        prediction = predict_image(model, pixels, question, modality, max_new_tokens, temperature)
+        prediction = predict_image(model, pixels, question, modality, max_new_tokens, temperature,
+                                   taxonomy=getattr(model, "taxonomy", None))
     except ValueError as error:  # e.g. an unknown --modality
         _fail(str(error))
     target = out or Path("predictions") / image.stem
@@ -155,8 +156,10 @@ def gen_data_command(
     seed: int = 0,
     max_attempts: int = 3,
     fallback: Annotated[bool, typer.Option(help="Use template text when the LLM fails validation every time.")] = True,
+    taxonomy: Annotated[str, typer.Option(help="Taxonomy JSON, as data.taxonomy (default: DATA/taxonomy.json, else synthetic).")] = "",
 ) -> None:
     """Generate DiagSeg-style QA or grounding conversations (resumable: rerun to continue)."""
+    from medsight.data.taxonomy import resolve_taxonomy
     from medsight.eval.datagen.diagseg_builder import build_diagseg
     from medsight.eval.datagen.grounding_conversations import build_grounding_conversations
     from medsight.eval.datagen.llm_client import ChatClient, LLMError
@@ -169,12 +172,13 @@ def gen_data_command(
     template = TemplateGenerator(seed)
     try:
         text_generator = template if generator == "template" else LLMGenerator(ChatClient.from_env(), max_attempts, template if fallback else None)
+        label_space = resolve_taxonomy(data, taxonomy)
         if region_codes is not None:
-            triples = triples_from_region_codes(region_codes, data, split)
+            triples = triples_from_region_codes(region_codes, data, split, label_space)
         elif kind == "grounding":
             _fail("grounding conversations need region tokens: pass --region-codes GROUNDING_DIR/region_codes/<split>.json")
         else:
-            triples = triples_from_biomedparse(data, split)
+            triples = triples_from_biomedparse(data, split, label_space)
         build = build_diagseg if kind == "diagseg" else build_grounding_conversations
         report = build(triples, text_generator, out)
     except (LLMError, DataError, ValueError) as error:

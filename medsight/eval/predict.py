@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from medsight.data.image_io import load_image
-from medsight.data.taxonomy import modality_index
+from medsight.data.taxonomy import Taxonomy
 from medsight.eval.dicom_io import is_dicom, read_dicom
 from medsight.eval.examples import write_prediction_files
 from medsight.eval.metrics import Box, box_from_mask, resize_probabilities
@@ -46,10 +46,15 @@ def predict_image(
     max_new_tokens: int = 48,
     temperature: float = 0.0,
     repetition_penalty: float = 1.2,
+    taxonomy: Taxonomy | None = None,
 ) -> Prediction:
-    """image [3, H, W] in [0, 1]; ``modality`` (a taxonomy name) picks the sub-codebook, else
-    the model predicts it."""
-    modality_tensor = None if modality is None else torch.tensor([modality_index(modality, "--modality")])
+    """image [3, H, W] in [0, 1]; ``modality`` (a name of the model's ``taxonomy``) picks the
+    sub-codebook, else the model predicts it."""
+    modality_tensor = None
+    if modality is not None:
+        if taxonomy is None:
+            raise ValueError(f"--modality {modality!r} needs the model's taxonomy to look it up")
+        modality_tensor = torch.tensor([taxonomy.modality_index(modality, "--modality")])
     with torch.inference_mode():
         answer = model.answer(
             resize_image(image, model.image_size)[None],

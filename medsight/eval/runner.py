@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from medsight.data.image_io import DataError
-from medsight.data.taxonomy import MODALITY_NAMES
+from medsight.data.taxonomy import Taxonomy
 from medsight.eval import metrics
-from medsight.eval.benchmarks.common import BenchmarkData, EvalSample, SkippedEntry
+from medsight.eval.benchmarks.common import BenchmarkData, EvalSample, SkippedEntry, model_modality
 from medsight.eval.region_tokens import known_token_masks, strip_region_tokens
 from medsight.eval.visuals import load_gt_mask, load_sample_image, resize_image
 
@@ -89,12 +89,14 @@ class BenchmarkResult:
         return len(self.results) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _modality_tensor(batch: list[EvalSample]) -> torch.Tensor | None:
+def _modality_tensor(batch: list[EvalSample], taxonomy: Taxonomy | None) -> torch.Tensor | None:
     """Taxonomy indices when the model knows every sample's modality, else None (it predicts)."""
-    names = [sample.model_modality for sample in batch]
-    if any(name is None or name not in MODALITY_NAMES for name in names):
+    if taxonomy is None:
         return None
-    return torch.tensor([MODALITY_NAMES.index(name) for name in names], dtype=torch.long)
+    names = [None if s.source_modality is None else model_modality(s.source_modality, taxonomy) for s in batch]
+    if any(name is None for name in names):
+        return None
+    return torch.tensor([taxonomy.modality_index(name) for name in names], dtype=torch.long)
 
 
 def score_sample(
@@ -148,7 +150,10 @@ def evaluate_benchmark(
     settings: GenerationSettings,
     keep_examples: int = 8,
     progress: bool = True,
+    taxonomy: Taxonomy | None = None,
 ) -> BenchmarkResult:
+    """``taxonomy``: the model's label space, to tell it each sample's modality; None lets the
+    model predict the modality (a model without a known taxonomy, or a test fake)."""
     vocabulary = model.region_token_names()
     book = metrics.ScoreBook()
     results: list[SampleResult] = []
@@ -178,7 +183,7 @@ def evaluate_benchmark(
             answers = model.answer(
                 pixels,
                 [sample.question for _, sample in batch],
-                modality=_modality_tensor([sample for _, sample in batch]),
+                modality=_modality_tensor([sample for _, sample in batch], taxonomy),
                 max_new_tokens=settings.max_new_tokens,
                 temperature=settings.temperature,
                 repetition_penalty=settings.repetition_penalty,
@@ -214,8 +219,9 @@ def evaluate_all(
     settings: GenerationSettings,
     keep_examples: int = 8,
     progress: bool = True,
+    taxonomy: Taxonomy | None = None,
 ) -> list[BenchmarkResult]:
-    return [evaluate_benchmark(model, data, settings, keep_examples, progress) for data in datasets]
+    return [evaluate_benchmark(model, data, settings, keep_examples, progress, taxonomy) for data in datasets]
 
 
 def peak_memory_mb(device: str = "cpu") -> float:

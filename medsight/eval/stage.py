@@ -19,6 +19,7 @@ import torch
 
 from medsight.config.io import to_dict
 from medsight.config.schema import ExperimentConfig
+from medsight.data.taxonomy import Taxonomy, resolve_taxonomy
 from medsight.eval.benchmarks.manifest import load_manifest
 from medsight.eval.curves import collect_curves
 from medsight.eval.examples import write_examples
@@ -35,7 +36,7 @@ VQA_BENCHMARKS = ("vqa_rad", "slake", "pathvqa")
 REQUIRED_METRICS = ("closed_accuracy", "open_recall", "seg_dice")
 
 
-def benchmark_manifest(data: Path, grounding: Path | None, output: Path) -> Path:
+def benchmark_manifest(data: Path, grounding: Path | None, output: Path, taxonomy: Taxonomy) -> Path:
     """The dataset's own manifest if it has one, else the synthetic benchmarks (written now)."""
     shipped = Path(data) / "benchmarks.json"
     if shipped.is_file():
@@ -45,7 +46,7 @@ def benchmark_manifest(data: Path, grounding: Path | None, output: Path) -> Path
             f"{data}: no benchmarks.json and no synthetic test split; write a manifest listing the "
             "benchmark releases (see medsight/eval/benchmarks/manifest.py) into the dataset folder"
         )
-    return write_synthetic_benchmarks(Path(data), Path(output) / "benchmarks", grounding)
+    return write_synthetic_benchmarks(Path(data), Path(output) / "benchmarks", taxonomy, grounding)
 
 
 def _pooled(summaries: dict, benchmarks: tuple[str, ...], metric: str) -> float:
@@ -91,7 +92,8 @@ def evaluate_model(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Run every benchmark of ``manifest`` and write all outputs; returns the results document."""
+    """Run every benchmark of ``manifest`` and write all outputs; returns the results document.
+    The model's ``taxonomy`` attribute, if it has one, tells it each sample's modality."""
     output = Path(output)
     settings = GenerationSettings(
         batch_size=config.evaluate.batch_size,
@@ -101,7 +103,8 @@ def evaluate_model(
     )
     datasets = load_manifest(manifest)
     started = time.perf_counter()
-    results = evaluate_all(model, datasets, settings, keep_examples=config.evaluate.report_samples, progress=progress)
+    results = evaluate_all(model, datasets, settings, keep_examples=config.evaluate.report_samples, progress=progress,
+                           taxonomy=getattr(model, "taxonomy", None))
     seconds = time.perf_counter() - started
     evaluated = sum(len(r.results) for r in results)
     run_info = {
@@ -127,7 +130,8 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
 
     output = Path(output)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    manifest = benchmark_manifest(inputs["data"], inputs.get("grounding"), output)
+    taxonomy = resolve_taxonomy(Path(inputs["data"]), config.data.taxonomy)
+    manifest = benchmark_manifest(inputs["data"], inputs.get("grounding"), output, taxonomy)
     model = MedSightInference.load(Path(inputs["model"]), Path(inputs["base"]), device=device)
     tracker.log_params({f"evaluate.{k}": v for k, v in to_dict(config.evaluate).items()})
     document = evaluate_model(

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from medsight.data.biomedparse import SegmentationRecord, read_biomedparse
-from medsight.data.taxonomy import LESION_CLASSES, SYNTHETIC_MODALITIES
+from medsight.data.synthetic_world import SYNTHETIC_MODALITIES
+from medsight.data.taxonomy import Taxonomy
 from medsight.eval.benchmarks.multiple_choice import MMMU_MED_SUBJECTS
 from medsight.eval.benchmarks.box_grounding import SCHAIN_BOX_COLUMN
 from medsight.eval.datagen.diagseg_builder import build_diagseg
@@ -36,6 +37,7 @@ SA_MED2D_PREFIX = {
     "Dermoscopy": "dermoscopy_00", "Pathology": "pathology_00",
 }
 _LESIONS = {m.name: m.lesions for m in SYNTHETIC_MODALITIES}
+_LESION_KINDS = frozenset(kind for kinds in _LESIONS.values() for kind in kinds)
 NO_FINDING = "no abnormality"
 
 
@@ -49,7 +51,8 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def _lesion_of(record: SegmentationRecord):
-    return next((r for r in record.regions if r.class_name in LESION_CLASSES), None)
+    # The synthetic world's lesion kinds: these files are written from synthetic data only.
+    return next((r for r in record.regions if r.class_name in _LESION_KINDS), None)
 
 
 def _xywh_fraction(bbox: tuple[float, float, float, float], size: tuple[int, int]) -> list[float]:
@@ -146,7 +149,7 @@ def write_omnimedvqa(records: list[SegmentationRecord], out: Path) -> dict[str, 
 # ---------------------------------------------------------------------------- grounding
 
 
-def write_diagseg(data_root: Path, grounding_dir: Path | None, out: Path) -> dict[str, Any]:
+def write_diagseg(data_root: Path, grounding_dir: Path | None, out: Path, taxonomy: Taxonomy) -> dict[str, Any]:
     """The lead's diagseg_test.json when the grounding stage wrote one, else template QA."""
     folder = out / "diagseg"
     source = Path(grounding_dir) / "diagseg_test.json" if grounding_dir else None
@@ -154,7 +157,7 @@ def write_diagseg(data_root: Path, grounding_dir: Path | None, out: Path) -> dic
         entries = json.loads(source.read_text())
     else:
         work = folder / "generated.json"
-        build_diagseg(triples_from_biomedparse(data_root, "test"), TemplateGenerator(), work, folder / "generated.work", progress=False)
+        build_diagseg(triples_from_biomedparse(data_root, "test", taxonomy), TemplateGenerator(), work, folder / "generated.work", progress=False)
         entries = json.loads(work.read_text())
     for entry in entries:
         for relative in [entry["image"], *entry.get("mask_files", [])]:
@@ -223,14 +226,14 @@ def write_boxes(records: list[SegmentationRecord], out: Path) -> list[dict[str, 
     return specs
 
 
-def write_synthetic_benchmarks(data_root: Path, out: Path, grounding_dir: Path | None = None) -> Path:
+def write_synthetic_benchmarks(data_root: Path, out: Path, taxonomy: Taxonomy, grounding_dir: Path | None = None) -> Path:
     """Write every benchmark under ``out`` and return the manifest path (``out/benchmarks.json``)."""
     data_root, out = Path(data_root), Path(out)
-    records = read_biomedparse(data_root / "biomedparse", "test")
+    records = read_biomedparse(data_root / "biomedparse", "test", taxonomy)
     if not records:
         raise ValueError(f"{data_root}/biomedparse/test.json has no images; generate data with test_images > 0")
     specs = write_vqa(data_root, out)
-    specs += [write_mmmu(records, out), write_omnimedvqa(records, out), write_diagseg(data_root, grounding_dir, out), write_mecovqa(records, out)]
+    specs += [write_mmmu(records, out), write_omnimedvqa(records, out), write_diagseg(data_root, grounding_dir, out, taxonomy), write_mecovqa(records, out)]
     specs += write_boxes(records, out)
     manifest = out / "benchmarks.json"
     atomic_write_json(manifest, {"benchmarks": specs})

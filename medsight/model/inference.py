@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from medsight.config.io import load_config
 from medsight.config.schema import ExperimentConfig
 from medsight.data.conversation_dataset import PromptFormat, encode_prompt
+from medsight.data.taxonomy import Taxonomy
 from medsight.model.generation import generate
 
 
@@ -22,8 +23,9 @@ class GroundedAnswer:
 
 
 class MedSightInference:
-    def __init__(self, config: ExperimentConfig, model, tokenizer):
+    def __init__(self, config: ExperimentConfig, model, tokenizer, taxonomy: Taxonomy | None = None):
         self.config = config
+        self.taxonomy = taxonomy  # the label space it was trained on; None = unknown
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.format = PromptFormat.from_tokenizer(tokenizer)
@@ -32,15 +34,17 @@ class MedSightInference:
     @classmethod
     def load(cls, model_dir: Path, base_dir: Path, device: str = "cpu") -> MedSightInference:
         """``model_dir``: an instruct-tune (or t2v-align) output; ``base_dir``: base-models output."""
-        from medsight.stages.bundle import build_medsight
+        from medsight.stages.bundle import build_medsight, bundle_taxonomy
 
         model_dir, base_dir = Path(model_dir), Path(base_dir)
         config_file = model_dir / "config.yaml"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file}: not a MedSIGHT stage output (config.yaml missing)")
         config = load_config(config_file)
-        model, tokenizer, _ = build_medsight(config, {"base": base_dir, "model": model_dir})
-        return cls(config, model.to(device), tokenizer)
+        # Bundles written before they carried a taxonomy were all trained on synthetic data.
+        taxonomy = bundle_taxonomy({"model": model_dir}) or Taxonomy.synthetic()
+        model, tokenizer, _ = build_medsight(config, {"base": base_dir, "model": model_dir}, taxonomy)
+        return cls(config, model.to(device), tokenizer, taxonomy)
 
     def region_token_names(self) -> list[str]:
         return self.model.vocabulary.names

@@ -3,6 +3,8 @@
 Every stage output carries all *small* modules trained so far (perceiver, codebook, projectors,
 region-token rows), so the newest bundle is self-contained. The LLM is only written by the stage
 that changes it (instruct tuning); earlier LLM stages read it from the base-models output.
+A bundle also carries the taxonomy its modules were trained with: modality and class ids mean
+nothing without it, and inference has no dataset to read it from.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from medsight.config.schema import ExperimentConfig
+from medsight.data.taxonomy import TAXONOMY_FILE, Taxonomy, check_model_matches, resolve_taxonomy
 from medsight.data.tokenizer import load_tokenizer
 from medsight.model.codebook import ModalityCodebook
 from medsight.model.encoder import ImageEncoder
@@ -55,9 +58,36 @@ def find_dir(inputs: dict[str, Path], subdir: str) -> Path | None:
     return None
 
 
-def save_modules(output: Path, modules: dict[str, nn.Module]) -> None:
+def taxonomy_file(directory: Path) -> Path:
+    return Path(directory) / MODULES_DIR / TAXONOMY_FILE
+
+
+def bundle_taxonomy(inputs: dict[str, Path]) -> Taxonomy | None:
+    """The taxonomy of the newest bundle among the inputs that carries one."""
+    for key in reversed(BUNDLE_ORDER):
+        if key in inputs and taxonomy_file(inputs[key]).is_file():
+            return Taxonomy.load(taxonomy_file(inputs[key]))
+    return None
+
+
+def stage_taxonomy(config: ExperimentConfig, inputs: dict[str, Path]) -> Taxonomy:
+    """The data's taxonomy, refused when upstream modules were trained on another one (their
+    class and modality ids would be read with different meanings)."""
+    taxonomy = resolve_taxonomy(Path(inputs["data"]), config.data.taxonomy)
+    upstream = bundle_taxonomy(inputs)
+    if upstream is not None and upstream != taxonomy:
+        raise ValueError(
+            f"the data's taxonomy ({taxonomy.source}) differs from the one the input modules were "
+            f"trained with ({upstream.source}); retrain from perceiver-pretrain or point "
+            "data.taxonomy at the original file"
+        )
+    return taxonomy
+
+
+def save_modules(output: Path, modules: dict[str, nn.Module], taxonomy: Taxonomy) -> None:
     for name, module in modules.items():
         save_weights(module, module_file(output, name))
+    taxonomy.save(taxonomy_file(output))
 
 
 def copy_modules(source: dict[str, Path], output: Path, names: tuple[str, ...]) -> None:
@@ -73,11 +103,13 @@ def load_encoder(config: ExperimentConfig, inputs: dict[str, Path]) -> ImageEnco
     return ImageEncoder.load(config.model.encoder, Path(inputs["base"]) / "encoder")
 
 
-def new_perceiver(config: ExperimentConfig) -> RegionPerceiver:
+def new_perceiver(config: ExperimentConfig, taxonomy: Taxonomy) -> RegionPerceiver:
+    check_model_matches(config, taxonomy)
     return RegionPerceiver(config.model.encoder.width, config.model.perceiver)
 
 
-def new_codebook(config: ExperimentConfig) -> ModalityCodebook:
+def new_codebook(config: ExperimentConfig, taxonomy: Taxonomy) -> ModalityCodebook:
+    check_model_matches(config, taxonomy)
     return ModalityCodebook(config.model.perceiver.dim, config.model.codebook, config.model.encoder.width)
 
 
@@ -113,13 +145,13 @@ def tokenizer_with_region_tokens(
 
 
 def build_medsight(
-    config: ExperimentConfig, inputs: dict[str, Path], allow_missing: tuple[str, ...] = ()
+    config: ExperimentConfig, inputs: dict[str, Path], taxonomy: Taxonomy, allow_missing: tuple[str, ...] = ()
 ) -> tuple[MedSight, PreTrainedTokenizerBase, set[str]]:
     """Assemble the full model from base + bundles; returns which modules came from checkpoints."""
     modules = find_modules(inputs)
     encoder = load_encoder(config, inputs)
-    perceiver = load_module(new_perceiver(config), modules, "perceiver", "perceiver-pretrain")
-    codebook = new_codebook(config)
+    perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain")
+    codebook = new_codebook(config, taxonomy)
     if "codebook" not in allow_missing or "codebook" in modules:
         load_module(codebook, modules, "codebook", "codebook-pretrain")
     tokenizer, base_size = tokenizer_with_region_tokens(config, inputs)

@@ -13,11 +13,21 @@ import torch
 import torch.nn.functional as F
 
 from medsight.config.schema import ExperimentConfig
+from medsight.data.taxonomy import check_model_matches
 from medsight.model.codebook import ModalityCodebook
 from medsight.model.criterion import SetCriterion
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_perceiver import RegionPerceiver
-from medsight.stages.bundle import copy_modules, find_modules, load_encoder, load_module, new_codebook, new_perceiver, save_modules
+from medsight.stages.bundle import (
+    copy_modules,
+    find_modules,
+    load_encoder,
+    load_module,
+    new_codebook,
+    new_perceiver,
+    save_modules,
+    stage_taxonomy,
+)
 from medsight.stages.perceiver_pretrain import matched_dice
 from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, load_split
 from medsight.train.engine import TorchEngine
@@ -52,17 +62,19 @@ def codes_used_by_regions(
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
     stage = config.codebook_pretrain
     torch.manual_seed(stage.seed)
+    taxonomy = stage_taxonomy(config, inputs)
+    check_model_matches(config, taxonomy)  # before minutes of data loading, not after
     modules = find_modules(inputs)
     encoder = load_encoder(config, inputs)
-    perceiver = load_module(new_perceiver(config), modules, "perceiver", "perceiver-pretrain")
+    perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain")
     perceiver.requires_grad_(False).eval()
     size = config.model.encoder.image_size
-    splits = {name: load_split(inputs["data"], name, size, stage.max_masks_per_image) for name in ("train", "val", "test")}
+    splits = {name: load_split(inputs["data"], name, size, stage.max_masks_per_image, taxonomy) for name in ("train", "val", "test")}
     for split in splits.values():
         encode_split(split, encoder)
     train = splits["train"]
 
-    codebook = new_codebook(config)
+    codebook = new_codebook(config, taxonomy)  # after the encoder: keeps the seeded init order
     generator = torch.Generator().manual_seed(stage.seed)
     codebook.initialize_codes(_all_queries(perceiver, train), train.modality, generator)
     criterion = SetCriterion(config.model.perceiver.num_classes, config.model.loss)
@@ -108,7 +120,7 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         tracker=tracker,
     )
     codebook.eval()
-    save_modules(output, {"codebook": codebook})
+    save_modules(output, {"codebook": codebook}, taxonomy)
     copy_modules(modules, output, ("perceiver",))
 
     matcher = HungarianMatcher(config.model.loss)

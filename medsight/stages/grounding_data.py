@@ -17,11 +17,11 @@ import torch
 
 from medsight.config.schema import ExperimentConfig
 from medsight.data.biomedparse import SegmentationRecord
-from medsight.data.taxonomy import LESION_CLASSES
+from medsight.data.taxonomy import Taxonomy
 from medsight.io_utils import atomic_write_json
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_vocabulary import RegionVocabulary
-from medsight.stages.bundle import find_modules, load_encoder, load_module, new_codebook, new_perceiver
+from medsight.stages.bundle import find_modules, load_encoder, load_module, new_codebook, new_perceiver, stage_taxonomy
 from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, load_split
 from medsight.train.tracker import Tracker
 
@@ -66,13 +66,15 @@ def _host_structure(lesion: torch.Tensor, structures: list[tuple[str, torch.Tens
     return best
 
 
-def coded_regions(record: SegmentationRecord, masks: torch.Tensor, tokens: list[str], data_root: Path) -> list[CodedRegion]:
+def coded_regions(
+    record: SegmentationRecord, masks: torch.Tensor, tokens: list[str], data_root: Path, taxonomy: Taxonomy
+) -> list[CodedRegion]:
     structures = [
-        (region.class_name, masks[i]) for i, region in enumerate(record.regions) if region.class_name not in LESION_CLASSES
+        (region.class_name, masks[i]) for i, region in enumerate(record.regions) if not taxonomy.is_lesion(region.class_name)
     ]
     coded = []
     for i, region in enumerate(record.regions):
-        is_lesion = region.class_name in LESION_CLASSES
+        is_lesion = taxonomy.is_lesion(region.class_name)
         coded.append(
             CodedRegion(
                 class_name=region.class_name,
@@ -160,7 +162,7 @@ def template_conversations(
     return entries
 
 
-def _llm_conversations(output: Path, data_root: Path, seed: int) -> list[dict]:
+def _llm_conversations(output: Path, data_root: Path, seed: int, taxonomy: Taxonomy) -> list[dict]:
     """Extra multi-turn conversations from an OpenAI-compatible endpoint (env-configured);
     resumable, validated against each region's mask and description, template fallback."""
     import json
@@ -171,7 +173,7 @@ def _llm_conversations(output: Path, data_root: Path, seed: int) -> list[dict]:
     from medsight.eval.datagen.records import triples_from_region_codes
     from medsight.eval.datagen.templates import TemplateGenerator
 
-    triples = triples_from_region_codes(output / "region_codes" / "train.json", data_root, "train")
+    triples = triples_from_region_codes(output / "region_codes" / "train.json", data_root, "train", taxonomy)
     generator = LLMGenerator(ChatClient.from_env(), fallback=TemplateGenerator(seed))
     target = output / "llm_conversations" / "train.json"
     build_grounding_conversations(triples, generator, target, work_dir=output / "checkpoints" / "llm_generation")
@@ -182,20 +184,21 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     if config.grounding_data.generator not in ("template", "llm"):
         raise ValueError(f"grounding_data.generator={config.grounding_data.generator!r}: use template or llm")
     data_root = Path(inputs["data"])
+    taxonomy = stage_taxonomy(config, inputs)
     modules = find_modules(inputs)
     encoder = load_encoder(config, inputs)
-    perceiver = load_module(new_perceiver(config), modules, "perceiver", "perceiver-pretrain").eval()
-    codebook = load_module(new_codebook(config), modules, "codebook", "codebook-pretrain").eval()
+    perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain").eval()
+    codebook = load_module(new_codebook(config, taxonomy), modules, "codebook", "codebook-pretrain").eval()
     matcher = HungarianMatcher(config.model.loss)
     vocabulary = RegionVocabulary(config.model.codebook.num_modalities, config.model.codebook.codes_per_modality, config.model.grounding)
     metrics: dict[str, float] = {}
     for split_name in SPLITS:
-        split = load_split(data_root, split_name, config.model.encoder.image_size, config.codebook_pretrain.max_masks_per_image)
+        split = load_split(data_root, split_name, config.model.encoder.image_size, config.codebook_pretrain.max_masks_per_image, taxonomy)
         encode_split(split, encoder)
         tokens = extract_region_tokens(split, perceiver, codebook, matcher, vocabulary)
         conversations, codes = [], []
         for record, masks, image_tokens in zip(split.records, split.masks, tokens):
-            regions = coded_regions(record, masks, image_tokens, data_root)
+            regions = coded_regions(record, masks, image_tokens, data_root, taxonomy)
             image = str(Path(record.image_path).resolve().relative_to(data_root.resolve()))
             conversations += template_conversations(record, regions, image, vary_phrasing=split_name == "train")
             codes.append({"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]})
@@ -203,7 +206,7 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         if config.grounding_data.generator == "llm" and split_name == "train":
             # App. C: an LLM writes the training conversations around the extracted codes; the
             # val/test questions stay templated so evaluation is comparable across runs.
-            conversations += _llm_conversations(output, data_root, config.grounding_data.seed)
+            conversations += _llm_conversations(output, data_root, config.grounding_data.seed, taxonomy)
         atomic_write_json(output / "conversations" / f"{split_name}.json", conversations)
         if split_name == "test":
             diagseg = [c for c in conversations if c.get("task") == "diagseg" and c["mask_files"]]

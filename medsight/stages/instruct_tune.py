@@ -7,7 +7,7 @@ from pathlib import Path
 
 from medsight.config.schema import ExperimentConfig
 from medsight.model.llm import save_llm
-from medsight.stages.bundle import build_medsight, copy_modules, find_modules, save_modules
+from medsight.stages.bundle import build_medsight, copy_modules, find_modules, save_modules, stage_taxonomy
 from medsight.stages.language_training import (
     load_conversations,
     make_language_data,
@@ -22,20 +22,21 @@ STAGE = "instruct-tune"
 
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
     stage = config.instruct_tune
-    model, tokenizer, loaded = build_medsight(config, inputs)
+    taxonomy = stage_taxonomy(config, inputs)
+    model, tokenizer, loaded = build_medsight(config, inputs, taxonomy)
     data_root = Path(inputs["data"])
     grounding = Path(inputs["grounding"]) / "conversations"
     train = load_conversations(data_root / "llava" / "instruct_train.json", data_root)
     train += load_conversations(grounding / "train.json", data_root)
     val = load_conversations(data_root / "llava" / "instruct_val.json", data_root)
     val += load_conversations(grounding / "val.json", data_root)
-    data = make_language_data(config, model, tokenizer, train, val)
+    data = make_language_data(config, model, tokenizer, train, val, taxonomy)
     result = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,
         output=output, tracker=tracker, seg_weight=1.0,
     )
     with gathered_parameters(model, stage.deepspeed.zero_stage):
-        save_modules(output, {"t2v": model.t2v, "region_tokens": model.region_tokens, "v2t": model.v2t})
+        save_modules(output, {"t2v": model.t2v, "region_tokens": model.region_tokens, "v2t": model.v2t}, taxonomy)
         save_llm(model.llm, output / "llm")
     copy_modules(find_modules(inputs), output, ("perceiver", "codebook"))
     tokenizer.save_pretrained(str(output / "tokenizer"))

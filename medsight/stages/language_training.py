@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from medsight.config.schema import ExperimentConfig, LanguageTrainConfig
 from medsight.data.conversation_dataset import ConversationDataset, PromptFormat, collate_conversations
 from medsight.data.llava import Conversation, read_conversations
+from medsight.data.taxonomy import Taxonomy
 from medsight.model.medsight import IGNORE_INDEX, MedSight
 from medsight.model.visual_cache import VisualContextCache
 from medsight.stages.segmentation_data import hard_dice
@@ -55,6 +56,7 @@ def make_language_data(
     tokenizer: PreTrainedTokenizerBase,
     train: list[Conversation],
     val: list[Conversation],
+    taxonomy: Taxonomy,
 ) -> LanguageData:
     def dataset(conversations: list[Conversation]) -> ConversationDataset:
         return ConversationDataset(
@@ -63,6 +65,7 @@ def make_language_data(
             num_visual_tokens=model.num_visual_tokens,
             image_size=config.model.encoder.image_size,
             max_length=config.model.llm.max_position_embeddings,
+            taxonomy=taxonomy,
         )
 
     return LanguageData(dataset(train), dataset(val), PromptFormat.from_tokenizer(tokenizer).pad_id)

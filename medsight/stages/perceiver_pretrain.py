@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from medsight.config.schema import ExperimentConfig
+from medsight.data.taxonomy import check_model_matches
 from medsight.model.criterion import SetCriterion
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_perceiver import RegionPerceiver
-from medsight.stages.bundle import load_encoder, new_perceiver, save_modules
+from medsight.stages.bundle import load_encoder, new_perceiver, save_modules, stage_taxonomy
 from medsight.stages.segmentation_data import (
     SegmentationSplit,
     encode_split,
@@ -53,15 +54,17 @@ def matched_dice(
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
     stage = config.perceiver_pretrain
     torch.manual_seed(stage.seed)
+    taxonomy = stage_taxonomy(config, inputs)
+    check_model_matches(config, taxonomy)  # before minutes of data loading, not after
     encoder = load_encoder(config, inputs)
     size = config.model.encoder.image_size
-    train = load_split(inputs["data"], "train", size, stage.max_masks_per_image)
-    val = load_split(inputs["data"], "val", size, stage.max_masks_per_image)
-    test = load_split(inputs["data"], "test", size, stage.max_masks_per_image)
+    train = load_split(inputs["data"], "train", size, stage.max_masks_per_image, taxonomy)
+    val = load_split(inputs["data"], "val", size, stage.max_masks_per_image, taxonomy)
+    test = load_split(inputs["data"], "test", size, stage.max_masks_per_image, taxonomy)
     for split in (train, val, test):
         encode_split(split, encoder)
 
-    perceiver = new_perceiver(config)
+    perceiver = new_perceiver(config, taxonomy)  # after the encoder: keeps the seeded init order
     matcher = HungarianMatcher(config.model.loss)
     criterion = SetCriterion(config.model.perceiver.num_classes, config.model.loss)
     engine = TorchEngine(perceiver, stage)
@@ -83,7 +86,7 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         workdir=output,
         tracker=tracker,
     )
-    save_modules(output, {"perceiver": perceiver})
+    save_modules(output, {"perceiver": perceiver}, taxonomy)
     metrics = {
         "val_dice": matched_dice(perceiver, val, matcher),
         "test_dice": matched_dice(perceiver, test, matcher),

@@ -50,7 +50,8 @@ class StageSpec:
         return getattr(importlib.import_module(module_name), function_name)
 
 
-_MODEL = ("preset", "model.encoder", "model.perceiver")
+# data.taxonomy: the label space gives class and modality ids their meaning in every model stage.
+_MODEL = ("preset", "data.taxonomy", "model.encoder", "model.perceiver")
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
@@ -128,7 +129,7 @@ STAGES: tuple[StageSpec, ...] = (
         entrypoint="medsight.eval.stage:run",
         description="Evaluation: VQA accuracy/recall, DiagSeg recall + Dice, grounding Dice, report",
         required_inputs=("data", "base", "model", "grounding"),
-        config_sections=("evaluate",),
+        config_sections=("data.taxonomy", "evaluate"),
         gpu=True,
         metrics=("closed_accuracy", "open_recall", "seg_dice"),
     ),

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medsight.data.biomedparse import SegmentationDataset, SegmentationRecord, read_biomedparse
+from medsight.data.taxonomy import Taxonomy
 from medsight.model.encoder import ImageEncoder
 
 
@@ -32,8 +33,8 @@ class SegmentationSplit:
         return self.images.shape[0]
 
 
-def load_split(data_dir: Path, split: str, image_size: int, max_masks: int) -> SegmentationSplit:
-    records = read_biomedparse(Path(data_dir) / "biomedparse", split)
+def load_split(data_dir: Path, split: str, image_size: int, max_masks: int, taxonomy: Taxonomy) -> SegmentationSplit:
+    records = read_biomedparse(Path(data_dir) / "biomedparse", split, taxonomy)
     dataset = SegmentationDataset(records, image_size=image_size, max_masks=max_masks, on_too_many="error")
     items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"load {split}", unit="img", leave=False)]
     if not items:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsight.config.schema import ExperimentConfig
-from medsight.stages.bundle import build_medsight, copy_modules, find_modules, save_modules
+from medsight.stages.bundle import build_medsight, copy_modules, find_modules, save_modules, stage_taxonomy
 from medsight.stages.language_training import (
     load_conversations,
     make_language_data,
@@ -21,17 +21,18 @@ STAGE = "t2v-align"
 
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
     stage = config.t2v_align
-    model, tokenizer, loaded = build_medsight(config, inputs)
+    taxonomy = stage_taxonomy(config, inputs)
+    model, tokenizer, loaded = build_medsight(config, inputs, taxonomy)
     grounding = Path(inputs["grounding"]) / "conversations"
     train = load_conversations(grounding / "train.json", inputs["data"])
     val = load_conversations(grounding / "val.json", inputs["data"])
-    data = make_language_data(config, model, tokenizer, train, val)
+    data = make_language_data(config, model, tokenizer, train, val, taxonomy)
     result = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,
         output=output, tracker=tracker, seg_weight=1.0,
     )
     with gathered_parameters(model, stage.deepspeed.zero_stage):
-        save_modules(output, {"t2v": model.t2v, "region_tokens": model.region_tokens, "v2t": model.v2t})
+        save_modules(output, {"t2v": model.t2v, "region_tokens": model.region_tokens, "v2t": model.v2t}, taxonomy)
     copy_modules(find_modules(inputs), output, ("perceiver", "codebook"))
     tokenizer.save_pretrained(str(output / "tokenizer"))
     metrics = validate_language(model, data, stage.batch_size)

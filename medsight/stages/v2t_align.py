@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsight.config.schema import ExperimentConfig
-from medsight.stages.bundle import build_medsight, copy_modules, find_modules, save_modules
+from medsight.stages.bundle import build_medsight, copy_modules, find_modules, save_modules, stage_taxonomy
 from medsight.stages.language_training import (
     load_conversations,
     make_language_data,
@@ -22,16 +22,17 @@ STAGE = "v2t-align"
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
     stage = config.v2t_align
     # The codebook does not exist yet at stage 3; a fresh one only fills the model's slot.
-    model, tokenizer, _ = build_medsight(config, inputs, allow_missing=("codebook",))
+    taxonomy = stage_taxonomy(config, inputs)
+    model, tokenizer, _ = build_medsight(config, inputs, taxonomy, allow_missing=("codebook",))
     captions = load_conversations(Path(inputs["data"]) / "llava" / "alignment_train.json", inputs["data"])
     train, val = split_holdout(captions)
-    data = make_language_data(config, model, tokenizer, train, val)
+    data = make_language_data(config, model, tokenizer, train, val, taxonomy)
     result = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,
         output=output, tracker=tracker, seg_weight=0.0,
     )
     with gathered_parameters(model, stage.deepspeed.zero_stage):
-        save_modules(output, {"v2t": model.v2t})
+        save_modules(output, {"v2t": model.v2t}, taxonomy)
     copy_modules(find_modules(inputs), output, ("perceiver",))
     metrics = validate_language(model, data, stage.batch_size)
     return {**metrics, "train_steps": float(result.steps), **{f"final_{k}": v for k, v in result.last_losses.items()}}

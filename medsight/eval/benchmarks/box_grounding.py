@@ -29,7 +29,6 @@ from medsight.eval.benchmarks.common import (
     entry_id,
     first_image,
     load_json_entries,
-    model_modality,
     resolve,
 )
 
@@ -120,7 +119,7 @@ def read_schain(path: Path, question: str = DEFAULT_BOX_PROMPT, box_origin: str 
                     question=question,
                     modality="MRI",  # S-Chain is built from OASIS brain MRI
                     image_bytes=bytes(image["bytes"]),
-                    model_modality=model_modality("MRI"),
+                    source_modality="MRI",
                     boxes=[_clip(to_xyxy([v / scale for v in box], "xywh", box_origin)) for box in boxes],
                 )
             )
@@ -177,7 +176,7 @@ def read_box_json(
                 question=str(prompt) if prompt else question,
                 modality=canonical_modality(modality_name),
                 image_path=image_path,
-                model_modality=model_modality(modality_name),
+                source_modality=modality_name,
                 boxes=xyxy,
             )
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsight.data.taxonomy import MODALITY_NAMES
+from medsight.data.taxonomy import Taxonomy
 
 TASKS = ("closed", "open", "mc", "diagseg", "grounding", "box")
 Box = tuple[float, float, float, float]  # normalised (x1, y1, x2, y2)
@@ -33,7 +33,9 @@ class EvalSample:
     modality: str  # display name for per-modality tables (canonical_modality)
     image_path: Path | None = None
     image_bytes: bytes | None = None  # images embedded in parquet (MMMU, S-Chain)
-    model_modality: str | None = None  # taxonomy name if the model knows this modality
+    # The modality as the benchmark spells it; matched against the evaluated model's taxonomy
+    # (model_modality) when the questions are asked, since readers do not know the model.
+    source_modality: str | None = None
     answer: str = ""  # ground-truth answer text (region tokens kept, if any)
     options: list[str] = field(default_factory=list)  # multiple choice, in letter order
     answer_index: int = -1  # multiple choice: index into options
@@ -98,12 +100,12 @@ def canonical_modality(name: str) -> str:
     return _ALIASES.get(first, raw)
 
 
-def model_modality(name: str) -> str | None:
-    """The taxonomy modality the model was trained with that matches ``name``, if any."""
-    if name in MODALITY_NAMES:
+def model_modality(name: str, taxonomy: Taxonomy) -> str | None:
+    """The modality of ``taxonomy`` (the model's) that matches ``name``, if any."""
+    if name in taxonomy.modalities:
         return name
     wanted = canonical_modality(name)
-    for known in MODALITY_NAMES:
+    for known in taxonomy.modalities:
         if canonical_modality(known) == wanted:
             return known
     return None

@@ -26,7 +26,6 @@ from medsight.eval.benchmarks.common import (
     first_exchange,
     first_image,
     load_json_entries,
-    model_modality,
     resolve,
 )
 
@@ -80,7 +79,7 @@ def read_diagseg(path: Path, data_root: Path, benchmark: str = "diagseg") -> Ben
                 question=clean_question(question),
                 modality=canonical_modality(modality_name),
                 image_path=image_path,
-                model_modality=model_modality(modality_name),
+                source_modality=modality_name,
                 answer=answer,
                 mask_paths=mask_paths,
                 diagnosis=str(entry.get("diagnosis", "")),

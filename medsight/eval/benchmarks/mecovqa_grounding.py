@@ -28,7 +28,6 @@ from medsight.eval.benchmarks.common import (
     first_exchange,
     first_image,
     load_json_entries,
-    model_modality,
     resolve,
 )
 from medsight.eval.benchmarks.diagseg import mask_list, remove_inline_masks
@@ -90,7 +89,7 @@ def read_mecovqa_grounding(path: Path, image_root: Path, mask_root: Path | None 
                 question=clean_question(question),
                 modality=canonical_modality(modality_name),
                 image_path=image_path,
-                model_modality=model_modality(modality_name),
+                source_modality=modality_name,
                 answer=answer,
                 mask_paths=mask_paths,
             )

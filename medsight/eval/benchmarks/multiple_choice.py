@@ -26,7 +26,6 @@ from medsight.eval.benchmarks.common import (
     canonical_modality,
     entry_id,
     load_json_entries,
-    model_modality,
     require,
     resolve,
 )
@@ -191,7 +190,7 @@ def read_omnimedvqa(root: Path, modalities: frozenset[str] | None = OMNIMED_MODA
                     question=format_mc_prompt(str(require(entry, "question", file, sample_id)), options),
                     modality=modality,
                     image_path=image_path,
-                    model_modality=model_modality(modality_raw),
+                    source_modality=modality_raw,
                     answer=options[matches[0]],
                     options=options,
                     answer_index=matches[0],

@@ -27,7 +27,6 @@ from medsight.eval.benchmarks.common import (
     first_exchange,
     first_image,
     load_json_entries,
-    model_modality,
     resolve,
 )
 from medsight.eval.metrics import normalize_answer
@@ -91,7 +90,7 @@ def read_vqa(
                 question=clean_question(question),
                 modality=canonical_modality(modality_name),
                 image_path=image_path,
-                model_modality=model_modality(modality_name),
+                source_modality=modality_name,
                 answer=answer.strip(),
             )
         )

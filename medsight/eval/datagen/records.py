@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medsight.data.biomedparse import read_biomedparse
-from medsight.data.taxonomy import LESION_CLASSES
+from medsight.data.taxonomy import Taxonomy
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class Triple:
     image: str  # relative to the dataset root
     modality: str
     regions: tuple[RegionInfo, ...] = field(default_factory=tuple)
+    # Every lesion kind of the dataset's taxonomy: the findings a generated answer must not name
+    # unless the image holds them (an LLM drifts towards common diagnoses).
+    findings: tuple[str, ...] = ()
 
     @property
     def lesions(self) -> tuple[RegionInfo, ...]:
@@ -50,7 +53,7 @@ def _host_from_description(description: str, structures: set[str]) -> str | None
 
 
 def triples_from_biomedparse(
-    data_root: Path, split: str, region_tokens: dict[str, str] | None = None
+    data_root: Path, split: str, taxonomy: Taxonomy, region_tokens: dict[str, str] | None = None
 ) -> list[Triple]:
     """Triples from ``data_root/biomedparse/{split}.json``; paths stay relative to ``data_root``.
 
@@ -59,11 +62,12 @@ def triples_from_biomedparse(
     """
     data_root = Path(data_root)
     bmp_root = data_root / "biomedparse"
-    records = read_biomedparse(bmp_root, split)
+    records = read_biomedparse(bmp_root, split, taxonomy)
     tokens = region_tokens or {}
+    findings = tuple(name for name in taxonomy.region_classes if taxonomy.is_lesion(name))
     triples = []
     for record in records:
-        structures = {r.class_name for r in record.regions if r.class_name not in LESION_CLASSES}
+        structures = {r.class_name for r in record.regions if not taxonomy.is_lesion(r.class_name)}
         regions = []
         for region in record.regions:
             mask_rel = str(region.mask_path.relative_to(data_root))
@@ -72,9 +76,9 @@ def triples_from_biomedparse(
                     class_name=region.class_name,
                     description=region.sentence,
                     mask_file=mask_rel,
-                    is_lesion=region.class_name in LESION_CLASSES,
+                    is_lesion=taxonomy.is_lesion(region.class_name),
                     region_token=tokens.get(mask_rel),
-                    host=_host_from_description(region.sentence, structures) if region.class_name in LESION_CLASSES else None,
+                    host=_host_from_description(region.sentence, structures) if taxonomy.is_lesion(region.class_name) else None,
                 )
             )
         triples.append(
@@ -83,12 +87,13 @@ def triples_from_biomedparse(
                 image=str(record.image_path.relative_to(data_root)),
                 modality=record.modality,
                 regions=tuple(regions),
+                findings=findings,
             )
         )
     return triples
 
 
-def triples_from_region_codes(codes_path: Path, data_root: Path, split: str) -> list[Triple]:
+def triples_from_region_codes(codes_path: Path, data_root: Path, split: str, taxonomy: Taxonomy) -> list[Triple]:
     """Triples with region tokens from the grounding-data stage's ``region_codes/<split>.json``
     (``[{image, modality, regions: [{class_name, mask_file, token, host}]}]``); descriptions come
     from the BiomedParse annotations of the same split."""
@@ -110,7 +115,7 @@ def triples_from_region_codes(codes_path: Path, data_root: Path, split: str) -> 
             tokens[str(region["mask_file"])] = str(region["token"])
             if region.get("host"):
                 hosts[str(region["mask_file"])] = str(region["host"])
-    triples = triples_from_biomedparse(data_root, split, tokens)
+    triples = triples_from_biomedparse(data_root, split, taxonomy, tokens)
     unmatched = [t.triple_id for t in triples if any(r.region_token is None for r in t.regions)]
     if len(unmatched) == len(triples):
         raise ValueError(f"{codes_path}: no mask_file matches the {split} split of {data_root}; wrong split or dataset?")
@@ -119,6 +124,6 @@ def triples_from_region_codes(codes_path: Path, data_root: Path, split: str) -> 
         Triple(t.triple_id, t.image, t.modality, tuple(
             RegionInfo(r.class_name, r.description, r.mask_file, r.is_lesion, r.region_token, hosts.get(r.mask_file, r.host))
             for r in t.regions
-        ))
+        ), t.findings)
         for t in triples
     ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 
-from medsight.data.taxonomy import LESION_CLASSES
 from medsight.eval.datagen.records import RegionInfo, Triple
 from medsight.eval.metrics import answer_tokens
 from medsight.eval.region_tokens import find_region_tokens
@@ -44,7 +43,7 @@ def location_conflicts(text: str, description: str, names: set[str] = frozenset(
 def foreign_findings(text: str, triple: Triple) -> list[str]:
     """Lesion kinds named in ``text`` that the image does not contain."""
     present = {r.class_name for r in triple.lesions}
-    return sorted(kind for kind in LESION_CLASSES - present if _mentions(text, kind))
+    return sorted(kind for kind in set(triple.findings) - present if _mentions(text, kind))
 
 
 def validate_diagseg_qa(question: str, answer: str, region: RegionInfo, triple: Triple) -> list[str]:
