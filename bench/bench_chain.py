@@ -24,13 +24,17 @@ def run_stage(name: str, out: Path, inputs: dict[str, Path], overrides: list[str
         cmd += ["--input", f"{key}={path}"]
     for override in overrides:
         cmd += ["--set", override]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{name}.log"
     started = time.perf_counter()
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # wait4 gives this child's own rusage, so each stage's peak RSS is measured separately.
-    _, status, usage = os.wait4(process.pid, 0)
+    # To a file, not a pipe: progress bars would fill a pipe nobody reads until exit and block the stage.
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own rusage, so each stage's peak RSS is measured separately.
+        _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
     if status != 0:
-        raise SystemExit(f"{name} failed:\n{process.stderr.read().decode()[-3000:]}")
+        raise SystemExit(f"{name} failed; see {log}:\n{log.read_text(errors='replace')[-3000:]}")
     return elapsed, usage.ru_maxrss / 1024 / 1024  # KiB -> GiB
 
 
