@@ -44,7 +44,9 @@ def chain_outputs(workdir: Path) -> dict[str, Path]:
     """Outputs of an already-trained chain (``medsight chain --workdir DIR``): newest per stage."""
     outputs = {}
     for stage in ("synth-data", "base-models", "grounding-data", "instruct-tune"):
-        finished = sorted(Path(workdir).glob(f"{stage}/*/stage.json"), key=lambda p: p.stat().st_mtime)
+        # `medsight chain` keeps <stage>/<fingerprint>/, bench_chain.py plain <stage>/
+        candidates = [*Path(workdir).glob(f"{stage}/*/stage.json"), *Path(workdir).glob(f"{stage}/stage.json")]
+        finished = sorted(candidates, key=lambda p: p.stat().st_mtime)
         if not finished:
             raise SystemExit(f"{workdir}: no finished {stage} output; run `medsight chain --workdir {workdir}` first")
         outputs[stage] = finished[-1].parent
@@ -60,11 +62,14 @@ def worker(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = MedSightInference.load(args.model, args.base, device=device)
     config = load_config(args.model / "config.yaml")
+    from medsight.data.taxonomy import resolve_taxonomy
+
+    taxonomy = resolve_taxonomy(args.data, config.data.taxonomy)
     config.evaluate.batch_size = args.batch_size
     config.evaluate.max_new_tokens = args.max_new_tokens
     config.evaluate.report_samples = 2
     out = args.out
-    manifest = benchmark_manifest(args.data, args.grounding, out)
+    manifest = benchmark_manifest(args.data, args.grounding, out, taxonomy)
     document = evaluate_model(model, manifest, out, config, {"bench": "eval"}, device=device, progress=False)
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     tokens = [len(model.tokenizer.encode(line["prediction"], add_special_tokens=False)) for line in lines]
@@ -119,6 +124,7 @@ def section(results: list[dict], args: argparse.Namespace) -> str:
         + f" (mean answer {mean_tokens:.1f} tokens); generation cost grows "
         "with answer length, up to max_new_tokens. Each batch size runs once in a fresh process; on a "
         "shared 2-core machine other load moves these times a lot (3x seen between two runs).",
+        "",
         "",
     ]
     return "\n".join(lines)
