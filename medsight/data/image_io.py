@@ -13,13 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medsight.data.errors import DataError  # noqa: F401  (re-exported: readers raise it)
+
 # PIL modes holding one intensity channel; 16/32-bit ones are rescaled from their integer range.
 _GRAY_MODES = ("1", "L", "I;16", "I;16B", "I;16L", "I")
 _COLOR_MODES = ("RGB", "P")
-
-
-class DataError(ValueError):
-    """A data file is missing, unreadable or inconsistent; the message names the file."""
 
 
 def open_image(path: Path) -> Image.Image:

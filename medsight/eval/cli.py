@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from medsight.data.image_io import DataError
+from medsight.data.errors import DataError
 
 eval_app = typer.Typer(help="Evaluate checkpoints, predict on images, build reports, run ablations, generate data.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths in messages stay copyable
