@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash never leaves a half-written file under the final name."""
+"""Atomic file writes (a crash never leaves a half-written file under the final name) and
+JSON reads whose errors name the file."""
 
 from __future__ import annotations
 
@@ -51,3 +52,15 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def read_json(path: Path, error: type[Exception], missing: str) -> Any:
+    """Parsed JSON of ``path``; a missing file (``missing`` says what it is) or malformed JSON
+    raises ``error`` with the file name first, so every reader reports bad input the same way."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: invalid JSON ({exc})") from exc

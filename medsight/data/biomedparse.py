@@ -9,7 +9,6 @@ the dataset's ``Taxonomy`` (its ``taxonomy.json``); names outside it are refused
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch.utils.data import Dataset
 
 from medsight.data.image_io import DataError, image_size, load_image, load_mask
 from medsight.data.taxonomy import Taxonomy
+from medsight.io_utils import read_json
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,7 @@ def _require(entry: Any, key: str, where: str) -> Any:
 
 
 def _load_json(json_path: Path) -> dict[str, Any]:
-    if not json_path.is_file():
-        raise DataError(f"{json_path}: annotation file does not exist")
-    try:
-        data = json.loads(json_path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{json_path}: invalid JSON ({error})") from error
+    data = read_json(json_path, DataError, "annotation file does not exist")
     if not isinstance(data, dict):
         raise DataError(f"{json_path}: expected a JSON object with images and annotations")
     return data

@@ -7,14 +7,13 @@ optionally with ``mask_files`` (masks of the answer's region tokens, in token or
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medsight.data.image_io import DataError
-from medsight.io_utils import atomic_write_json
+from medsight.io_utils import atomic_write_json, read_json
 
 HUMAN, GPT = "human", "gpt"
 # Other spellings of the two roles seen in public conversation files.
@@ -112,12 +111,7 @@ def read_conversations(json_path: Path, image_root: Path,
     if on_missing not in ("error", "skip"):
         raise ValueError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
     json_path, image_root = Path(json_path), Path(image_root)
-    if not json_path.is_file():
-        raise DataError(f"{json_path}: conversation file does not exist")
-    try:
-        entries = json.loads(json_path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{json_path}: invalid JSON ({error})") from error
+    entries = read_json(json_path, DataError, "conversation file does not exist")
     if not isinstance(entries, list):
         raise DataError(f"{json_path}: expected a JSON list of conversations")
     conversations: list[Conversation] = []

@@ -15,14 +15,13 @@ writes one (or points ``data.taxonomy`` at one).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medsight.data.synthetic_world import SYNTHETIC_MODALITIES
-from medsight.io_utils import atomic_write_json
+from medsight.io_utils import atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from medsight.config.schema import ExperimentConfig
@@ -86,13 +85,7 @@ class Taxonomy:
 
     @classmethod
     def load(cls, path: Path) -> Taxonomy:
-        path = Path(path)
-        if not path.is_file():
-            raise TaxonomyError(f"{path}: taxonomy file does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise TaxonomyError(f"{path}: invalid JSON ({error})") from error
+        data = read_json(path, TaxonomyError, "taxonomy file does not exist")
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, list[str]]:

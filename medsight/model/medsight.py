@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,10 @@ class VisualContext:
     cls_token: torch.Tensor  # [B, C]
     region_queries: torch.Tensor  # [B, Q, d]
     pixel_features: torch.Tensor  # [B, d, Hr, Wr] (I_r, what region tokens decode against)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The fields in declaration order: what the visual cache stores per image."""
+        return tuple(getattr(self, f.name) for f in fields(self))
 
 
 @dataclass
@@ -88,14 +92,19 @@ class MedSight(nn.Module):
         """images [B, 3, S, S] in [0, 1]; encoder and perceiver are frozen in every LLM stage,
         so with ``image_keys`` and a cache an image's features are computed once per stage."""
         if self.visual_cache is not None and image_keys is not None:
-            return VisualContext(*self.visual_cache.lookup(image_keys, images, self._encode_fields))
-        return VisualContext(*self._encode_fields(images))
+            rows = self.visual_cache.lookup(image_keys, images, lambda batch: self._encode(batch).tensors())
+            return VisualContext(*rows)
+        return self._encode(images)
 
-    def _encode_fields(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _encode(self, images: torch.Tensor) -> VisualContext:
         encoded = self.encoder(images)
         perceived = self.perceiver(encoded.patch_tokens)
-        # VisualContext field order
-        return encoded.patch_tokens, encoded.cls_token, perceived.queries, perceived.pixel_features
+        return VisualContext(
+            patch_tokens=encoded.patch_tokens,
+            cls_token=encoded.cls_token,
+            region_queries=perceived.queries,
+            pixel_features=perceived.pixel_features,
+        )
 
     def visual_embeddings(self, context: VisualContext) -> torch.Tensor:
         """[B, Nv, H] through P_v2t; region tokens dropped in the no-region-embeddings ablation."""

@@ -1,4 +1,4 @@
-"""A local S3 server (SeaweedFS ``weed mini``) for the embedded single-machine run and tests.
+"""A local S3 server (SeaweedFS ``weed mini -master.telemetry=false``) for local runs and tests.
 
 It speaks the same S3 API as the cluster's MinIO, so DVC, the run-cache and MLflow go through
 exactly the code paths they use in production. The server binds to loopback only, never phones
@@ -133,7 +133,7 @@ def _stop_leftovers() -> None:
 
 
 class SeaweedS3Server:
-    """``weed mini`` on loopback as a context manager.
+    """``weed mini -master.telemetry=false`` on loopback as a context manager.
 
     ``with SeaweedS3Server(dir) as server: server.env()`` gives the S3 endpoint and credentials
     for clients; leaving the block always stops the process (SIGTERM, then SIGKILL).

@@ -9,7 +9,6 @@ Outputs (paths inside are relative to the dataset root, so the data can move bet
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from medsight.config.schema import ExperimentConfig
 from medsight.data.biomedparse import SegmentationRecord
+from medsight.data.phrasing import stable_choice
 from medsight.data.taxonomy import Taxonomy
 from medsight.io_utils import atomic_write_json
 from medsight.model.matcher import HungarianMatcher
@@ -114,17 +114,16 @@ ALL_STRUCTURES_REQUESTS = (
 )
 
 
-def _phrasing(options: tuple[str, ...], key: str, vary: bool) -> str:
-    """Deterministic per (image, request): a hash, not global random state."""
-    if not vary:
-        return options[0]
-    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
+def _phrasing(options: tuple[str, ...], key: str, seed: int | None) -> str:
+    """The canonical wording when ``seed`` is None (val/test), else a stable per-request choice."""
+    return options[0] if seed is None else stable_choice(options, key, seed)
 
 
 def template_conversations(
-    record: SegmentationRecord, regions: list[CodedRegion], image: str, vary_phrasing: bool = False
+    record: SegmentationRecord, regions: list[CodedRegion], image: str, phrasing_seed: int | None = None
 ) -> list[dict]:
-    """Deterministic offline generator: structure, diagnosis and multi-region grounding turns."""
+    """Deterministic offline generator: structure, diagnosis and multi-region grounding turns.
+    ``phrasing_seed``: vary the request wording (training); None keeps the canonical one."""
     modality = record.modality
     entries = []
 
@@ -142,10 +141,10 @@ def template_conversations(
     lesions = [r for r in regions if r.host is not None]
     for region in structures:
         kind = f"seg_{region.class_name.replace(' ', '_')}"
-        request = _phrasing(SEGMENT_REQUESTS, f"{record.image_id}/{kind}", vary_phrasing)
+        request = _phrasing(SEGMENT_REQUESTS, f"{record.image_id}/{kind}", phrasing_seed)
         entries.append(entry(kind, request.format(name=region.class_name),
                              f"Here is the {region.class_name} {region.token}.", [region], task="segmentation"))
-    question = _phrasing(ABNORMALITY_REQUESTS, f"{record.image_id}/diagnosis", vary_phrasing).format(modality=modality)
+    question = _phrasing(ABNORMALITY_REQUESTS, f"{record.image_id}/diagnosis", phrasing_seed).format(modality=modality)
     if lesions:
         lesion = lesions[0]
         entries.append(entry("diagnosis", question, f"Yes, there is {_article(lesion.class_name)} {lesion.class_name} in the {lesion.host} {lesion.token}.",
@@ -156,7 +155,7 @@ def template_conversations(
     if len(structures) > 1:
         parts = [f"the {r.class_name} {r.token}" for r in structures]
         answer = ", ".join(parts[:-1]) + f" and {parts[-1]}."
-        request = _phrasing(ALL_STRUCTURES_REQUESTS, f"{record.image_id}/all_structures", vary_phrasing)
+        request = _phrasing(ALL_STRUCTURES_REQUESTS, f"{record.image_id}/all_structures", phrasing_seed)
         entries.append(entry("all_structures", request, answer[0].upper() + answer[1:],
                              structures, task="multi_segmentation"))
     return entries
@@ -200,7 +199,9 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         for record, masks, image_tokens in zip(split.records, split.masks, tokens):
             regions = coded_regions(record, masks, image_tokens, data_root, taxonomy)
             image = str(Path(record.image_path).resolve().relative_to(data_root.resolve()))
-            conversations += template_conversations(record, regions, image, vary_phrasing=split_name == "train")
+            conversations += template_conversations(
+                record, regions, image, config.grounding_data.seed if split_name == "train" else None
+            )
             codes.append({"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]})
         atomic_write_json(output / "region_codes" / f"{split_name}.json", codes)
         if config.grounding_data.generator == "llm" and split_name == "train":

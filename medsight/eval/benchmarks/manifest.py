@@ -19,7 +19,6 @@ user points the same code at real releases by writing one by hand.
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from medsight.eval.benchmarks.diagseg import read_diagseg
 from medsight.eval.benchmarks.mecovqa_grounding import read_mecovqa_grounding
 from medsight.eval.benchmarks.multiple_choice import read_mmmu, read_omnimedvqa
 from medsight.eval.benchmarks.vqa_llava_med import read_vqa
+from medsight.io_utils import read_json
 
 # The paper's benchmark order (Tables 2-4, then App. F.5).
 BENCHMARK_ORDER = ("vqa_rad", "slake", "pathvqa", "mmmu_med", "omnimedvqa", "diagseg", "mecovqa_g", "schain", "medtrinity")
@@ -62,12 +62,7 @@ _ARGUMENT_NAMES = {"omnimedvqa": {"path": "root"}}
 
 def read_manifest(path: Path) -> list[BenchmarkSpec]:
     path = Path(path)
-    if not path.is_file():
-        raise BenchmarkFormatError(f"{path}: benchmark manifest not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise BenchmarkFormatError(f"{path}: not valid JSON ({error})") from error
+    data = read_json(path, BenchmarkFormatError, "benchmark manifest not found")
     entries = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise BenchmarkFormatError(f"{path}: expected {{\"benchmarks\": [...]}}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from medsight.data.biomedparse import read_biomedparse
 from medsight.data.taxonomy import Taxonomy
+from medsight.io_utils import read_json
 
 
 @dataclass(frozen=True)
@@ -97,15 +98,8 @@ def triples_from_region_codes(codes_path: Path, data_root: Path, split: str, tax
     """Triples with region tokens from the grounding-data stage's ``region_codes/<split>.json``
     (``[{image, modality, regions: [{class_name, mask_file, token, host}]}]``); descriptions come
     from the BiomedParse annotations of the same split."""
-    import json
-
     codes_path = Path(codes_path)
-    if not codes_path.is_file():
-        raise ValueError(f"{codes_path}: region codes file not found (written by the grounding-data stage)")
-    try:
-        entries = json.loads(codes_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{codes_path}: not valid JSON ({error})") from error
+    entries = read_json(codes_path, ValueError, "region codes file not found (written by the grounding-data stage)")
     tokens: dict[str, str] = {}
     hosts: dict[str, str] = {}
     for index, entry in enumerate(entries):

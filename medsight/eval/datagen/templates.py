@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
+from medsight.data.phrasing import stable_choice
 from medsight.eval.datagen.records import RegionInfo, Triple
 
 DIAGSEG_QUESTIONS = (
@@ -49,8 +50,7 @@ class TemplateGenerator:
         self.seed = seed
 
     def _pick(self, options: tuple[str, ...], key: str) -> str:
-        digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
-        return options[int.from_bytes(digest[:4], "big") % len(options)]
+        return stable_choice(options, key, self.seed)
 
     def diagseg_qa(self, triple: Triple, region: RegionInfo) -> tuple[str, str]:
         modality = triple.modality if triple.modality in ("CT", "MRI", "OCT") else triple.modality.lower()
