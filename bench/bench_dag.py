@@ -4,10 +4,13 @@ Measures, each in a fresh child process (wall time, peak RSS from wait4):
   1. in-process chain (`medsight.stages.chain.run_chain`): the no-orchestrator baseline;
   2. first `medsight platform run-local` (SeaweedFS + DVC + MLflow + kfp.local, empty store);
   3. the same command again with nothing changed (every stage restored from the run-cache).
+  4. the import floor: per stage, a fresh process that only imports what its component imports
+     (KFP executor, platform runtime, MLflow, DVC, the stage module) and exits. No orchestrator that
+     runs each stage in its own process can add less than this to the in-process chain.
 Targets: (2)/(1) <= 1.15, (3)/(2) <= 5%. Writes the "## Platform (KFP DAG)" section of
 BENCHMARKS.md (other sections untouched).
 
-Usage: python bench/bench_dag.py [--workdir DIR] [--full-tiny] [--set key=value ...] [--no-write]
+Usage: python bench/bench_dag.py [--workdir DIR] [--full-tiny] [--set key=value ...] [--no-write] [--floor-only]
 """
 
 from __future__ import annotations
@@ -68,6 +71,19 @@ def local_run(workdir: Path, overrides: list[str], log: Path) -> tuple[float, fl
     return wall, rss, json.loads(runs[-1].read_text())
 
 
+def import_floor(log: Path) -> dict[str, float]:
+    """Wall seconds of a fresh interpreter importing what each stage's component imports."""
+    from medsight.stages.registry import STAGES
+
+    floor = {}
+    for spec in STAGES:
+        module = spec.entrypoint.split(":")[0]
+        code = ("import kfp.dsl.executor_main, medsight.platform.component_runtime, mlflow.tracking, dvc.repo; "
+                f"import {module}")
+        floor[spec.name], _ = timed([sys.executable, "-c", code], log)
+    return floor
+
+
 def stage_table(run: dict, chain: dict[str, float]) -> list[str]:
     lines = ["| stage | in-process chain (s) | kfp: stage compute (s) | kfp: component process (s) |",
              "|---|---:|---:|---:|"]
@@ -94,6 +110,7 @@ def main() -> None:
     parser.add_argument("--full-tiny", action="store_true", help="the tiny preset as is (long), not the fast cut")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--floor-only", action="store_true", help="measure only the import floor (4) and print it")
     args = parser.parse_args()
     from medsight.platform.local_run import FAST_OVERRIDES
 
@@ -102,12 +119,18 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     log = scratch / "bench.log"
     load_before = os.getloadavg()
+    if args.floor_only:
+        floor = import_floor(log)
+        print(" ".join(f"{name}={seconds:.1f}s" for name, seconds in floor.items()), f"total={sum(floor.values()):.1f}s")
+        return
     print(f"in-process chain ... (log {log})", flush=True)
     chain_wall, chain_rss = in_process(scratch / "chain", overrides, log)
     print(f"  {chain_wall:.1f}s; kfp.local first run ...", flush=True)
     first_wall, first_rss, first = local_run(scratch / "platform", overrides, log)
     print(f"  {first_wall:.1f}s; kfp.local unchanged rerun ...", flush=True)
     again_wall, again_rss, again = local_run(scratch / "platform", overrides, log)
+    print(f"  {again_wall:.1f}s; import floor ...", flush=True)
+    floor = sum(import_floor(log).values())
     load_after = os.getloadavg()
     ran_again = [r["stage"] for r in again["stages"] if not r["cached"]]
     overhead = first_wall / chain_wall
@@ -128,6 +151,9 @@ def main() -> None:
         "",
         f"- Orchestration overhead: {overhead:.2f}x the in-process chain (target <= 1.15x).",
         f"- Unchanged rerun: {100 * fraction:.1f}% of the first run (target <= 5%).",
+        f"- Import floor: 9 fresh processes that only import what their components import take {floor:.1f} s,"
+        f" {100 * floor / chain_wall:.0f}% of the in-process chain; one process per stage cannot do better than"
+        f" {(chain_wall + floor) / chain_wall:.2f}x here.",
         "",
         "Per stage (component process = interpreter + imports + DVC pull/push + MLflow + the stage):",
         "",

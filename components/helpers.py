@@ -8,7 +8,7 @@ from kfp import dsl
 from components.stages import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def stand_in(stage: str, ref: str = "") -> str:
     """Output of a stage an ablation switched off: nothing, or another stage's output instead."""
     from medsight.platform.component_runtime import stand_in as run
@@ -16,7 +16,7 @@ def stand_in(stage: str, ref: str = "") -> str:
     return run(stage, ref)
 
 
-@dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def stage_from_refs(
     stage: str,
     inputs: dict,
@@ -32,13 +32,13 @@ def stage_from_refs(
                          output=output, metrics=metrics)
 
 
-@dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def merge_overrides(base: list, extra: list) -> list:
     """Pipeline-wide overrides followed by a variant's own (later ones win)."""
     return [*base, *extra]
 
 
-@dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def tag_variant(name: str, evaluation: str) -> str:
     """Pair a variant's name with its evaluation output, so collected results stay labelled."""
     import json
@@ -46,7 +46,7 @@ def tag_variant(name: str, evaluation: str) -> str:
     return json.dumps({"name": name, "evaluation": evaluation})
 
 
-@dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def compare_variants(results: list, table: dsl.Output[dsl.Markdown]) -> str:
     """One row per ablation variant with its evaluation metrics (Markdown shown in the KFP UI)."""
     from medsight.platform.component_runtime import compare_evaluations

@@ -18,7 +18,7 @@ GPU_IMAGE = "registry.example.com/medsight/medsight:0.1.0"
 CPU_IMAGE = "registry.example.com/medsight/medsight-cpu:0.1.0"
 
 
-@dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def synth_data(
     preset: str,
     overrides: list,
@@ -33,7 +33,7 @@ def synth_data(
                          output=output, metrics=metrics)
 
 
-@dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def base_models(
     data: str,
     preset: str,
@@ -48,7 +48,7 @@ def base_models(
                          output=output, metrics=metrics)
 
 
-@dsl.component(base_image=GPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def perceiver_pretrain(
     data: str,
     base: str,
@@ -65,7 +65,7 @@ def perceiver_pretrain(
                          hparams={"two_way": two_way}, output=output, metrics=metrics)
 
 
-@dsl.component(base_image=GPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def codebook_pretrain(
     data: str,
     base: str,
@@ -85,7 +85,7 @@ def codebook_pretrain(
                          output=output, metrics=metrics)
 
 
-@dsl.component(base_image=GPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def v2t_align(
     data: str,
     base: str,
@@ -105,7 +105,7 @@ def v2t_align(
                          output=output, metrics=metrics)
 
 
-@dsl.component(base_image=CPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def grounding_data(
     data: str,
     base: str,
@@ -127,7 +127,7 @@ def grounding_data(
                          output=output, metrics=metrics)
 
 
-@dsl.component(base_image=GPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def t2v_align(
     data: str,
     base: str,
@@ -153,7 +153,7 @@ def t2v_align(
                          output=output, metrics=metrics)
 
 
-@dsl.component(base_image=GPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def instruct_tune(
     data: str,
     base: str,
@@ -180,7 +180,7 @@ def instruct_tune(
                          output=output, metrics=metrics)
 
 
-@dsl.component(base_image=GPU_IMAGE, packages_to_install=[])
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def evaluate(
     data: str,
     base: str,

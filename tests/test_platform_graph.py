@@ -144,3 +144,12 @@ def test_compiled_yaml_holds_no_secrets() -> None:
         assert not re.search(r"AWS_SECRET_ACCESS_KEY\s*[:=]\s*\S", text.replace("envVar: AWS_SECRET_ACCESS_KEY", "")
                              .replace("secretKey: AWS_SECRET_ACCESS_KEY", ""))
         assert "accessKey" not in text and "secret_key" not in text
+
+
+@pytest.mark.parametrize("pipeline", ["medsight-pipeline", "medsight-ablation", "medsight-single-stage"])
+def test_components_run_from_the_image_without_installing_packages(pipeline: str) -> None:
+    # GPU node pools are often air-gapped: a pod that pip-installs kfp at start-up fails there,
+    # and everywhere else it pays a pip run per task. The images already pin kfp.
+    for name, executor in _compiled(pipeline)["deploymentSpec"]["executors"].items():
+        script = " ".join(executor["container"].get("command", []) + executor["container"].get("args", []))
+        assert "pip install" not in script and "ensurepip" not in script, name

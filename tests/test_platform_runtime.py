@@ -107,3 +107,48 @@ def test_hyperparameters_map_to_config_keys() -> None:
     assert set(relevant_hparams("instruct-tune")) == {"codebook_size", "two_way", "region_embeddings", "grounding_mode"}
     with pytest.raises(ValueError, match="unknown pipeline hyperparameter"):
         hparam_overrides({"lr": 1})
+
+
+_FAST_EXIT_SCRIPT = """
+import atexit, json, sys
+from pathlib import Path
+out, marks, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+atexit.register(lambda: (marks / "registered-before").write_text("ran"))
+from medsight.platform.fast_exit import install_for_kfp_executor
+armed = install_for_kfp_executor(["executor_main", "--executor_input", json.dumps({"outputs": {"outputFile": str(out)}})])
+atexit.register(lambda: (marks / "registered-after").write_text("ran"))
+print("armed" if armed else "not armed", flush=False)  # unflushed: the fast exit must flush it
+if mode == "fail":
+    raise RuntimeError("component failed before writing its outputs")
+out.write_text("{}")
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail"])
+def test_fast_exit_only_after_the_executor_output_is_written(tmp_path: Path, mode: str) -> None:
+    import subprocess
+    import sys
+
+    out, marks = tmp_path / "executor_output.json", tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _FAST_EXIT_SCRIPT, str(out), str(marks), mode],
+                          capture_output=True, text=True)
+    assert "armed" in proc.stdout
+    # Handlers registered after arming (the stage's libraries) always run.
+    assert (marks / "registered-after").is_file()
+    if mode == "ok":
+        assert proc.returncode == 0, proc.stderr
+        # Teardown (and handlers registered before arming) skipped: the process ended right away.
+        assert not (marks / "registered-before").exists()
+    else:
+        assert proc.returncode == 1 and "component failed" in proc.stderr
+        assert (marks / "registered-before").is_file()  # normal exit path
+
+
+def test_executor_output_file_is_read_from_the_executor_arguments() -> None:
+    from medsight.platform.fast_exit import executor_output_file
+
+    argv = ["x", "--executor_input", '{"outputs": {"outputFile": "/tmp/a/executor_output.json"}}', "--function_to_execute", "f"]
+    assert executor_output_file(argv) == Path("/tmp/a/executor_output.json")
+    assert executor_output_file(["x", "--executor_input", "not json"]) is None
+    assert executor_output_file(["pytest", "-q"]) is None

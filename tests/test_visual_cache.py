@@ -63,3 +63,34 @@ def test_model_features_with_cache_equal_recomputed(tiny_model):
     for field in ("patch_tokens", "cls_token", "region_queries", "pixel_features"):
         assert torch.allclose(getattr(cached, field), getattr(plain, field), atol=1e-6), field
         assert torch.allclose(getattr(served, field), getattr(plain, field).flip(0), atol=1e-6), field
+
+
+def test_decoded_files_load_each_path_once_within_budget(tmp_path):
+    from PIL import Image
+
+    from medsight.data import image_io
+    from medsight.data.conversation_dataset import DecodedFiles
+
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"{index}.png"
+        Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(path)
+        paths.append(path)
+    loads = []
+
+    def load(path, size):
+        loads.append(path.name)
+        return image_io.load_image(path, size)
+
+    one_image = 3 * 8 * 8 * 4  # float32 [3, 8, 8]
+    cache = DecodedFiles(max_bytes=2 * one_image)
+    first = [cache.get(p, 8, load) for p in paths]
+    again = [cache.get(p, 8, load) for p in paths]
+    # Fill-first: the first two fit and are not read again; the third is over budget and is.
+    assert loads == ["0.png", "1.png", "2.png", "2.png"] and cache.used_bytes == 2 * one_image
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    cache.get(paths[0], 4, load)  # another size is another entry
+    assert loads[-1] == "0.png"
+    with pytest.raises(ValueError, match="budget"):
+        DecodedFiles(-1)

@@ -163,7 +163,8 @@ class LanguageTrainConfig(TrainConfig):
     """The LLM stages (3-5): DeepSpeed, and the frozen vision side's feature cache."""
 
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    # MiB of per-image encoder/perceiver features kept between steps (0 = recompute every step).
+    # MiB of per-image encoder/perceiver features kept between steps, and as much again of decoded
+    # image/mask files (0 = recompute and re-decode every step).
     visual_cache_mb: int = 0
 
 

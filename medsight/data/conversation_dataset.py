@@ -6,7 +6,9 @@ placeholder count is exact by construction and answers are the only supervised t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -78,6 +80,33 @@ def encode_conversation(
     return input_ids, labels
 
 
+class DecodedFiles:
+    """Decoded image and mask tensors by path, bounded in bytes and filled first-come.
+
+    An LLM stage revisits each image every epoch and once per conversation about it; with its
+    visual features cached (``VisualContextCache``) PNG decoding was ~10% of a tiny step. Callers
+    must not modify returned tensors in place (collation stacks them into new ones).
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"decoded-file cache budget must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.used_bytes = 0
+        self._tensors: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, path: Path, size: int, load: Callable[[Path, int], torch.Tensor]) -> torch.Tensor:
+        key = (str(path), size)
+        tensor = self._tensors.get(key)
+        if tensor is None:
+            tensor = load(path, size)
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.used_bytes + nbytes <= self.max_bytes:
+                self._tensors[key] = tensor
+                self.used_bytes += nbytes
+        return tensor
+
+
 class ConversationDataset(Dataset):
     def __init__(
         self,
@@ -87,6 +116,7 @@ class ConversationDataset(Dataset):
         image_size: int,
         max_length: int,
         taxonomy: Taxonomy,
+        decoded_cache_bytes: int = 0,
     ):
         self.conversations = conversations
         self.taxonomy = taxonomy
@@ -95,6 +125,7 @@ class ConversationDataset(Dataset):
         self.num_visual_tokens = num_visual_tokens
         self.image_size = image_size
         self.max_length = max_length
+        self.decoded = DecodedFiles(decoded_cache_bytes)
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -105,8 +136,8 @@ class ConversationDataset(Dataset):
         input_ids, labels = encode_conversation(
             self.tokenizer, self.format, conversation.turns, self.num_visual_tokens, self.max_length, where
         )
-        image = image_io.load_image(conversation.image_paths[0], self.image_size)
-        masks = [image_io.load_mask(path, self.image_size) for path in conversation.mask_paths]
+        image = self.decoded.get(conversation.image_paths[0], self.image_size, image_io.load_image)
+        masks = [self.decoded.get(path, self.image_size, image_io.load_mask) for path in conversation.mask_paths]
         mask_tensor = torch.stack(masks) if masks else torch.zeros(0, self.image_size, self.image_size)
         modality = self.taxonomy.modality_index(conversation.modality, where) if conversation.modality else -1
         return {

@@ -290,6 +290,9 @@ def run_component(
     html: Any = None,
 ) -> tuple[str, bool]:
     """Entry point of the KFP components: returns (output reference JSON, was it a cache hit)."""
+    from medsight.platform.fast_exit import install_for_kfp_executor
+
+    install_for_kfp_executor()  # before the stage's heavy imports, so their exit handlers still run
     config = resolve_config(preset, overrides, hparams)
     result = execute_stage(stage, inputs, config, use_existing=use_existing)
     if output is not None:

@@ -57,7 +57,10 @@ def make_language_data(
     train: list[Conversation],
     val: list[Conversation],
     taxonomy: Taxonomy,
+    cache_mb: int = 0,
 ) -> LanguageData:
+    """``cache_mb``: the stage's ``visual_cache_mb``; decoded image/mask files get the same budget."""
+
     def dataset(conversations: list[Conversation]) -> ConversationDataset:
         return ConversationDataset(
             conversations,
@@ -66,6 +69,7 @@ def make_language_data(
             image_size=config.model.encoder.image_size,
             max_length=config.model.llm.max_position_embeddings,
             taxonomy=taxonomy,
+            decoded_cache_bytes=cache_mb * 1024 * 1024,
         )
 
     return LanguageData(dataset(train), dataset(val), PromptFormat.from_tokenizer(tokenizer).pad_id)

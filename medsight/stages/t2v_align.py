@@ -26,7 +26,7 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     grounding = Path(inputs["grounding"]) / "conversations"
     train = load_conversations(grounding / "train.json", inputs["data"])
     val = load_conversations(grounding / "val.json", inputs["data"])
-    data = make_language_data(config, model, tokenizer, train, val, taxonomy)
+    data = make_language_data(config, model, tokenizer, train, val, taxonomy, stage.visual_cache_mb)
     result = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,
         output=output, tracker=tracker, seg_weight=1.0,

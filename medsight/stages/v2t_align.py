@@ -26,7 +26,7 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     model, tokenizer, _ = build_medsight(config, inputs, taxonomy, allow_missing=("codebook",))
     captions = load_conversations(Path(inputs["data"]) / "llava" / "alignment_train.json", inputs["data"])
     train, val = split_holdout(captions)
-    data = make_language_data(config, model, tokenizer, train, val, taxonomy)
+    data = make_language_data(config, model, tokenizer, train, val, taxonomy, stage.visual_cache_mb)
     result = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,
         output=output, tracker=tracker, seg_weight=0.0,
