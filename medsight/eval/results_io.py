@@ -14,7 +14,7 @@ from typing import Any
 
 from medsight.eval.runner import BenchmarkResult
 from medsight.eval.tables import Summaries
-from medsight.io_utils import atomic_path, atomic_write_json
+from medsight.io_utils import atomic_path, atomic_write_json, read_json
 
 
 def results_document(results: list[BenchmarkResult], run: dict[str, Any]) -> dict[str, Any]:
@@ -40,13 +40,7 @@ def write_results(path: Path, document: dict[str, Any]) -> None:
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no results.json here; run `medsight run-stage evaluate` (or the eval stage) first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    return read_json(path, ValueError, "no results.json here; run `medsight stage run evaluate` (or `medsight chain`) first")
 
 
 def write_predictions(path: Path, results: list[BenchmarkResult]) -> None:

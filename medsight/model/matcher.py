@@ -11,20 +11,20 @@ from medsight.config.schema import LossConfig
 
 
 def pairwise_sigmoid_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean per-pixel BCE of every prediction against every target: [..., Q, P] x [..., R, P] -> [..., Q, R].
+    """Mean per-pixel BCE of every prediction against every target: [Q, P] x [R, P] -> [Q, R].
 
     BCE(x, t) = softplus(x) - t * x, so the pixel sums become one row sum and one matrix
     product instead of a [Q, R, P] tensor.
     """
-    num_pixels = logits.shape[-1]
-    return (F.softplus(logits).sum(dim=-1, keepdim=True) - logits @ targets.transpose(-1, -2)) / num_pixels
+    num_pixels = logits.shape[1]
+    return (F.softplus(logits).sum(dim=1, keepdim=True) - logits @ targets.t()) / num_pixels
 
 
 def pairwise_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dice loss 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) for every pair: [..., Q, P] x [..., R, P] -> [..., Q, R]."""
+    """Dice loss 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) for every pair: [Q, P] x [R, P] -> [Q, R]."""
     probs = logits.sigmoid()
-    intersection = probs @ targets.transpose(-1, -2)  # [..., Q, R]
-    totals = probs.sum(dim=-1).unsqueeze(-1) + targets.sum(dim=-1).unsqueeze(-2)  # [..., Q, R]
+    intersection = probs @ targets.t()  # [Q, R]
+    totals = probs.sum(dim=1)[:, None] + targets.sum(dim=1)[None, :]  # [Q, R]
     return 1.0 - (2.0 * intersection + 1.0) / (totals + 1.0)
 
 
@@ -47,24 +47,19 @@ class HungarianMatcher(nn.Module):
     ) -> torch.Tensor:
         """One image: mask_logits [Q, h, w], class_logits [Q, C+1], masks [R, H, W], labels [R] -> cost [Q, R]."""
         resized = F.interpolate(mask_logits[None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        return self._batched_cost(resized.flatten(2), class_logits[None], masks[None].flatten(2), labels[None])[0]
+        return self._cost_at_target_size(resized[0], class_logits, masks, labels)
 
-    def _batched_cost(
-        self, flat_logits: torch.Tensor, class_logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor
+    def _cost_at_target_size(
+        self, resized_logits: torch.Tensor, class_logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        """flat_logits [B, Q, P] at the targets' size, class_logits [B, Q, C+1], targets [B, R, P], labels [B, R] -> [B, Q, R].
-
-        Images with fewer regions are zero-padded to R; their padded columns are sliced off before
-        assignment, so padding never changes a match.
-        """
-        flat_logits = flat_logits.float()
-        targets = targets.to(flat_logits.dtype)
-        class_prob = class_logits.float().softmax(dim=-1)  # [B, Q, C+1]
-        index = labels.long()[:, None, :].expand(-1, class_prob.shape[1], -1)  # [B, Q, R]
+        """resized_logits [Q, H, W] already at the masks' size, class_logits [Q, C+1], masks [R, H, W] -> [Q, R]."""
+        flat_logits = resized_logits.flatten(1).float()  # [Q, H*W]
+        flat_targets = masks.flatten(1).to(flat_logits.dtype)  # [R, H*W]
+        class_prob = class_logits.float().softmax(dim=-1)[:, labels.long()]  # [Q, R]
         return (
-            self.cost_bce * pairwise_sigmoid_bce(flat_logits, targets)
-            + self.cost_dice * pairwise_dice(flat_logits, targets)
-            - self.cost_class * class_prob.gather(2, index)
+            self.cost_bce * pairwise_sigmoid_bce(flat_logits, flat_targets)
+            + self.cost_dice * pairwise_dice(flat_logits, flat_targets)
+            - self.cost_class * class_prob
         )
 
     @torch.no_grad()
@@ -80,30 +75,28 @@ class HungarianMatcher(nn.Module):
         Returns per image (query_idx [R_b], target_idx [R_b]) LongTensors on CPU, sorted by query.
         """
         num_queries = mask_logits.shape[1]
-        empty = torch.empty(0, dtype=torch.long)
-        matches: list[tuple[torch.Tensor, torch.Tensor]] = [(empty, empty.clone()) for _ in target_masks]
-        # Costs of all images with the same ground-truth size come from one batched resize and one
-        # batched matmul: a per-image loop of small ops dominated the perceiver's step on CPU.
-        images_by_size: dict[tuple[int, int], list[int]] = {}
-        for image, masks in enumerate(target_masks):
-            if masks.shape[0] > num_queries:
+        # One bilinear resize of the whole batch per distinct ground-truth size (usually one).
+        resized_by_size: dict[tuple[int, int], torch.Tensor] = {}
+        matches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for image, (masks, labels) in enumerate(zip(target_masks, target_labels)):
+            num_targets = masks.shape[0]
+            if num_targets > num_queries:
                 raise ValueError(
-                    f"image {image} has {masks.shape[0]} target regions but the perceiver has only "
+                    f"image {image} has {num_targets} target regions but the perceiver has only "
                     f"{num_queries} queries; drop images with more regions than queries"
                 )
-            if masks.shape[0]:
-                images_by_size.setdefault((int(masks.shape[-2]), int(masks.shape[-1])), []).append(image)
-        for size, images in images_by_size.items():
-            picked = torch.as_tensor(images, device=mask_logits.device)
-            resized = F.interpolate(mask_logits[picked].float(), size=size, mode="bilinear", align_corners=False)
-            counts = [int(target_masks[i].shape[0]) for i in images]
-            padded_masks = resized.new_zeros(len(images), max(counts), size[0] * size[1])  # [b, R, P]
-            padded_labels = torch.zeros(len(images), max(counts), dtype=torch.long, device=mask_logits.device)
-            for row, (image, count) in enumerate(zip(images, counts)):
-                padded_masks[row, :count] = target_masks[image].flatten(1).to(padded_masks)
-                padded_labels[row, :count] = target_labels[image].to(padded_labels)
-            costs = self._batched_cost(resized.flatten(2), class_logits[picked], padded_masks, padded_labels).cpu().numpy()
-            for row, (image, count) in enumerate(zip(images, counts)):
-                query_idx, target_idx = linear_sum_assignment(costs[row, :, :count])
-                matches[image] = (torch.as_tensor(query_idx, dtype=torch.long), torch.as_tensor(target_idx, dtype=torch.long))
+            if num_targets == 0:
+                empty = torch.empty(0, dtype=torch.long)
+                matches.append((empty, empty.clone()))
+                continue
+            size = (int(masks.shape[-2]), int(masks.shape[-1]))
+            if size not in resized_by_size:
+                resized_by_size[size] = F.interpolate(
+                    mask_logits.float(), size=size, mode="bilinear", align_corners=False
+                )  # [B, Q, H, W]
+            cost = self._cost_at_target_size(resized_by_size[size][image], class_logits[image], masks, labels)
+            query_idx, target_idx = linear_sum_assignment(cost.cpu().numpy())
+            matches.append(
+                (torch.as_tensor(query_idx, dtype=torch.long), torch.as_tensor(target_idx, dtype=torch.long))
+            )
         return matches
