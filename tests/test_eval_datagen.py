@@ -11,14 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from medsight.data.taxonomy import Taxonomy
-from medsight.eval.datagen.diagseg_builder import build_diagseg
-from medsight.eval.datagen.grounding_conversations import build_grounding_conversations
-from medsight.eval.datagen.jsonl_store import JsonlStore
-from medsight.eval.datagen.llm_client import ChatClient, LLMError, parse_json_reply
-from medsight.eval.datagen.llm_generator import LLMGenerator
-from medsight.eval.datagen.records import RegionInfo, Triple
-from medsight.eval.datagen.templates import TemplateGenerator
-from medsight.eval.datagen.validation import mask_files_in_token_order, validate_conversation, validate_diagseg_qa
+from medsight.data.datagen.diagseg_builder import build_diagseg
+from medsight.data.datagen.grounding_conversations import build_grounding_conversations
+from medsight.data.datagen.jsonl_store import JsonlStore
+from medsight.data.datagen.llm_client import ChatClient, LLMError, parse_json_reply
+from medsight.data.datagen.llm_generator import LLMGenerator
+from medsight.data.datagen.records import RegionInfo, Triple
+from medsight.data.datagen.templates import TemplateGenerator
+from medsight.data.datagen.validation import mask_files_in_token_order, validate_conversation, validate_diagseg_qa
 
 
 def make_triple(index: int, token_base: int = 0, lesion: str = "tumor") -> Triple:

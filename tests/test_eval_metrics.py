@@ -7,8 +7,9 @@ import logging
 import pytest
 import torch
 
+from medsight.data.answer_text import normalize_answer
 from medsight.eval import metrics
-from medsight.eval.region_tokens import (
+from medsight.data.region_tokens import (
     find_region_tokens,
     highlight_spans,
     known_token_masks,
@@ -21,10 +22,10 @@ from medsight.eval.region_tokens import (
 
 
 def test_normalize_answer():
-    assert metrics.normalize_answer("The Liver [C0_3]!") == "liver"
-    assert metrics.normalize_answer("Two nodules, 0.5 cm.") == "2 nodules 0.5 cm"
-    assert metrics.normalize_answer("<image>\nT2-weighted MRI") == "t2-weighted mri"
-    assert metrics.normalize_answer("It isn't.") == "it is not"
+    assert normalize_answer("The Liver [C0_3]!") == "liver"
+    assert normalize_answer("Two nodules, 0.5 cm.") == "2 nodules 0.5 cm"
+    assert normalize_answer("<image>\nT2-weighted MRI") == "t2-weighted mri"
+    assert normalize_answer("It isn't.") == "it is not"
 
 
 @pytest.mark.parametrize(

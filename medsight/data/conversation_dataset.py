@@ -18,7 +18,9 @@ from medsight.data import image_io
 from medsight.data.llava import Conversation
 from medsight.data.taxonomy import Taxonomy
 from medsight.data.tokenizer import ASSISTANT_TOKEN, IMAGE_TOKEN, USER_TOKEN
-from medsight.model.medsight import IGNORE_INDEX
+
+# Label of prompt and padding positions: the LM loss skips them (torch's cross-entropy default).
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

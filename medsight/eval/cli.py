@@ -160,12 +160,12 @@ def gen_data_command(
 ) -> None:
     """Generate DiagSeg-style QA or grounding conversations (resumable: rerun to continue)."""
     from medsight.data.taxonomy import resolve_taxonomy
-    from medsight.eval.datagen.diagseg_builder import build_diagseg
-    from medsight.eval.datagen.grounding_conversations import build_grounding_conversations
-    from medsight.eval.datagen.llm_client import ChatClient, LLMError
-    from medsight.eval.datagen.llm_generator import LLMGenerator
-    from medsight.eval.datagen.records import triples_from_biomedparse, triples_from_region_codes
-    from medsight.eval.datagen.templates import TemplateGenerator
+    from medsight.data.datagen.diagseg_builder import build_diagseg
+    from medsight.data.datagen.grounding_conversations import build_grounding_conversations
+    from medsight.data.datagen.llm_client import ChatClient, LLMError
+    from medsight.data.datagen.llm_generator import LLMGenerator
+    from medsight.data.datagen.records import triples_from_biomedparse, triples_from_region_codes
+    from medsight.data.datagen.templates import TemplateGenerator
 
     if kind not in ("diagseg", "grounding") or generator not in ("template", "llm"):
         _fail("--kind must be diagseg or grounding, --generator template or llm")

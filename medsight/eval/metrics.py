@@ -18,38 +18,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from medsight.eval.region_tokens import strip_region_tokens
-
-# ---------------------------------------------------------------------------- normalisation
-
-_NUMBER_WORDS = {
-    "zero": "0", "none": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}
-_ARTICLES = {"a", "an", "the"}
-# Contractions split before punctuation is removed, so "isn't" still reads as a "no" answer.
-_CONTRACTIONS = {"isn't": "is not", "aren't": "are not", "doesn't": "does not", "don't": "do not",
-                 "can't": "can not", "wasn't": "was not", "there's": "there is", "it's": "it is"}
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case words without punctuation, articles or region tokens; number words as digits."""
-    text = strip_region_tokens(text.replace("<image>", " ")).lower()
-    for contraction, expansion in _CONTRACTIONS.items():
-        text = text.replace(contraction, expansion)
-    # Keep decimal points and hyphenated terms inside numbers/words ("0.5", "t2-weighted").
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)
-    text = re.sub(r"[^\w\s.\-]", " ", text)
-    text = re.sub(r"(?<!\w)-|-(?!\w)", " ", text)
-    words = [_NUMBER_WORDS.get(word, word) for word in text.split()]
-    # An answer that is only an article ("A" as an option letter) keeps it rather than vanishing.
-    kept = [word for word in words if word not in _ARTICLES]
-    return " ".join(kept or words)
-
-
-def answer_tokens(text: str) -> list[str]:
-    return normalize_answer(text).split()
-
+from medsight.data.answer_text import answer_tokens
+from medsight.model.dice import hard_dice_of_probabilities
 
 def _contains_sequence(haystack: list[str], needle: list[str]) -> bool:
     if not needle:
@@ -131,19 +101,14 @@ def term_recalled(prediction: str, term: str) -> float:
 # ---------------------------------------------------------------------------- mask scores
 
 
-def binarize(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask > threshold
+def dice(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """Dice of two [H, W] masks (probabilities or booleans), thresholded at 0.5; both empty -> 1.0.
 
-
-def dice(prediction: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
-    """Dice of two [H, W] masks. Both empty -> 1.0 (nothing to find, nothing found)."""
+    The same computation as training validation (``medsight.model.dice.hard_dice``).
+    """
     if prediction.shape != target.shape:
         raise ValueError(f"dice: prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ")
-    p, t = binarize(prediction, threshold), binarize(target, threshold)
-    total = int(p.sum()) + int(t.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int((p & t).sum()) / total
+    return float(hard_dice_of_probabilities(prediction[None], target[None])[0])
 
 
 def resize_probabilities(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -155,7 +120,7 @@ def resize_probabilities(masks: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return F.interpolate(masks[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def ordered_dice(predicted: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> float:
+def ordered_dice(predicted: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean Dice of the i-th predicted mask against the i-th ground-truth mask.
 
     predicted [K, h, w] probabilities (masks of the generated region tokens, in order);
@@ -166,13 +131,10 @@ def ordered_dice(predicted: torch.Tensor, targets: torch.Tensor, threshold: floa
     """
     if targets.shape[0] == 0:
         raise ValueError("ordered_dice: no ground-truth masks to score against")
-    predicted = resize_probabilities(predicted, tuple(targets.shape[-2:]))
-    scores = []
-    for index in range(targets.shape[0]):
-        if index < predicted.shape[0]:
-            scores.append(dice(predicted[index], targets[index], threshold))
-        else:
-            scores.append(dice(torch.zeros_like(targets[index]), targets[index]))
+    paired = min(predicted.shape[0], targets.shape[0])
+    scores = hard_dice_of_probabilities(predicted[:paired], targets[:paired]).tolist()
+    # Unpaired ground truth: an empty prediction against it (1 if it is empty too, else 0).
+    scores += [1.0 if not bool(targets[i].any()) else 0.0 for i in range(paired, targets.shape[0])]
     return sum(scores) / len(scores)
 
 
@@ -186,7 +148,7 @@ def box_from_mask(mask: torch.Tensor, threshold: float = 0.5) -> Box | None:
 
     The right/bottom edge is the far side of the last pixel, so a one-pixel mask has an area.
     """
-    bits = binarize(mask, threshold)
+    bits = mask if mask.dtype == torch.bool else mask > threshold
     if not bool(bits.any()):
         return None
     height, width = bits.shape

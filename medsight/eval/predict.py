@@ -17,7 +17,7 @@ from medsight.data.taxonomy import Taxonomy
 from medsight.eval.dicom_io import is_dicom, read_dicom
 from medsight.eval.examples import write_prediction_files
 from medsight.eval.metrics import Box, box_from_mask, resize_probabilities
-from medsight.eval.region_tokens import known_token_masks
+from medsight.data.region_tokens import known_token_masks
 from medsight.eval.runner import GroundedModel
 from medsight.eval.visuals import resize_image
 from medsight.io_utils import atomic_write_json, atomic_write_text

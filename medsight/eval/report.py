@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medsight.eval.examples import EXAMPLES_FILE
-from medsight.eval.region_tokens import highlight_spans
+from medsight.data.region_tokens import highlight_spans
 from medsight.eval.results_io import read_results, summaries_from
 from medsight.eval.tables import BENCHMARK_TITLES, Table, all_tables, ordered_benchmarks
 from medsight.io_utils import atomic_write_text

@@ -20,7 +20,7 @@ from medsight.data.image_io import DataError
 from medsight.data.taxonomy import Taxonomy
 from medsight.eval import metrics
 from medsight.eval.benchmarks.common import BenchmarkData, EvalSample, SkippedEntry, model_modality
-from medsight.eval.region_tokens import known_token_masks, strip_region_tokens
+from medsight.data.region_tokens import known_token_masks, strip_region_tokens
 from medsight.eval.visuals import load_gt_mask, load_sample_image, resize_image
 
 logger = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ from medsight.data.synthetic_world import SYNTHETIC_MODALITIES
 from medsight.data.taxonomy import Taxonomy
 from medsight.eval.benchmarks.multiple_choice import MMMU_MED_SUBJECTS
 from medsight.eval.benchmarks.box_grounding import SCHAIN_BOX_COLUMN
-from medsight.eval.datagen.diagseg_builder import build_diagseg
-from medsight.eval.datagen.records import triples_from_biomedparse
-from medsight.eval.datagen.templates import TemplateGenerator
+from medsight.data.datagen.diagseg_builder import build_diagseg
+from medsight.data.datagen.records import triples_from_biomedparse
+from medsight.data.datagen.templates import TemplateGenerator
 from medsight.io_utils import atomic_write_json
 
 VQA_SPLIT = {"CT": "vqa_rad", "X-Ray": "vqa_rad", "Pathology": "pathvqa"}  # the rest -> slake

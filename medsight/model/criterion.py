@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medsight.config.schema import LossConfig
+from medsight.model.dice import resize_mask_logits, soft_dice_loss
 from medsight.model.matcher import HungarianMatcher
 
 
@@ -17,15 +18,6 @@ def _per_mask_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """logits/targets [K, ...] -> [K]: per-mask mean over pixels of the sigmoid BCE."""
     loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
     return loss.flatten(1).mean(dim=1)
-
-
-def _per_mask_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits/targets [K, ...] -> [K]: per-mask 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), p = sigmoid."""
-    probs = logits.sigmoid().flatten(1)
-    flat_targets = targets.flatten(1).to(probs.dtype)
-    numerator = 2.0 * (probs * flat_targets).sum(dim=1) + 1.0
-    denominator = probs.sum(dim=1) + flat_targets.sum(dim=1) + 1.0
-    return 1.0 - numerator / denominator
 
 
 def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -49,14 +41,7 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return _per_mask_dice(logits, targets).mean()
-
-
-def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[K, h, w] -> [K, H, W] bilinear (predictions are upsampled to the ground-truth size)."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    return soft_dice_loss(logits, targets).mean()
 
 
 def ordered_mask_loss(pred_logits: torch.Tensor, gt_masks: torch.Tensor, loss_config: LossConfig) -> torch.Tensor:
@@ -67,7 +52,7 @@ def ordered_mask_loss(pred_logits: torch.Tensor, gt_masks: torch.Tensor, loss_co
     """
     if pred_logits.shape[0] != gt_masks.shape[0]:
         raise ValueError(f"{pred_logits.shape[0]} predicted masks for {gt_masks.shape[0]} ground-truth masks")
-    resized = resize_logits(pred_logits, tuple(gt_masks.shape[-2:]))
+    resized = resize_mask_logits(pred_logits, tuple(gt_masks.shape[-2:]))
     return loss_config.bce_weight * sigmoid_bce_loss(resized, gt_masks) + loss_config.dice_weight * dice_loss(
         resized, gt_masks
     )
@@ -129,10 +114,10 @@ class SetCriterion(nn.Module):
             # One gather for the whole batch: indexing image by image would make autograd build
             # a full-size zero gradient per image and dominate the step time.
             gt = torch.cat([target_masks[b][t.to(target_masks[b].device)] for b, (_, t) in enumerate(indices)])  # [R, H, W]
-            pred = resize_logits(mask_logits[batch_idx, query_idx], tuple(gt.shape[-2:]))  # [R, H, W]
+            pred = resize_mask_logits(mask_logits[batch_idx, query_idx], tuple(gt.shape[-2:]))  # [R, H, W]
             # Mean over all matched masks of the batch, so images with many regions weigh more.
             bce = _per_mask_bce(pred, gt).mean()
-            dice = _per_mask_dice(pred, gt).mean()
+            dice = soft_dice_loss(pred, gt).mean()
             labels = torch.cat([target_labels[b].to(class_logits.device)[t.to(class_logits.device)] for b, (_, t) in enumerate(indices)])
             target_classes[batch_idx, query_idx] = labels
         else:

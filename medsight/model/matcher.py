@@ -8,6 +8,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from medsight.config.schema import LossConfig
+from medsight.model.dice import pairwise_soft_dice, resize_mask_logits
 
 
 def pairwise_sigmoid_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -18,14 +19,6 @@ def pairwise_sigmoid_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     """
     num_pixels = logits.shape[1]
     return (F.softplus(logits).sum(dim=1, keepdim=True) - logits @ targets.t()) / num_pixels
-
-
-def pairwise_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dice loss 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) for every pair: [Q, P] x [R, P] -> [Q, R]."""
-    probs = logits.sigmoid()
-    intersection = probs @ targets.t()  # [Q, R]
-    totals = probs.sum(dim=1)[:, None] + targets.sum(dim=1)[None, :]  # [Q, R]
-    return 1.0 - (2.0 * intersection + 1.0) / (totals + 1.0)
 
 
 class HungarianMatcher(nn.Module):
@@ -46,8 +39,8 @@ class HungarianMatcher(nn.Module):
         self, mask_logits: torch.Tensor, class_logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         """One image: mask_logits [Q, h, w], class_logits [Q, C+1], masks [R, H, W], labels [R] -> cost [Q, R]."""
-        resized = F.interpolate(mask_logits[None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        return self._cost_at_target_size(resized[0], class_logits, masks, labels)
+        resized = resize_mask_logits(mask_logits.float(), tuple(masks.shape[-2:]))
+        return self._cost_at_target_size(resized, class_logits, masks, labels)
 
     def _cost_at_target_size(
         self, resized_logits: torch.Tensor, class_logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
@@ -58,7 +51,7 @@ class HungarianMatcher(nn.Module):
         class_prob = class_logits.float().softmax(dim=-1)[:, labels.long()]  # [Q, R]
         return (
             self.cost_bce * pairwise_sigmoid_bce(flat_logits, flat_targets)
-            + self.cost_dice * pairwise_dice(flat_logits, flat_targets)
+            + self.cost_dice * pairwise_soft_dice(flat_logits, flat_targets)
             - self.cost_class * class_prob
         )
 

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from medsight.config.schema import ModelConfig
+from medsight.data.conversation_dataset import IGNORE_INDEX
 from medsight.model.codebook import ModalityCodebook
 from medsight.model.criterion import ordered_mask_loss
 from medsight.model.encoder import ImageEncoder
@@ -19,7 +20,6 @@ from medsight.model.region_vocabulary import RegionTokenEmbeddings, RegionVocabu
 from medsight.model.visual_cache import VisualContextCache
 from medsight.model.visual_merge import merge_visual_tokens
 
-IGNORE_INDEX = -100
 
 
 @dataclass

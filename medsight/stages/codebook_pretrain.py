@@ -18,7 +18,7 @@ from medsight.model.codebook import ModalityCodebook
 from medsight.model.criterion import SetCriterion
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_perceiver import RegionPerceiver
-from medsight.stages.bundle import (
+from medsight.model.bundle import (
     copy_modules,
     find_modules,
     load_encoder,

@@ -21,7 +21,7 @@ from medsight.data.taxonomy import Taxonomy
 from medsight.io_utils import atomic_write_json
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_vocabulary import RegionVocabulary
-from medsight.stages.bundle import find_modules, load_encoder, load_module, new_codebook, new_perceiver, stage_taxonomy
+from medsight.model.bundle import find_modules, load_encoder, load_module, new_codebook, new_perceiver, stage_taxonomy
 from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, load_split
 from medsight.train.tracker import Tracker
 
@@ -166,11 +166,11 @@ def _llm_conversations(output: Path, data_root: Path, seed: int, taxonomy: Taxon
     resumable, validated against each region's mask and description, template fallback."""
     import json
 
-    from medsight.eval.datagen.grounding_conversations import build_grounding_conversations
-    from medsight.eval.datagen.llm_client import ChatClient
-    from medsight.eval.datagen.llm_generator import LLMGenerator
-    from medsight.eval.datagen.records import triples_from_region_codes
-    from medsight.eval.datagen.templates import TemplateGenerator
+    from medsight.data.datagen.grounding_conversations import build_grounding_conversations
+    from medsight.data.datagen.llm_client import ChatClient
+    from medsight.data.datagen.llm_generator import LLMGenerator
+    from medsight.data.datagen.records import triples_from_region_codes
+    from medsight.data.datagen.templates import TemplateGenerator
 
     triples = triples_from_region_codes(output / "region_codes" / "train.json", data_root, "train", taxonomy)
     generator = LLMGenerator(ChatClient.from_env(), fallback=TemplateGenerator(seed))

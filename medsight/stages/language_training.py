@@ -13,9 +13,10 @@ from medsight.config.schema import ExperimentConfig, LanguageTrainConfig
 from medsight.data.conversation_dataset import ConversationDataset, PromptFormat, collate_conversations
 from medsight.data.llava import Conversation, read_conversations
 from medsight.data.taxonomy import Taxonomy
-from medsight.model.medsight import IGNORE_INDEX, MedSight
+from medsight.data.conversation_dataset import IGNORE_INDEX
+from medsight.model.dice import hard_dice
+from medsight.model.medsight import MedSight
 from medsight.model.visual_cache import VisualContextCache
-from medsight.stages.segmentation_data import hard_dice
 from medsight.train.engine import DeepSpeedEngine
 from medsight.train.loop import LoopResult, run_training, seeded_order
 from medsight.train.tracker import Tracker

@@ -9,13 +9,13 @@ import torch
 from medsight.config.schema import ExperimentConfig
 from medsight.data.taxonomy import check_model_matches
 from medsight.model.criterion import SetCriterion
+from medsight.model.dice import hard_dice
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_perceiver import RegionPerceiver
-from medsight.stages.bundle import load_encoder, new_perceiver, save_modules, stage_taxonomy
+from medsight.model.bundle import load_encoder, new_perceiver, save_modules, stage_taxonomy
 from medsight.stages.segmentation_data import (
     SegmentationSplit,
     encode_split,
-    hard_dice,
     iterate_batches,
     load_split,
 )

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medsight.data.biomedparse import SegmentationDataset, SegmentationRecord, read_biomedparse
@@ -69,14 +68,3 @@ def iterate_batches(split: SegmentationSplit, order: list[int], batch_size: int)
             "labels": [split.labels[i] for i in index],
             "modality": split.modality[index],
         }
-
-
-def hard_dice(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-mask Dice of thresholded predictions; pred [K, h, w] resized to target [K, H, W]."""
-    if pred_logits.shape[-2:] != target.shape[-2:]:
-        pred_logits = F.interpolate(pred_logits[None], size=target.shape[-2:], mode="bilinear", align_corners=False)[0]
-    pred = (pred_logits > 0).float()  # sigmoid > 0.5
-    target = (target > 0.5).float()
-    intersection = (pred * target).flatten(1).sum(1)
-    total = pred.flatten(1).sum(1) + target.flatten(1).sum(1)
-    return torch.where(total > 0, 2 * intersection / total.clamp(min=1e-6), torch.ones_like(total))

@@ -29,7 +29,7 @@ from medsight.eval.benchmarks.common import (
     require,
     resolve,
 )
-from medsight.eval.metrics import normalize_answer
+from medsight.data.answer_text import normalize_answer
 
 MMMU_MED_SUBJECTS = (
     "Basic_Medical_Science",

@@ -29,7 +29,7 @@ from medsight.eval.benchmarks.common import (
     load_json_entries,
     resolve,
 )
-from medsight.eval.metrics import normalize_answer
+from medsight.data.answer_text import normalize_answer
 
 # Default modality per benchmark when entries carry none (for the per-modality tables).
 DEFAULT_MODALITY = {"vqa_rad": "Radiology", "slake": "Radiology", "pathvqa": "Pathology"}

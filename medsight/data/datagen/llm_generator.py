@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import logging
 
-from medsight.eval.datagen.llm_client import ChatClient, parse_json_reply
-from medsight.eval.datagen.records import RegionInfo, Triple
-from medsight.eval.datagen.templates import TemplateGenerator
-from medsight.eval.datagen.validation import validate_conversation, validate_diagseg_qa
+from medsight.data.datagen.llm_client import ChatClient, parse_json_reply
+from medsight.data.datagen.records import RegionInfo, Triple
+from medsight.data.datagen.templates import TemplateGenerator
+from medsight.data.datagen.validation import validate_conversation, validate_diagseg_qa
 
 logger = logging.getLogger(__name__)
 

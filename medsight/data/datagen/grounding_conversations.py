@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from medsight.eval.datagen.llm_generator import GenerationRejected
-from medsight.eval.datagen.pipeline import GenerationReport, run_generation
-from medsight.eval.datagen.records import Triple
-from medsight.eval.datagen.validation import mask_files_in_token_order, validate_conversation
+from medsight.data.datagen.llm_generator import GenerationRejected
+from medsight.data.datagen.pipeline import GenerationReport, run_generation
+from medsight.data.datagen.records import Triple
+from medsight.data.datagen.validation import mask_files_in_token_order, validate_conversation
 
 
 class ConversationGenerator(Protocol):

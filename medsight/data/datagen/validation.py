@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
-from medsight.eval.datagen.records import RegionInfo, Triple
-from medsight.eval.metrics import answer_tokens
-from medsight.eval.region_tokens import find_region_tokens
+from medsight.data.datagen.records import RegionInfo, Triple
+from medsight.data.answer_text import answer_tokens
+from medsight.data.region_tokens import find_region_tokens
 
 # Words that locate a finding; naming one whose opposite is in the description contradicts it.
 _OPPOSITES = {"left": "right", "right": "left", "upper": "lower", "lower": "upper"}

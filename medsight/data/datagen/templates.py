@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from medsight.data.phrasing import stable_choice
-from medsight.eval.datagen.records import RegionInfo, Triple
+from medsight.data.datagen.records import RegionInfo, Triple
 
 DIAGSEG_QUESTIONS = (
     "What abnormality is observed in this image? Please provide the diagnosis and then segment it.",

@@ -10,8 +10,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from medsight.eval.datagen.jsonl_store import JsonlStore
-from medsight.eval.datagen.llm_generator import GenerationRejected
+from medsight.data.datagen.jsonl_store import JsonlStore
+from medsight.data.datagen.llm_generator import GenerationRejected
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from medsight.model.llm import load_llm
 from medsight.model.medsight import MedSight
 from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.region_vocabulary import RegionVocabulary
-from medsight.train.checkpoint import load_weights, save_weights
+from medsight.model.weights import load_weights, save_weights
 
 MODULES_DIR = "modules"
 MODULE_NAMES = ("perceiver", "codebook", "v2t", "t2v", "region_tokens")
