@@ -14,8 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from medsight.stages.chain import INPUT_SOURCES
-from medsight.stages.registry import STAGES
+from medsight.stages.registry import STAGES, input_sources
 
 
 def run_stage(name: str, out: Path, inputs: dict[str, Path], overrides: list[str]) -> tuple[float, float]:
@@ -47,7 +46,7 @@ def main() -> None:
     outputs: dict[str, Path] = {}
     rows = []
     for spec in STAGES:
-        inputs = {name: outputs[INPUT_SOURCES[name]] for name in spec.inputs if INPUT_SOURCES[name] in outputs}
+        inputs = {name: outputs[source] for name, source in input_sources(spec).items()}
         out = workdir / spec.name
         seconds, peak_gib = run_stage(spec.name, out, inputs, args.overrides)
         outputs[spec.name] = out

@@ -1,9 +1,6 @@
-"""KFP v2 lightweight components: one per stage, each delegating to medsight.platform.component_runtime.
+"""KFP v2 components: the stage components generated from the registry, plus bookkeeping helpers."""
 
-``STAGE_COMPONENTS`` maps registry stage names to components; tests check it covers the registry.
-"""
+from components.generate import compare_component, plan_component, stage_component
+from components.helpers import stage_from_refs
 
-from components.helpers import compare_variants, merge_overrides, stage_from_refs, stand_in, tag_variant
-from components.stages import STAGE_COMPONENTS
-
-__all__ = ["STAGE_COMPONENTS", "compare_variants", "merge_overrides", "stage_from_refs", "stand_in", "tag_variant"]
+__all__ = ["compare_component", "plan_component", "stage_component", "stage_from_refs"]

@@ -1,19 +1,8 @@
-"""Small non-stage components: ablation stand-ins, single-stage runs, ablation comparison."""
-
-
-from typing import NamedTuple
+"""Bookkeeping components written by hand: a stage run from DVC references."""
 
 from kfp import dsl
 
-from components.stages import CPU_IMAGE
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def stand_in(stage: str, ref: str = "") -> str:
-    """Output of a stage an ablation switched off: nothing, or another stage's output instead."""
-    from medsight.platform.component_runtime import stand_in as run
-
-    return run(stage, ref)
+from components.generate import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -24,31 +13,10 @@ def stage_from_refs(
     overrides: list,
     output: dsl.Output[dsl.Artifact],
     metrics: dsl.Output[dsl.Metrics],
-) -> NamedTuple("StageOutputs", [("ref", str), ("cached", bool)]):
-    """Any one stage, its inputs given as DVC references: {"data": "<md5>.dir" | "run:<id>/<stage>" | JSON ref}."""
+    card: dsl.Output[dsl.HTML],
+):
+    """Any one stage, its inputs given as DVC references: {"data": "<md5>.dir" | "run:<id>/<stage>"}."""
     from medsight.platform.component_runtime import run_component
 
-    return run_component(stage, {k: str(v) for k, v in inputs.items()}, preset=preset, overrides=overrides,
-                         output=output, metrics=metrics)
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def merge_overrides(base: list, extra: list) -> list:
-    """Pipeline-wide overrides followed by a variant's own (later ones win)."""
-    return [*base, *extra]
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def tag_variant(name: str, evaluation: str) -> str:
-    """Pair a variant's name with its evaluation output, so collected results stay labelled."""
-    import json
-
-    return json.dumps({"name": name, "evaluation": evaluation})
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def compare_variants(results: list, table: dsl.Output[dsl.Markdown]) -> str:
-    """One row per ablation variant with its evaluation metrics (Markdown shown in the KFP UI)."""
-    from medsight.platform.component_runtime import compare_evaluations
-
-    return compare_evaluations(results, table.path)
+    run_component(stage, preset=preset, overrides=overrides, inputs={k: str(v) for k, v in inputs.items()},
+                  output=output, metrics=metrics, card=card)

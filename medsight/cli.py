@@ -15,8 +15,10 @@ from medsight.config import ConfigError, apply_overrides, get_preset, load_confi
 app = typer.Typer(help="MedSIGHT: train, evaluate and serve grounded medical VLMs.", no_args_is_help=True)
 stage_app = typer.Typer(help="Run or list single training stages.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect resolved configs.", no_args_is_help=True)
+variants_app = typer.Typer(help="Ablation variants: named config overrides plus dropped stages.", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
 app.add_typer(config_app, name="config")
+app.add_typer(variants_app, name="variants")
 
 PresetOpt = Annotated[str, typer.Option("--preset", help="tiny (CPU, minutes) | full (H100, paper scale) | full-qwen2.5")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config (e.g. a saved config.yaml) instead of a preset")]
@@ -28,11 +30,12 @@ def resolve_config(preset: str, config_file: Path | None, overrides: list[str] |
     return apply_overrides(config, overrides or [])
 
 
-def _fail(message: str, hint: str = "") -> None:
+def _fail(message: str, hint: str = "", code: int = 1) -> None:
+    """One clear line on stderr (and a hint); exit 1 for a failure, 2 for a usage error."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     if hint:
         typer.echo(hint, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def make_tracker(stage: str, config):
@@ -46,49 +49,99 @@ def make_tracker(stage: str, config):
     return MLflowTracker.from_env(stage=stage, config=config)
 
 
-def _parse_inputs(pairs: list[str] | None) -> dict[str, Path]:
-    inputs: dict[str, Path] = {}
+def _parse_inputs(pairs: list[str] | None) -> dict[str, str]:
+    inputs: dict[str, str] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            _fail(f"--input {pair!r} must look like NAME=DIR (e.g. --input data=runs/synth-data)")
-        name, path = pair.split("=", 1)
-        inputs[name.strip()] = Path(path)
+            _fail(f"--input {pair!r} must look like NAME=DIR (e.g. --input data=runs/synth-data)", code=2)
+        name, value = pair.split("=", 1)
+        inputs[name.strip()] = value.strip()
     return inputs
 
 
 @stage_app.command("list")
 def stage_list() -> None:
-    """List stages in dependency order with their inputs."""
+    """List stages in dependency order: inputs (and their upstream stage), resources, config view."""
     from medsight.stages.registry import STAGES
 
     for spec in STAGES:
-        optional = f" (optional: {', '.join(spec.optional_inputs)})" if spec.optional_inputs else ""
-        typer.echo(f"{spec.name:20s} inputs: {', '.join(spec.required_inputs) or '-'}{optional}")
+        inputs = ", ".join(
+            f"{name}<-{wanted.source}{'?' if wanted.optional else ''}" for name, wanted in spec.inputs.items()
+        )
+        flags = f"{spec.resources}{', droppable' if spec.droppable else ''}"
+        typer.echo(f"{spec.name:20s} [{flags}] inputs: {inputs or '-'}")
         typer.echo(f"{'':20s} {spec.description}")
+        typer.echo(f"{'':20s} reads: {', '.join(spec.reads)}")
 
 
 @stage_app.command("run")
 def stage_run(
     name: Annotated[str, typer.Argument(help="Stage name (see `medsight stage list`)")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory for this stage")],
-    inputs: Annotated[list[str] | None, typer.Option("--input", help="NAME=DIR, one per stage input")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory for this stage")] = None,
+    inputs: Annotated[list[str] | None, typer.Option("--input", help="NAME=DIR (or NAME=REF with --store)")] = None,
     preset: PresetOpt = "tiny",
     config_file: ConfigOpt = None,
     overrides: SetOpt = None,
     force: Annotated[bool, typer.Option(help="Recompute even if the output is complete and current")] = False,
+    store: Annotated[bool, typer.Option("--store", help="Inputs are DVC references; the output goes to the S3 store (restored from its run-cache when unchanged)")] = False,
+    workdir: Annotated[Path | None, typer.Option(help="With --store: a local platform dir whose S3 server to start")] = None,
+    use_existing: Annotated[str, typer.Option(help="With --store: a stored version to use as this stage's output")] = "",
+    result: Annotated[Path | None, typer.Option(help="Write the outcome as JSON to this file (for the KFP component)")] = None,
 ) -> None:
-    """Run one stage. Resumes from its last checkpoint if a previous attempt crashed."""
-    from medsight.stages.runner import run_stage
+    """Run one stage. Resumes from its last checkpoint if a previous attempt crashed.
 
+    Status goes to stderr; the stage's metrics go to stdout as JSON.
+    """
+    if result is not None:
+        from medsight.platform.fast_exit import exit_without_teardown_once_written
+
+        # Armed before the heavy imports: once the result is written, skip interpreter teardown.
+        exit_without_teardown_once_written(result)
+    parsed = _parse_inputs(inputs)
+    if not store and out is None:
+        _fail("give --out DIR (or --store to write to the S3 store)", code=2)
     try:
         config = resolve_config(preset, config_file, overrides)
-        tracker = make_tracker(name, config)
-        metrics, reused = run_stage(name, config, _parse_inputs(inputs), out, tracker, reuse=not force)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError) as error:
-        _fail(str(error).strip("'\""), "Fix the input above and rerun; completed work is kept.")
-    state = "up to date (reused)" if reused else "done"
-    typer.echo(f"{name}: {state} -> {out}")
+    except (ConfigError, KeyError) as error:
+        _fail(str(error).strip("'\""), code=2)
+    if store:
+        outcome = _run_stage_in_store(name, config, parsed, workdir, use_existing)
+        metrics, state = outcome["metrics"], "restored from the run-cache" if outcome["cached"] else "done"
+        where = outcome["ref"]["md5"]
+    else:
+        from medsight.stages.runner import StageError, run_stage
+
+        try:
+            tracker = make_tracker(name, config)
+            run = run_stage(name, config, {k: Path(v) for k, v in parsed.items()}, out, tracker, reuse=not force)
+        except (StageError, ValueError, FileNotFoundError) as error:
+            _fail(str(error).strip("'\""), "Fix the input above and rerun; completed work is kept.")
+        metrics, state, where = run.metrics, "up to date (reused)" if run.reused else "done", str(out)
+        outcome = {"stage": name, "cached": run.reused, "metrics": metrics, "cache_key": run.key.key,
+                   "output": str(out)}
+    typer.echo(f"{name}: {state} -> {where}", err=True)
     typer.echo(json.dumps(metrics, indent=2))
+    if result is not None:
+        from medsight.io_utils import atomic_write_json
+
+        atomic_write_json(result, outcome)
+
+
+def _run_stage_in_store(name: str, config, inputs: dict[str, str], workdir: Path | None, use_existing: str) -> dict:
+    from medsight.platform.artifacts import ArtifactStoreError
+    from medsight.platform.cli import store_env
+    from medsight.platform.component_runtime import execute_stage
+    from medsight.platform.storage import StorageError
+    from medsight.stages.runner import StageError
+
+    with store_env(workdir):
+        try:
+            outcome = execute_stage(name, inputs, config, use_existing=use_existing)
+        except (ArtifactStoreError, StorageError, StageError, ValueError, FileNotFoundError) as error:
+            _fail(f"{name}: {str(error).strip(chr(39) + chr(34))}")
+    return {"stage": name, "ref": json.loads(outcome.ref.to_json()), "cached": outcome.cached,
+            "metrics": outcome.metrics, "seconds": outcome.seconds, "cache_key": outcome.cache_key,
+            "inputs": outcome.inputs}
 
 
 @app.command("chain")
@@ -97,29 +150,63 @@ def chain(
     preset: PresetOpt = "tiny",
     config_file: ConfigOpt = None,
     overrides: SetOpt = None,
-    skip: Annotated[list[str] | None, typer.Option("--skip", help="Ablation: skip v2t-align / t2v-align / instruct-tune")] = None,
+    variant: Annotated[str, typer.Option("--variant", help="Ablation variant by name (`medsight variants list`)")] = "full",
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage")] = None,
 ) -> None:
     """Run every stage in-process (no orchestrator); unchanged stages are reused."""
     from medsight.stages.chain import run_chain
+    from medsight.stages.registry import GraphError
+    from medsight.stages.runner import StageError
 
     try:
         config = resolve_config(preset, config_file, overrides)
+    except (ConfigError, KeyError) as error:
+        _fail(str(error).strip("'\""), code=2)
 
-        def report(record) -> None:
-            flag = "reused" if record.reused else f"{record.seconds:6.1f}s"
-            shown = {k: round(v, 4) for k, v in list(record.metrics.items())[:4]}
-            typer.echo(f"  {record.name:20s} {flag:>8s}  {shown}")
+    def report(record) -> None:
+        flag = "reused" if record.reused else f"{record.seconds:6.1f}s"
+        shown = {k: round(v, 4) for k, v in list(record.metrics.items())[:4]}
+        typer.echo(f"  {record.name:20s} {flag:>8s}  {shown}")
 
-        result = run_chain(
-            config, workdir, frozenset(skip or ()), lambda s: make_tracker(s, config), until, on_stage=report
-        )
-    except (ConfigError, KeyError, ValueError, FileNotFoundError) as error:
+    try:
+        result = run_chain(config, workdir, variant, lambda s: make_tracker(s, config), until, on_stage=report)
+    except (ConfigError, GraphError, StageError, KeyError, ValueError, FileNotFoundError) as error:
         _fail(str(error).strip("'\""))
     last = list(result.stages.values())[-1]
     typer.echo(f"\nDone. Last output: {last.output}")
     if "evaluate" in result.stages:
         typer.echo(f"Report: {result.stages['evaluate'].output / 'report.html'}")
+
+
+@variants_app.command("list")
+def variants_list() -> None:
+    """The registered ablation variants: overrides and dropped stages."""
+    from medsight.stages.registry import VARIANTS
+
+    for variant in VARIANTS:
+        detail = ", ".join([*variant.overrides, *(f"drops {s}" for s in sorted(variant.drops))]) or "-"
+        typer.echo(f"{variant.name:<22} {variant.description}  ({detail})")
+
+
+@variants_app.command("compare")
+def variants_compare(
+    names: Annotated[str, typer.Argument(help="Comma-separated variant names, or 'all'")] = "full,no-region-embeddings,seg-token",
+    workdir: Annotated[Path, typer.Option(help="Chain work folder (stage outputs are shared between variants)")] = Path("runs/ablations"),
+    preset: PresetOpt = "tiny",
+    overrides: SetOpt = None,
+) -> None:
+    """Train and evaluate several variants in-process; print them side by side."""
+    from medsight.stages.ablations import compare_variants
+    from medsight.stages.registry import VARIANTS
+
+    chosen = [v.name for v in VARIANTS] if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    try:
+        table = compare_variants(chosen, workdir, preset, tuple(overrides or ()),
+                                 on_variant=lambda n: typer.echo(f"variant {n}", err=True))
+    except KeyError as error:
+        _fail(str(error.args[0]), "List them with `medsight variants list`.", code=2)
+    typer.echo(table.to_text())
+    typer.echo(f"also written: {workdir / 'ablations.md'}, {workdir / 'ablations.json'}", err=True)
 
 
 @config_app.command("show")
@@ -130,7 +217,7 @@ def config_show(preset: PresetOpt = "tiny", config_file: ConfigOpt = None, overr
     try:
         config = resolve_config(preset, config_file, overrides)
     except (ConfigError, KeyError) as error:
-        _fail(str(error).strip("'\""))
+        _fail(str(error).strip("'\""), code=2)
     typer.echo(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 

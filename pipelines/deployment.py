@@ -18,6 +18,8 @@ import yaml
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
+from medsight.stages.registry import StageSpec
+
 ALLOWED_GPU_COUNTS = (1, 2, 4, 8, 16)  # KFP's accelerator-limit allow-list (0 = CPU stage)
 
 
@@ -28,15 +30,10 @@ class DeploymentSettings:
     gpu_node_label_key: str = "nvidia.com/gpu.product"
     gpu_node_label_value: str = "NVIDIA-H100-80GB-HBM3"
     gpu_taint_key: str = "nvidia.com/gpu"
-    # GPUs per GPU stage; stages not listed run on the CPU pool.
-    gpus: dict[str, int] = field(default_factory=lambda: {
-        "perceiver-pretrain": 1,
-        "codebook-pretrain": 1,
-        "v2t-align": 8,
-        "t2v-align": 8,
-        "instruct-tune": 8,
-        "evaluate": 1,
-    })
+    # GPUs per pod by the registry's resource class (medsight/stages/registry.py); "cpu" stages
+    # run on the CPU pool. ``gpus`` overrides the count for single stages, e.g. {evaluate: 4}.
+    gpus_per_class: dict[str, int] = field(default_factory=lambda: {"gpu": 1, "gpu-deepspeed": 8})
+    gpus: dict[str, int] = field(default_factory=dict)
     # Per-GPU host resources; an 8-GPU stage asks for 8x these.
     cpu_per_gpu: int = 12
     memory_per_gpu: str = "120G"
@@ -49,7 +46,8 @@ class DeploymentSettings:
     gpu_timeout_s: int = 72 * 3600
     cpu_timeout_s: int = 6 * 3600
     retries: int = 2
-    ablation_parallelism: int = 4
+    # The variants the ablation pipeline holds (registry names); empty = every registered one.
+    ablation_variants: list[str] = field(default_factory=list)
 
     @classmethod
     def from_file(cls, path: Path) -> DeploymentSettings:
@@ -66,9 +64,36 @@ class DeploymentSettings:
         return settings
 
     def validate(self, source: str = "deployment settings") -> None:
+        from medsight.stages.registry import get_stage, get_variant
+
         for stage, count in self.gpus.items():
+            try:
+                spec = get_stage(stage)
+            except KeyError as error:
+                raise ValueError(f"{source}: gpus.{stage}: {error.args[0]}") from error
+            if spec.resources == "cpu":
+                raise ValueError(f"{source}: gpus.{stage}: a CPU stage (resource class 'cpu') takes no GPUs")
             if count not in ALLOWED_GPU_COUNTS:
                 raise ValueError(f"{source}: gpus.{stage}={count}; KFP allows {ALLOWED_GPU_COUNTS}")
+        for name in self.ablation_variants:
+            try:
+                get_variant(name)
+            except KeyError as error:
+                raise ValueError(f"{source}: ablation_variants: {error.args[0]}") from error
+        for name, count in self.gpus_per_class.items():
+            if count not in ALLOWED_GPU_COUNTS:
+                raise ValueError(f"{source}: gpus_per_class.{name}={count}; KFP allows {ALLOWED_GPU_COUNTS}")
+
+    def ablation_variant_names(self) -> list[str]:
+        from medsight.stages.registry import VARIANTS, get_variant
+
+        return [get_variant(name).name for name in self.ablation_variants] or [v.name for v in VARIANTS]
+
+    def gpus_for(self, spec: StageSpec) -> int:
+        """GPUs the stage's pod asks for (0 = CPU pool)."""
+        if spec.resources == "cpu":
+            return 0
+        return self.gpus.get(spec.name, self.gpus_per_class[spec.resources])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,10 +138,10 @@ def keep_off_gpu_pool(task: PipelineTask, settings: DeploymentSettings) -> Pipel
     return task
 
 
-def configure_stage(task: PipelineTask, stage: str, settings: DeploymentSettings) -> PipelineTask:
+def configure_stage(task: PipelineTask, spec: StageSpec, settings: DeploymentSettings) -> PipelineTask:
     """Image, resources, scheduling, secrets and retries for one stage task."""
-    task.set_display_name(stage)
-    gpus = settings.gpus.get(stage, 0)
+    task.set_display_name(spec.name)
+    gpus = settings.gpus_for(spec)
     if gpus:
         task.set_container_image(settings.gpu_image)
         _common(task, settings, settings.gpu_timeout_s)

@@ -1,220 +1,177 @@
-"""The MedSIGHT DAG(s) for Kubeflow Pipelines.
+"""The MedSIGHT DAGs for Kubeflow Pipelines, wired from the stage registry.
 
-- ``medsight-pipeline``: all stages, with ablation switches. Stage 3 (v2t-align) depends only
-  on the perceiver, so it runs in parallel with stage 2 (codebook-pretrain) and the grounding
-  data. Skipped stages are ``dsl.If``/``Else`` branches whose Else yields "" (input absent) or,
-  for "without stage 5", the stage-4 model, merged with ``dsl.OneOf``.
-- ``medsight-ablation``: several variants (overrides + switches) of that DAG side by side. The
-  shared upstream stages have identical run-cache keys across variants, so they are computed
-  once and restored everywhere else; a table compares the evaluations.
-- ``medsight-single-stage``: one stage, inputs given as DVC references (md5 or run:<id>/<stage>).
+- ``medsight-pipeline``: every stage of one variant (``full`` unless compiled with another), its
+  DAG exactly the registry's graph for that variant. Its first task plans the run: the overrides
+  each stage reads (the variant's, then the run's). Each stage gets only those, so a setting a
+  stage does not read leaves its KFP cache key alone.
+- ``medsight-ablation``: registry variants side by side (all of them, or those named in the
+  deployment settings at compile time). A stage that several variants run identically is one
+  task, computed once; a table compares the evaluations.
+- ``medsight-single-stage``: one stage, its inputs given as DVC references.
 
-Stages pass DVC references (JSON strings) rather than KFP artifacts between them: DVC is the
-artifact store, and content-hash references make KFP's cache content-addressed. Each stage still
-emits its ``.dvc`` pointer as an output artifact and its metrics as a Metrics artifact.
+Stages pass typed artifacts (Dataset/Model) whose metadata holds the output's DVC hash and
+store URI, so the KFP UI's lineage graph connects; the bytes live in the DVC remote. A variant
+is a static DAG, not a runtime branch (``medsight platform compile --variant NAME``): a dropped
+stage's consumers read its registry fallback or run without the input.
 """
 
 # No `from __future__ import annotations`: KFP reads the parameter annotations as types.
-import contextlib
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from kfp import dsl
 
-from components import STAGE_COMPONENTS, compare_variants, merge_overrides, stage_from_refs, stand_in, tag_variant
+from components import compare_component, plan_component, stage_component, stage_from_refs
+from components.generate import python_name
 from pipelines.deployment import DeploymentSettings, configure_helper, configure_reader, configure_stage
 
 PIPELINE_NAME = "medsight-pipeline"
-ABLATION_DESCRIPTION = "MedSIGHT ablations sharing their unchanged upstream stages."
-SINGLE_DESCRIPTION = "Run one stage from DVC references to its inputs."
 ABLATION_NAME = "medsight-ablation"
 SINGLE_STAGE_NAME = "medsight-single-stage"
-
-# Paper ablations on top of the chosen preset (App. F). Every variant lists every field because
-# loop items are accessed field by field.
-VARIANT_FIELDS = {
-    "overrides": [],
-    "codebook_size": 0,
-    "two_way": True,
-    "region_embeddings": True,
-    "grounding_mode": "codebook",
-    "skip_v2t_align": False,
-    "skip_t2v_align": False,
-    "skip_instruct_tune": False,
-}
-
-
-def variant(name: str, **changes: Any) -> dict[str, Any]:
-    unknown = sorted(set(changes) - set(VARIANT_FIELDS))
-    if unknown:
-        raise ValueError(f"ablation variant {name!r}: unknown field {unknown[0]!r}; fields: {', '.join(VARIANT_FIELDS)}")
-    # "label", not "name": a loop item's ``.name`` is the KFP channel's own name attribute.
-    return {"label": name, **VARIANT_FIELDS, **changes}
-
-
-DEFAULT_VARIANTS = [
-    variant("full"),
-    variant("codebook-8", codebook_size=8),
-    variant("one-way-decoder", two_way=False),
-    variant("no-region-embeddings", region_embeddings=False),
-    variant("seg-token", grounding_mode="seg_token"),
-    variant("without-stage-3", skip_v2t_align=True),
-    variant("without-stage-4", skip_t2v_align=True),
-    variant("without-stage-5", skip_instruct_tune=True),
-]
-
-
-@contextlib.contextmanager
-def _fast_container_checks() -> Iterator[None]:
-    """Skip KFP's ``inspect.stack()`` in task setters while building (same check, no stack walk).
-
-    ``PipelineTask._ensure_container_spec_exists`` walks the whole stack (~0.1 s per call on a
-    loaded 2-core machine) only to name the caller in an error message; with ~10 setters per
-    task that made building the DAG take 10+ s. The check itself is kept.
-    """
-    original = getattr(dsl.PipelineTask, "_ensure_container_spec_exists", None)
-    if original is None:  # a newer KFP without the private helper: nothing to speed up
-        yield
-        return
-
-    def check(self: dsl.PipelineTask) -> None:
-        if self.container_spec is None:
-            raise ValueError("resource/image settings can only be used on single-step components")
-
-    dsl.PipelineTask._ensure_container_spec_exists = check  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        dsl.PipelineTask._ensure_container_spec_exists = original  # type: ignore[method-assign]
+ALL_PIPELINES = (PIPELINE_NAME, ABLATION_NAME, SINGLE_STAGE_NAME)
 
 
 def build_pipelines(
-    settings: DeploymentSettings | None = None, names: tuple[str, ...] | None = None
+    settings: DeploymentSettings | None = None, names: tuple[str, ...] | None = None, variant: str = "full"
 ) -> dict[str, Callable[..., Any]]:
-    """The pipelines (all, or ``names``) with ``settings`` baked in (compile-time by KFP's design)."""
-    with _fast_container_checks():
-        return _build(settings or DeploymentSettings(), names or (PIPELINE_NAME, ABLATION_NAME, SINGLE_STAGE_NAME))
+    """The pipelines (all, or ``names``) with ``settings`` baked in (compile-time by KFP's design);
+    ``medsight-pipeline`` is built for ``variant``.
 
-
-def _build(settings: DeploymentSettings, names: tuple[str, ...]) -> dict[str, Callable[..., Any]]:
+    Built in a fresh thread: KFP's task setters call ``inspect.stack()`` only to name their
+    caller in an error message, and that reads the source of every frame on the stack; under a
+    test runner or a CLI the stack is deep enough to make building take many seconds.
+    """
+    settings = settings or DeploymentSettings()
     settings.validate()
-    c = STAGE_COMPONENTS
+    built: dict[str, Any] = {}
+    failure: list[BaseException] = []
 
-    def stage(name: str, **kwargs: Any) -> dsl.PipelineTask:
-        return configure_stage(c[name](**kwargs), name, settings)
+    def build() -> None:
+        try:
+            built.update(_build(settings, names or ALL_PIPELINES, variant))
+        except BaseException as error:  # re-raised in the caller's thread
+            failure.append(error)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="MedSIGHT: every stage from data to evaluation, DVC-versioned.")
-    def medsight_pipeline(
+    worker = threading.Thread(target=build, name="build-pipelines")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return built
+
+
+def wire_variants(
+    settings: DeploymentSettings, variants: list[str], preset: Any, overrides: Any, data_revision: Any
+) -> dict[str, Any]:
+    """Every stage of every variant as a task, each input from its registry source; returns each
+    variant's evaluation output.
+
+    A stage that two variants would run identically (same stage, same overrides of the variant
+    within its view, same upstream tasks) is one task shared by both, so it is computed once.
+    """
+    from medsight.stages.cache_key import relevant_overrides
+    from medsight.stages.registry import active_stages, get_variant, input_sources
+
+    tasks: dict[tuple, Any] = {}  # node identity -> the stage's output channel
+    evaluations: dict[str, Any] = {}
+    for name in variants:
+        variant = get_variant(name)
+        plan = configure_helper(plan_component()(variant=name, preset=preset, overrides=overrides), settings,
+                                f"plan {name}")
+        outputs: dict[str, tuple] = {}  # stage -> node identity, within this variant
+        for spec in active_stages(variant.drops):
+            sources = input_sources(spec, variant.drops)
+            identity = (spec.name, tuple(relevant_overrides(spec, variant.overrides)),
+                        tuple(sorted((input_name, outputs[source]) for input_name, source in sources.items())))
+            if identity not in tasks:
+                arguments: dict[str, Any] = {"preset": preset,
+                                             "overrides": plan.outputs[f"{python_name(spec.name)}_overrides"]}
+                arguments.update({input_name: tasks[outputs[source]] for input_name, source in sources.items()})
+                if not spec.inputs:
+                    arguments["use_existing"] = data_revision
+                task = configure_stage(stage_component(spec.name)(**arguments), spec, settings)
+                tasks[identity] = task.outputs["output"]
+            outputs[spec.name] = identity
+        evaluations[name] = tasks[outputs["evaluate"]]
+    return evaluations
+
+
+def variant_pipeline(settings: DeploymentSettings, variant: str) -> Callable[..., Any]:
+    """One variant's DAG as a pipeline."""
+
+    def medsight_variant(
         preset: str = "tiny",
         overrides: list = [],  # noqa: B006 - KFP parameter default, never mutated
         data_revision: str = "",
-        codebook_size: int = 0,
-        two_way: bool = True,
-        region_embeddings: bool = True,
-        grounding_mode: str = "codebook",
-        skip_v2t_align: bool = False,
-        skip_t2v_align: bool = False,
-        skip_instruct_tune: bool = False,
-    ) -> str:
-        common = {"preset": preset, "overrides": overrides}
-        data = stage("synth-data", data_revision=data_revision, **common)
-        d = data.outputs["ref"]
-        base = stage("base-models", data=d, **common)
-        b = base.outputs["ref"]
-        perceiver = stage("perceiver-pretrain", data=d, base=b, two_way=two_way, **common)
-        p = perceiver.outputs["ref"]
-        codebook = stage("codebook-pretrain", data=d, base=b, perceiver=p, two_way=two_way,
-                         codebook_size=codebook_size, **common)
-        cb = codebook.outputs["ref"]
-        with dsl.If(skip_v2t_align == False, name="with-stage-3"):  # noqa: E712 - KFP condition
-            v2t = stage("v2t-align", data=d, base=b, perceiver=p, two_way=two_way,
-                        region_embeddings=region_embeddings, **common)
-        with dsl.Else(name="without-stage-3"):
-            no_v2t = configure_helper(stand_in(stage="v2t-align"), settings, "skip v2t-align")
-        v2t_ref = dsl.OneOf(v2t.outputs["ref"], no_v2t.output)
-        grounding = stage("grounding-data", data=d, base=b, codebook=cb, two_way=two_way,
-                          codebook_size=codebook_size, grounding_mode=grounding_mode, **common)
-        g = grounding.outputs["ref"]
-        model_params = {"two_way": two_way, "codebook_size": codebook_size,
-                        "region_embeddings": region_embeddings, "grounding_mode": grounding_mode, **common}
-        with dsl.If(skip_t2v_align == False, name="with-stage-4"):  # noqa: E712
-            t2v = stage("t2v-align", data=d, base=b, codebook=cb, grounding=g, v2t=v2t_ref, **model_params)
-        with dsl.Else(name="without-stage-4"):
-            no_t2v = configure_helper(stand_in(stage="t2v-align"), settings, "skip t2v-align")
-        t2v_ref = dsl.OneOf(t2v.outputs["ref"], no_t2v.output)
-        with dsl.If(skip_instruct_tune == False, name="with-stage-5"):  # noqa: E712
-            instruct = stage("instruct-tune", data=d, base=b, codebook=cb, grounding=g, v2t=v2t_ref, t2v=t2v_ref,
-                             **model_params)
-        with dsl.Else(name="without-stage-5"):
-            # "Without stage 5" evaluates the stage-4 model as it is.
-            use_t2v = configure_helper(stand_in(stage="instruct-tune", ref=t2v_ref), settings, "skip instruct-tune")
-        model_ref = dsl.OneOf(instruct.outputs["ref"], use_t2v.output)
-        evaluation = stage("evaluate", data=d, base=b, model=model_ref, grounding=g, **common)
-        return evaluation.outputs["ref"]
+    ) -> dsl.Artifact:
+        """Train and evaluate MedSIGHT.
 
-    built: dict[str, Callable[..., Any]] = {PIPELINE_NAME: medsight_pipeline}
+        Args:
+            preset: Config preset: tiny (CPU, minutes), full (H100, paper scale) or full-qwen2.5.
+            overrides: Config overrides as key.path=value strings, e.g. model.codebook.codes_per_modality=16.
+            data_revision: A registered dataset version (DVC md5 or run:<id>/synth-data) used instead of generating one.
+        """
+        return wire_variants(settings, [variant], preset, overrides, data_revision)[variant]
+
+    name = PIPELINE_NAME if variant == "full" else f"{PIPELINE_NAME}-{variant}"
+    description = f"MedSIGHT, variant {variant}: every stage from data to evaluation, DVC-versioned."
+    return dsl.pipeline(name=name, description=description)(medsight_variant)
+
+
+def _build(settings: DeploymentSettings, names: tuple[str, ...], variant: str = "full") -> dict[str, Callable[..., Any]]:
+    from medsight.stages.registry import STAGES
+
+    built: dict[str, Callable[..., Any]] = {}
+    if PIPELINE_NAME in names:
+        built[PIPELINE_NAME] = variant_pipeline(settings, variant)
+    variants = settings.ablation_variant_names()
+    compare = compare_component(variants)
 
     def medsight_ablation(
         preset: str = "tiny",
         overrides: list = [],  # noqa: B006
         data_revision: str = "",
-        variants: list = DEFAULT_VARIANTS,  # noqa: B006
     ) -> str:
-        with dsl.ParallelFor(variants, parallelism=settings.ablation_parallelism) as item:
-            merged = configure_helper(merge_overrides(base=overrides, extra=item.overrides), settings, "overrides")
-            chain = medsight_pipeline(
-                preset=preset,
-                overrides=merged.output,
-                data_revision=data_revision,
-                codebook_size=item.codebook_size,
-                two_way=item.two_way,
-                region_embeddings=item.region_embeddings,
-                grounding_mode=item.grounding_mode,
-                skip_v2t_align=item.skip_v2t_align,
-                skip_t2v_align=item.skip_t2v_align,
-                skip_instruct_tune=item.skip_instruct_tune,
-            )
-            labelled = configure_helper(tag_variant(name=item.label, evaluation=chain.output), settings, "label")
-        table = configure_reader(compare_variants(results=dsl.Collected(labelled.output)), settings, "compare variants")
-        return table.outputs["Output"]
+        """Ablation variants side by side (those compiled in), sharing the stages they have in common.
+
+        Args:
+            preset: Config preset: tiny (CPU, minutes), full (H100, paper scale) or full-qwen2.5.
+            overrides: Config overrides applied to every variant, as key.path=value strings.
+            data_revision: A registered dataset version (DVC md5 or run:<id>/synth-data) shared by all variants.
+        """
+        evaluations = wire_variants(settings, variants, preset, overrides, data_revision)
+        table = compare(**{python_name(name): evaluation for name, evaluation in evaluations.items()})
+        return configure_reader(table, settings, "compare variants").outputs["Output"]
 
     def medsight_single_stage(
         stage_name: str = "perceiver-pretrain",
-        inputs: dict = {},  # noqa: B006 - e.g. {"data": "run:<id>/synth-data", "base": "<md5>.dir"}
+        inputs: dict = {},  # noqa: B006
         preset: str = "tiny",
         overrides: list = [],  # noqa: B006
     ) -> None:
+        """Run one stage from DVC references to its inputs (restored from the run-cache when unchanged).
+
+        Args:
+            stage_name: The stage to run (`medsight stage list`).
+            inputs: Input name to DVC reference, e.g. {"data": "run:<id>/synth-data", "base": "<md5>.dir"}.
+            preset: Config preset: tiny, full or full-qwen2.5.
+            overrides: Config overrides as key.path=value strings.
+        """
         # One branch per stage, so each stage keeps its own pool, GPU count and timeout.
-        for index, name in enumerate(STAGE_COMPONENTS):
+        for index, spec in enumerate(STAGES):
             branch = dsl.If if index == 0 else dsl.Elif
-            with branch(stage_name == name, name=name):
-                task = stage_from_refs(stage=name, inputs=inputs, preset=preset, overrides=overrides)
-                configure_stage(task, name, settings)
+            with branch(stage_name == spec.name, name=spec.name):
+                task = stage_from_refs(stage=spec.name, inputs=inputs, preset=preset, overrides=overrides)
+                configure_stage(task, spec, settings)
         with dsl.Else(name="unknown-stage"):
             # Fails fast with the list of valid stage names.
             unknown = stage_from_refs(stage=stage_name, inputs=inputs, preset=preset, overrides=overrides)
             configure_reader(unknown, settings, "unknown stage")
 
-    # Decorating builds the graph (seconds), so only what was asked for is decorated.
+    # Decorating builds the graph, so only what was asked for is decorated.
     if ABLATION_NAME in names:
-        built[ABLATION_NAME] = dsl.pipeline(name=ABLATION_NAME, description=ABLATION_DESCRIPTION)(medsight_ablation)
+        built[ABLATION_NAME] = dsl.pipeline(name=ABLATION_NAME)(medsight_ablation)
     if SINGLE_STAGE_NAME in names:
-        built[SINGLE_STAGE_NAME] = dsl.pipeline(name=SINGLE_STAGE_NAME, description=SINGLE_DESCRIPTION)(
-            medsight_single_stage
-        )
+        built[SINGLE_STAGE_NAME] = dsl.pipeline(name=SINGLE_STAGE_NAME)(medsight_single_stage)
     return {name: built[name] for name in names}
-
-
-_BUILT: dict[str, Callable[..., Any]] = {}
-_ATTRIBUTES = {"medsight_pipeline": PIPELINE_NAME, "medsight_ablation": ABLATION_NAME,
-               "medsight_single_stage": SINGLE_STAGE_NAME}
-
-
-def __getattr__(attribute: str) -> Callable[..., Any]:
-    """``medsight_pipeline`` etc. with default settings, built on first use (building takes seconds)."""
-    if attribute not in _ATTRIBUTES:
-        raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
-    name = _ATTRIBUTES[attribute]
-    if name not in _BUILT:
-        _BUILT.update(build_pipelines(names=(name,)))
-    return _BUILT[name]

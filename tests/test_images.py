@@ -141,5 +141,5 @@ def test_dockerignore_is_an_allow_list() -> None:
     ]
     assert lines[0] == "*", ".dockerignore should exclude everything, then re-include"
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert included == {"requirements.lock", "pyproject.toml", "medsight"}
+    assert included == {"requirements.lock", "pyproject.toml", "medsight", "components", "pipelines"}
     assert "**/.env" in lines and "**/*.env" in lines

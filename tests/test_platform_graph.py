@@ -1,28 +1,19 @@
-"""The stage graph is the same in the registry, dvc.yaml and the compiled KFP DAG; golden YAML is current."""
+"""The stage graph is the same in the registry, dvc.yaml, the chain and the compiled KFP DAGs; golden YAML is current."""
 
 from __future__ import annotations
 
 import inspect
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from medsight.platform.graph import (
-    ABLATION_EDGES,
-    dvc_graph,
-    kfp_graph,
-    registry_graph,
-    render_dvc_yaml,
-    render_params_yaml,
-)
+from medsight.platform.graph import dvc_graph, kfp_graph, registry_graph, render_dvc_yaml, render_params_yaml
+from medsight.stages.registry import STAGES, VARIANTS, get_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ROOT / "pipelines" / "compiled"
-if str(ROOT) not in sys.path:  # pipelines/ and components/ are top-level folders, not installed
-    sys.path.insert(0, str(ROOT))
 
 
 def _compiled(name: str) -> dict:
@@ -40,13 +31,38 @@ def test_dvc_yaml_graph_equals_registry() -> None:
     assert dvc_edges == edges
 
 
-@pytest.mark.parametrize("pipeline", ["medsight-pipeline", "medsight-ablation"])
-def test_compiled_kfp_dag_equals_registry(pipeline: str) -> None:
-    nodes, edges = registry_graph()
-    kfp_nodes, kfp_edges = kfp_graph(_compiled(pipeline))
-    assert kfp_nodes == nodes
-    # The only extra edge is "without stage 5": evaluate takes the stage-4 model instead.
-    assert kfp_edges == edges | ABLATION_EDGES
+@pytest.mark.parametrize("variant", [v.name for v in VARIANTS])
+def test_every_variant_has_the_same_graph_in_kfp_dvc_and_the_chain(variant: str, tmp_path: Path) -> None:
+    from medsight.stages.registry import active_stages, input_sources
+    from pipelines.medsight_pipeline import PIPELINE_NAME, build_pipelines
+
+    nodes, edges = registry_graph(variant)
+    drops = get_variant(variant).drops
+    # The chain walks exactly these stages and edges (chain.run_chain uses the same two functions).
+    chain_edges = {(src, spec.name) for spec in active_stages(drops) for src in input_sources(spec, drops).values()}
+    assert {spec.name for spec in active_stages(drops)} == nodes and chain_edges == edges
+    assert dvc_graph(yaml.safe_load(render_dvc_yaml(variant))) == (nodes, edges)
+    from kfp import compiler
+
+    pipeline = build_pipelines(names=(PIPELINE_NAME,), variant=variant)[PIPELINE_NAME]
+    compiler.Compiler().compile(pipeline, str(tmp_path / "p.yaml"))
+    assert kfp_graph(next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))) == (nodes, edges)
+    if variant == "without-stage-5":
+        assert ("t2v-align", "evaluate") in edges  # the registry's fallback: evaluate the stage-4 model
+
+
+def test_compiled_kfp_dags_equal_registry() -> None:
+    assert kfp_graph(_compiled("medsight-pipeline")) == registry_graph()
+    # The ablation pipeline holds every variant's DAG.
+    ablation_nodes, ablation_edges = kfp_graph(_compiled("medsight-ablation"))
+    assert ablation_nodes == {spec.name for spec in STAGES}
+    assert ablation_edges == set().union(*(registry_graph(v.name)[1] for v in VARIANTS))
+    # One evaluation per variant, but a stage that variants run identically is one shared task.
+    tasks = [t["componentRef"]["name"] for t in _compiled("medsight-ablation")["root"]["dag"]["tasks"].values()]
+    assert sum(name.startswith("comp-evaluate") for name in tasks) == len(VARIANTS)
+    assert sum(name.startswith("comp-synth-data") for name in tasks) == 1
+    # two_way changes the perceiver, qwen2 its base models; every other variant shares one perceiver.
+    assert sum(name.startswith("comp-perceiver-pretrain") for name in tasks) == 3
 
 
 def test_stage_3_runs_parallel_to_stage_2() -> None:
@@ -67,8 +83,29 @@ def test_dvc_yaml_calls_the_stage_cli_with_params() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         assert stage["cmd"].startswith(f"medsight stage run {name} --out outputs/{name} --config params.yaml")
-        assert stage["params"] == list(get_stage(name).config_sections)
+        assert stage["params"] == list(get_stage(name).reads)
     load_config(ROOT / "params.yaml")  # params.yaml is a complete, valid config
+
+
+def test_dvc_yaml_deps_cover_each_stage_code() -> None:
+    """Every medsight/ file a stage's module imports (at any depth, lazily or not) is a dep."""
+    import ast
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for spec in STAGES:
+        deps = set(stages[spec.name]["deps"])
+        module = spec.entrypoint.split(":")[0]
+        assert module.replace(".", "/") + ".py" in deps, spec.name
+        # Independently of cache_key.code_files: every medsight import in every dep file is a dep.
+        for dep in (d for d in deps if d.endswith(".py")):
+            for node in ast.walk(ast.parse((ROOT / dep).read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                for name in names:
+                    if name.startswith("medsight"):
+                        path = name.replace(".", "/")
+                        assert f"{path}.py" in deps or f"{path}/__init__.py" in deps, (spec.name, dep, name)
+    assert "medsight/model/llm.py" not in set(stages["perceiver-pretrain"]["deps"])  # precise, not "all of medsight"
 
 
 def test_golden_yaml_is_current_and_deterministic() -> None:
@@ -77,17 +114,29 @@ def test_golden_yaml_is_current_and_deterministic() -> None:
     assert stale_files() == [], "run: python -m pipelines.compile"
 
 
-def test_components_cover_registry_and_take_only_relevant_hparams() -> None:
-    from components import STAGE_COMPONENTS
-    from medsight.platform.component_runtime import HPARAM_KEYS, relevant_hparams
-    from medsight.stages.registry import STAGES
+def test_components_are_generated_from_the_registry() -> None:
+    from components import stage_component
 
-    assert list(STAGE_COMPONENTS) == [s.name for s in STAGES]
     for spec in STAGES:
-        component = STAGE_COMPONENTS[spec.name]
-        params = set(inspect.signature(component.python_func).parameters)
-        assert set(spec.inputs) <= params, spec.name
-        assert params & set(HPARAM_KEYS) == set(relevant_hparams(spec.name)), spec.name
+        component = stage_component(spec.name)
+        params = inspect.signature(component.python_func).parameters
+        assert set(spec.input_names) <= set(params), spec.name
+        for name in spec.optional_inputs:
+            assert params[name].default is None, (spec.name, name)
+        for name in spec.required_inputs:
+            assert params[name].default is inspect.Parameter.empty, (spec.name, name)
+        assert {"preset", "overrides", "output", "metrics", "card"} <= set(params)
+
+
+def test_each_stage_gets_only_the_overrides_it_reads() -> None:
+    from medsight.stages.cache_key import variant_plan
+
+    plan = variant_plan("codebook-8", "tiny", ["model.patch_merge=2", "perceiver_pretrain.epochs=1"])
+    assert plan["perceiver-pretrain"]["overrides"] == ["perceiver_pretrain.epochs=1"]
+    assert plan["v2t-align"]["overrides"] == ["model.codebook.codes_per_modality=8", "model.patch_merge=2"]
+    assert plan["synth-data"]["overrides"] == [] and plan["evaluate"]["overrides"] == []
+    with pytest.raises(Exception, match="unknown config key model.nope"):
+        variant_plan("full", "tiny", ["model.nope=1"])
 
 
 def test_gpu_and_cpu_scheduling() -> None:
@@ -96,7 +145,10 @@ def test_gpu_and_cpu_scheduling() -> None:
     settings = DeploymentSettings()
     spec = _compiled("medsight-pipeline")
     executors = _platform("medsight-pipeline")["deploymentSpec"]["executors"]
-    for stage, gpus in settings.gpus.items():
+    gpu_stages = {s.name: settings.gpus_for(s) for s in STAGES if settings.gpus_for(s)}
+    assert gpu_stages == {"perceiver-pretrain": 1, "codebook-pretrain": 1, "v2t-align": 8, "t2v-align": 8,
+                          "instruct-tune": 8, "evaluate": 1}
+    for stage, gpus in gpu_stages.items():
         resources = spec["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]["resources"]
         assert resources["accelerator"]["resourceCount"] == str(gpus)
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -111,7 +163,7 @@ def test_gpu_and_cpu_scheduling() -> None:
         assert k8s["nodeAffinity"][0]["matchExpressions"][0]["operator"] == "NotIn"
     for name, k8s in executors.items():
         secrets = {s["secretName"] for s in k8s.get("secretAsEnv", [])}
-        if name.startswith("exec-stand-in") or name.startswith("exec-tag-variant"):
+        if name.startswith("exec-plan-variant") or name.startswith("exec-tag-variant"):
             continue
         assert "medsight-s3-credentials" in secrets, name
         assert k8s["fieldPathAsEnv"][0]["name"] == "KFP_RUN_ID", name
@@ -127,6 +179,9 @@ def test_deployment_settings_from_file(tmp_path: Path) -> None:
     assert settings.gpu_node_label_key == "cloud.google.com/gke-accelerator"
     path.write_text("gpus: {v2t-align: 3}\n")
     with pytest.raises(ValueError, match="gpus.v2t-align=3"):
+        DeploymentSettings.from_file(path)
+    path.write_text("gpus: {synth-data: 1}\n")
+    with pytest.raises(ValueError, match="CPU stage"):
         DeploymentSettings.from_file(path)
     path.write_text("gpu_label: x\n")
     with pytest.raises(ValueError, match="unknown key 'gpu_label'"):

@@ -8,14 +8,9 @@ from typing import Any
 
 import pytest
 
+from medsight.config.access import covered
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
-from medsight.platform.component_runtime import (
-    execute_stage,
-    hparam_overrides,
-    relevant_hparams,
-    resolve_config,
-    run_component,
-)
+from medsight.platform.component_runtime import artifact_ref, execute_stage, resolve_config, run_component
 from medsight.stages.registry import StageSpec
 from platform_fixtures import s3_server, store_env  # noqa: F401 - fixtures
 
@@ -31,7 +26,10 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         def run(config: Any, inputs: dict[str, Path], output: Path, tracker: Any) -> dict[str, float]:
             calls.append(spec.name)
             seen = {name: sorted(p.name for p in path.rglob("*")) for name, path in inputs.items()}
-            (output / "weights.json").write_text(json.dumps({"inputs": seen, "codes": config.model.codebook.codes_per_modality}))
+            # Like a real stage, it reads only config fields inside its view.
+            codes = config.model.codebook.codes_per_modality if covered("model.codebook", spec.reads) else None
+            two_way = config.model.perceiver.two_way if covered("model.perceiver.two_way", spec.reads) else None
+            (output / "weights.json").write_text(json.dumps({"inputs": seen, "codes": codes, "two_way": two_way}))
             return {"val_dice": 0.25}
 
         return run
@@ -54,10 +52,10 @@ def test_rerun_restores_and_only_relevant_changes_recompute(store_env: dict, fak
     again = execute_stage("perceiver-pretrain", inputs, config, run_id="r2")
     assert again.cached and again.ref == first.ref and fake_stages.count("perceiver-pretrain") == 1
     # A section the stage does not read (the codebook) leaves it cached...
-    other = resolve_config("tiny", [], {"codebook_size": 8})
+    other = resolve_config("tiny", ["model.codebook.codes_per_modality=8"])
     assert execute_stage("perceiver-pretrain", inputs, other, run_id="r3").cached
     # ...one it reads recomputes it.
-    assert not execute_stage("perceiver-pretrain", inputs, resolve_config("tiny", [], {"two_way": False})).cached
+    assert not execute_stage("perceiver-pretrain", inputs, resolve_config("tiny", ["model.perceiver.two_way=false"])).cached
     monkeypatch.setenv("MEDSIGHT_FORCE_RERUN", "perceiver-pretrain")
     assert not execute_stage("perceiver-pretrain", inputs, config).cached
     store = ArtifactStore()
@@ -83,30 +81,45 @@ class _FakeArtifact:
         self.metrics[name] = value
 
 
-def test_run_component_writes_kfp_outputs(store_env: dict, fake_stages: list[str], tmp_path: Path) -> None:
+def test_run_component_writes_kfp_outputs(store_env: dict, tmp_path: Path) -> None:
+    """The component body runs the stage CLI in a child process, then fills its KFP outputs."""
     output, metrics = _FakeArtifact(tmp_path / "out" / "output"), _FakeArtifact(tmp_path / "out" / "metrics")
-    ref_json, cached = run_component("synth-data", {}, preset="tiny", overrides=["data.seed=3"], output=output,
-                                     metrics=metrics)
-    ref = ArtifactRef.parse(ref_json)
-    assert not cached and ref is not None
+    card = _FakeArtifact(tmp_path / "out" / "card")
+    small = ["data.train_images=2", "data.val_images=1", "data.test_images=1", "data.seed=3"]
+    run_component("synth-data", preset="tiny", overrides=small, inputs={}, output=output, metrics=metrics, card=card)
+    ref = ArtifactRef.parse(artifact_ref(output))
+    assert ref is not None and not output.metadata["cached"]
     assert f"md5: {ref.md5}" in Path(output.path).read_text()  # a .dvc pointer: `dvc pull` can use it
     assert output.metadata["dvc_md5"] == ref.md5 and metrics.metrics["cached"] == 0.0
-    assert metrics.metrics["val_dice"] == 0.25
+    assert output.metadata["store_uri"].endswith(ref.md5[2:]) and metrics.metrics["train_images"] == 2.0
+    assert "synth-data" in Path(card.path).read_text() and ref.md5 in Path(card.path).read_text()
     # The same call again is a hit; a registered data revision stands in for the stage.
-    assert run_component("synth-data", {}, preset="tiny", overrides=["data.seed=3"])[1] is True
-    _, used = run_component("synth-data", {}, preset="tiny", overrides=["data.seed=4"], use_existing=ref.md5)
-    assert used and fake_stages.count("synth-data") == 1
+    again = _FakeArtifact(tmp_path / "again" / "output")
+    run_component("synth-data", preset="tiny", overrides=small, inputs={}, output=again,
+                  metrics=_FakeArtifact(tmp_path / "m2"), card=_FakeArtifact(tmp_path / "c2"))
+    assert again.metadata["cached"] is True and again.metadata["dvc_md5"] == ref.md5
+    used = _FakeArtifact(tmp_path / "used" / "output")
+    run_component("synth-data", preset="tiny", overrides=[*small, "data.seed=4"], inputs={}, output=used,
+                  metrics=_FakeArtifact(tmp_path / "m3"), card=_FakeArtifact(tmp_path / "c3"), use_existing=ref.md5)
+    assert used.metadata["dvc_md5"] == ref.md5
+    # A failing stage fails the component, naming it.
+    with pytest.raises(RuntimeError, match="stage synth-data failed"):
+        run_component("synth-data", preset="tiny", overrides=["data.train_images=-1"], inputs={},
+                      output=_FakeArtifact(tmp_path / "f"), metrics=_FakeArtifact(tmp_path / "m4"),
+                      card=_FakeArtifact(tmp_path / "c4"))
 
 
-def test_hyperparameters_map_to_config_keys() -> None:
-    assert hparam_overrides({"codebook_size": 0, "two_way": False, "grounding_mode": ""}) == ["model.perceiver.two_way=false"]
-    assert hparam_overrides({"codebook_size": 8.0}) == ["model.codebook.codes_per_modality=8"]
-    assert resolve_config("tiny", ["model.codebook.codes_per_modality=4"], {"codebook_size": 8}).model.codebook.codes_per_modality == 4
-    assert relevant_hparams("synth-data") == ()
-    assert relevant_hparams("perceiver-pretrain") == ("two_way",)
-    assert set(relevant_hparams("instruct-tune")) == {"codebook_size", "two_way", "region_embeddings", "grounding_mode"}
-    with pytest.raises(ValueError, match="unknown pipeline hyperparameter"):
-        hparam_overrides({"lr": 1})
+def test_input_artifacts_carry_dvc_references(tmp_path: Path) -> None:
+    artifact = _FakeArtifact(tmp_path / "a")
+    artifact.metadata = {"dvc_md5": "ab" * 16 + ".dir", "size": 12.0, "nfiles": 3.0, "stage": "synth-data"}
+    ref = ArtifactRef.parse(artifact_ref(artifact))
+    # KFP returns metadata numbers as floats; the reference keeps DVC's integers.
+    assert ref == ArtifactRef(md5="ab" * 16 + ".dir", size=12, nfiles=3, stage="synth-data")
+    assert artifact_ref(None) == "" and artifact_ref("cd" * 16 + ".dir") == "cd" * 16 + ".dir"
+    pointer = tmp_path / "pointer"
+    pointer.write_text(ref.pointer("x"))
+    imported = _FakeArtifact(pointer)  # an artifact from elsewhere: only its .dvc pointer
+    assert ArtifactRef.parse(artifact_ref(imported)).md5 == ref.md5
 
 
 _FAST_EXIT_SCRIPT = """

@@ -27,16 +27,14 @@ def small_run(tmp_path_factory):
 def test_stage_writes_lineage_and_reuses_when_unchanged(small_run, tmp_path):
     root, config = small_run
     inputs = {"data": root / "data", "base": root / "base"}
-    metrics, reused = run_stage("perceiver-pretrain", config, inputs, tmp_path / "p")
-    assert not reused and "val_dice" in metrics
+    run = run_stage("perceiver-pretrain", config, inputs, tmp_path / "p")
+    assert not run.reused and "val_dice" in run.metrics
     for name in ("config.yaml", "metrics.json", STAGE_FILE, "modules/perceiver.safetensors"):
         assert (tmp_path / "p" / name).is_file(), name
     assert not (tmp_path / "p" / "checkpoints").exists()
-    _, reused = run_stage("perceiver-pretrain", config, inputs, tmp_path / "p")
-    assert reused
+    assert run_stage("perceiver-pretrain", config, inputs, tmp_path / "p").reused
     changed = apply_overrides(config, ["perceiver_pretrain.lr=0.0005"])
-    _, reused = run_stage("perceiver-pretrain", changed, inputs, tmp_path / "p")
-    assert not reused
+    assert not run_stage("perceiver-pretrain", changed, inputs, tmp_path / "p").reused
 
 
 def test_input_validation_messages(small_run, tmp_path):

@@ -24,7 +24,8 @@ from medsight.data.taxonomy import (
 )
 from medsight.eval.benchmarks.common import EvalSample
 from medsight.eval.runner import _modality_tensor
-from medsight.model.bundle import new_codebook, new_perceiver, save_modules, stage_taxonomy
+from medsight.model.bundle import save_modules, stage_taxonomy
+from medsight.model.vision_modules import new_codebook, new_perceiver
 from medsight.stages.segmentation_data import load_split
 
 # The module constants this replaced; tiny checkpoints index into exactly these.

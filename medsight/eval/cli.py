@@ -12,7 +12,7 @@ from rich.console import Console
 
 from medsight.data.errors import DataError
 
-eval_app = typer.Typer(help="Evaluate checkpoints, predict on images, build reports, run ablations, generate data.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate checkpoints, predict on images, build reports, generate data.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths in messages stay copyable
 
 
@@ -118,31 +118,6 @@ def report_command(
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     console.print(f"report written: {path}")
-
-
-@eval_app.command("compare-ablations")
-def compare_command(
-    variants: Annotated[str, typer.Option(help="Comma-separated variant names, or 'all'.")] = "full,no_region_embeddings,seg_token",
-    workdir: Annotated[Path, typer.Option(help="Chain work folder (stage outputs are shared between variants).")] = Path("runs/ablations"),
-    preset: str = "tiny",
-    override: Annotated[list[str] | None, typer.Option("--set", help="Extra config override key=value for every variant.")] = None,
-    list_variants: Annotated[bool, typer.Option("--list", help="List the variants and exit.")] = False,
-) -> None:
-    """Run several ablation variants through the same training/eval code; print them side by side."""
-    from medsight.eval.ablations import VARIANTS, compare_ablations
-
-    if list_variants:
-        for variant in VARIANTS:
-            detail = ", ".join([*variant.overrides, *(f"skip {s}" for s in sorted(variant.skip))]) or "-"
-            console.print(f"[bold]{variant.name:<22}[/bold] {variant.description}  [dim]({detail})[/dim]")
-        return
-    names = [v.name for v in VARIANTS] if variants == "all" else [n.strip() for n in variants.split(",") if n.strip()]
-    try:
-        table = compare_ablations(names, workdir, preset, tuple(override or ()), on_variant=lambda n: console.print(f"[bold]variant {n}[/bold]"))
-    except KeyError as error:
-        _fail(str(error.args[0]))
-    typer.echo(table.to_text())
-    console.print(f"also written: {workdir / 'ablations.md'}, {workdir / 'ablations.json'}")
 
 
 @eval_app.command("gen-data")

@@ -50,7 +50,7 @@ def lineage(directories: list[Path]) -> list[Path]:
                 inputs = json.loads(stage_file.read_text()).get("inputs", {})
             except json.JSONDecodeError:
                 inputs = {}
-            queue += [Path(p) for p in inputs.values()]
+            queue += [Path(entry["path"] if isinstance(entry, dict) else entry) for entry in inputs.values()]
     return seen
 
 

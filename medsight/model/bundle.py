@@ -1,4 +1,4 @@
-"""Stage output bundles: which trained modules a stage directory holds, and assembling a model.
+"""Stage output bundles: the on-disk format of trained modules (what a stage directory holds).
 
 Every stage output carries all *small* modules trained so far (perceiver, codebook, projectors,
 region-token rows), so the newest bundle is self-contained. The LLM is only written by the stage
@@ -13,17 +13,9 @@ import shutil
 from pathlib import Path
 
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from medsight.config.schema import ExperimentConfig
-from medsight.data.taxonomy import TAXONOMY_FILE, Taxonomy, check_model_matches, resolve_taxonomy
-from medsight.data.tokenizer import load_tokenizer
-from medsight.model.codebook import ModalityCodebook
-from medsight.model.encoder import ImageEncoder
-from medsight.model.llm import load_llm
-from medsight.model.medsight import MedSight
-from medsight.model.region_perceiver import RegionPerceiver
-from medsight.model.region_vocabulary import RegionVocabulary
+from medsight.data.taxonomy import TAXONOMY_FILE, Taxonomy, resolve_taxonomy
 from medsight.model.weights import load_weights, save_weights
 
 MODULES_DIR = "modules"
@@ -99,82 +91,8 @@ def copy_modules(source: dict[str, Path], output: Path, names: tuple[str, ...]) 
             shutil.copyfile(source[name], target)
 
 
-def load_encoder(config: ExperimentConfig, inputs: dict[str, Path]) -> ImageEncoder:
-    return ImageEncoder.load(config.model.encoder, Path(inputs["base"]) / "encoder")
-
-
-def new_perceiver(config: ExperimentConfig, taxonomy: Taxonomy) -> RegionPerceiver:
-    check_model_matches(config, taxonomy)
-    return RegionPerceiver(config.model.encoder.width, config.model.perceiver)
-
-
-def new_codebook(config: ExperimentConfig, taxonomy: Taxonomy) -> ModalityCodebook:
-    check_model_matches(config, taxonomy)
-    return ModalityCodebook(config.model.perceiver.dim, config.model.codebook, config.model.encoder.width)
-
-
 def load_module(module: nn.Module, modules: dict[str, Path], name: str, stage_hint: str) -> nn.Module:
     if name not in modules:
         raise FileNotFoundError(f"no {name} weights among the stage inputs; run {stage_hint} first")
     load_weights(module, modules[name])
     return module
-
-
-def tokenizer_with_region_tokens(
-    config: ExperimentConfig, inputs: dict[str, Path]
-) -> tuple[PreTrainedTokenizerBase, int]:
-    """Tokenizer whose last len(vocabulary) ids are the region tokens; returns (tokenizer, base size)."""
-    directory = find_dir(inputs, "tokenizer")
-    if directory is None:
-        raise FileNotFoundError("no tokenizer among the stage inputs; run base-models first")
-    tokenizer = load_tokenizer(directory)
-    vocabulary = RegionVocabulary(
-        config.model.codebook.num_modalities, config.model.codebook.codes_per_modality, config.model.grounding
-    )
-    names = vocabulary.names
-    present = [n for n in names if n in tokenizer.get_vocab()]
-    if present and len(present) != len(names):
-        raise ValueError(f"{directory}: tokenizer has some but not all region tokens; it was built for another codebook size")
-    if not present:
-        tokenizer.add_tokens(names, special_tokens=True)
-    base_size = len(tokenizer) - len(names)
-    ids = tokenizer.convert_tokens_to_ids(names)
-    if ids != list(range(base_size, base_size + len(names))):
-        raise ValueError(f"{directory}: region tokens must be the last {len(names)} ids of the tokenizer")
-    return tokenizer, base_size
-
-
-def build_medsight(
-    config: ExperimentConfig, inputs: dict[str, Path], taxonomy: Taxonomy, allow_missing: tuple[str, ...] = ()
-) -> tuple[MedSight, PreTrainedTokenizerBase, set[str]]:
-    """Assemble the full model from base + bundles; returns which modules came from checkpoints."""
-    modules = find_modules(inputs)
-    encoder = load_encoder(config, inputs)
-    perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain")
-    codebook = new_codebook(config, taxonomy)
-    if "codebook" not in allow_missing or "codebook" in modules:
-        load_module(codebook, modules, "codebook", "codebook-pretrain")
-    tokenizer, base_size = tokenizer_with_region_tokens(config, inputs)
-    llm_dir = find_dir(inputs, "llm")
-    if llm_dir is None:
-        raise FileNotFoundError("no LLM among the stage inputs; run base-models first")
-    llm = load_llm(llm_dir, config.model.llm)
-    if llm.get_input_embeddings().num_embeddings < base_size:
-        raise ValueError(f"{llm_dir}: LLM vocabulary is smaller than the tokenizer's base vocabulary")
-    model = MedSight(
-        config.model,
-        encoder,
-        perceiver,
-        codebook,
-        llm,
-        base_vocab_size=base_size,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    loaded = set()
-    for name in ("v2t", "t2v", "region_tokens"):
-        if name in modules:
-            load_weights(getattr(model, name), modules[name])
-            loaded.add(name)
-    if "region_tokens" not in loaded:
-        model.initialise_region_tokens()
-    return model, tokenizer, loaded

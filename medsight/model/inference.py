@@ -34,7 +34,8 @@ class MedSightInference:
     @classmethod
     def load(cls, model_dir: Path, base_dir: Path, device: str = "cpu") -> MedSightInference:
         """``model_dir``: an instruct-tune (or t2v-align) output; ``base_dir``: base-models output."""
-        from medsight.model.bundle import build_medsight, bundle_taxonomy
+        from medsight.model.bundle import bundle_taxonomy
+        from medsight.model.factory import build_medsight
 
         model_dir, base_dir = Path(model_dir), Path(base_dir)
         config_file = model_dir / "config.yaml"

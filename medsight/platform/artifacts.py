@@ -4,8 +4,8 @@ Every stage output is a directory tracked by DVC (md5 of its ``.dir`` manifest) 
 the DVC remote ``<store>/dvc`` on S3. Next to it, under the same store URL, live two kinds of
 small JSON records:
 
-- ``runcache/<stage>/<key>.json``: key = sha256(stage, the stage's config sections, its input
-  md5s, medsight version + source fingerprint) -> the output reference. A stage whose key is
+- ``runcache/<stage>/<key>.json``: key = the stage's cache key (``stages/cache_key.py``: config
+  view, input md5s, code hash) -> the output reference. A stage whose key is
   present is restored (nothing recomputed, nothing re-uploaded), wherever it runs.
 - ``runs/<run_id>/stages/<stage>--<key>.json``: what each run produced (lineage), so any stage's
   checkpoint of any run can be pulled later by (run, stage).
@@ -17,7 +17,6 @@ Credentials never enter a DVC config file: boto reads ``AWS_ACCESS_KEY_ID`` /
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -25,22 +24,17 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from medsight.platform.storage import ENDPOINT_ENV, S3Settings, S3Storage, StorageError, parse_s3_url
 
-if TYPE_CHECKING:
-    from medsight.config.schema import ExperimentConfig
-    from medsight.stages.registry import StageSpec
 
 STORE_ENV = "MEDSIGHT_STORE_URL"
 DEFAULT_STORE_URL = "s3://medsight/store"
 CACHE_ENV = "MEDSIGHT_DVC_CACHE"
 REMOTE_NAME = "store"
-# Bump to invalidate every run-cache entry deliberately (e.g. after a numerics fix).
-CACHE_SALT_ENV = "MEDSIGHT_CACHE_SALT"
 
 
 class ArtifactStoreError(RuntimeError):
@@ -245,6 +239,10 @@ class ArtifactStore:
         # DVC 3 layout: files/md5/<first two hex>/<rest>, ".dir" kept for manifests.
         return self.config.key("dvc", "files", "md5", md5[:2], md5[2:])
 
+    def object_uri(self, md5: str) -> str:
+        """Where the output's DVC manifest lives in the store (what the KFP UI shows)."""
+        return f"s3://{self.config.bucket}/{self.object_key(md5)}"
+
     def in_remote(self, ref: ArtifactRef) -> bool:
         """Whether the remote has the manifest and every file it lists (no half-pushed outputs)."""
         manifest = self.storage.get_bytes(self.config.bucket, self.object_key(ref.md5))
@@ -316,38 +314,6 @@ class ArtifactStore:
         return sorted({k[len(prefix):].split("/", 1)[0] for k in keys})
 
 
-def section_value(config_dict: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = config_dict
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise ArtifactStoreError(f"config section {dotted!r} (from the stage registry) is not in the config")
-        node = node[part]
-    return node
-
-
-def run_cache_key(
-    spec: StageSpec, config: ExperimentConfig, inputs: Mapping[str, ArtifactRef]
-) -> tuple[str, dict[str, Any]]:
-    """Key for "this stage on these inputs with these settings": (sha256, what went into it)."""
-    import medsight
-    from medsight.config import to_dict
-    from medsight.stages.runner import code_fingerprint
-
-    config_dict = to_dict(config)
-    material = {
-        "stage": spec.name,
-        "medsight_version": medsight.__version__,
-        # The sources themselves (the image's code on the cluster): an edit without a version
-        # bump must not restore outputs the old code made.
-        "code": code_fingerprint(),
-        "salt": os.environ.get(CACHE_SALT_ENV, ""),
-        "config": {section: section_value(config_dict, section) for section in spec.config_sections},
-        "inputs": {name: ref.md5 for name, ref in sorted(inputs.items())},
-    }
-    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-    return digest, material
-
-
 __all__ = [
     "ArtifactRef",
     "ArtifactStore",
@@ -357,5 +323,4 @@ __all__ = [
     "StorageError",
     "StoreConfig",
     "configure_dvc_repo",
-    "run_cache_key",
 ]

@@ -33,7 +33,7 @@ def _fail(message: str, hint: str = "") -> None:
 
 
 @contextlib.contextmanager
-def _store_env(workdir: Path | None) -> Iterator[None]:
+def store_env(workdir: Path | None) -> Iterator[None]:
     """Use the S3 store from the environment, or start the local one under ``workdir``."""
     import os
 
@@ -60,33 +60,28 @@ def run_local_command(
     preset: Annotated[str, typer.Option(help="Config preset (tiny runs on a CPU)")] = "tiny",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value")] = None,
     fast: Annotated[bool, typer.Option(help="Few steps per stage on a small synthetic set (smoke run)")] = False,
-    codebook_size: Annotated[int, typer.Option(help="Codes per modality (0 = preset)")] = 0,
-    two_way: Annotated[bool, typer.Option("--two-way/--one-way", help="Perceiver decoder ablation")] = True,
-    region_embeddings: Annotated[bool, typer.Option(help="Feed region tokens to the LLM")] = True,
-    grounding_mode: Annotated[str, typer.Option(help="codebook | seg_token")] = "codebook",
-    skip: Annotated[list[str] | None, typer.Option(help="Ablation: v2t-align / t2v-align / instruct-tune")] = None,
+    variant: Annotated[str, typer.Option(help="Ablation variant by name (`medsight variants list`)")] = "full",
     data_revision: Annotated[str, typer.Option(help="Use this DVC dataset (md5 or run:<id>/synth-data)")] = "",
     force: Annotated[list[str] | None, typer.Option(help="Recompute these stages even if cached ('all' = every)")] = None,
     verbose: Annotated[bool, typer.Option(help="Show KFP and stage output instead of a log file")] = False,
-    ablation: Annotated[bool, typer.Option(help="Run the ablation pipeline with the paper's variants")] = False,
-    variants: Annotated[Path | None, typer.Option(help="Ablation variants YAML: list of {name, field: value}")] = None,
+    ablation: Annotated[bool, typer.Option(help="Run the ablation pipeline with every registered variant")] = False,
+    variants: Annotated[str, typer.Option(help="Ablation pipeline over these variants, comma-separated")] = "",
     stage: Annotated[str, typer.Option(help="Run only this stage (single-stage pipeline)")] = "",
     inputs: Annotated[list[str] | None, typer.Option("--input", help="With --stage: NAME=REF (md5 or run:<id>/<stage>)")] = None,
 ) -> None:
     """Run the whole pipeline through kfp.local with a local S3 server, DVC and MLflow; print a summary."""
     from medsight.platform.local_run import (
-        FAST_OVERRIDES, LocalRunError, LocalRunRequest, format_summary, load_variants, next_steps, run_local,
+        FAST_OVERRIDES, LocalRunError, LocalRunRequest, format_summary, next_steps, run_local,
     )
+    from medsight.stages.registry import VARIANTS
 
     request = LocalRunRequest(
         workdir=workdir, preset=preset, overrides=[*(FAST_OVERRIDES if fast else ()), *(overrides or [])],
-        codebook_size=codebook_size, two_way=two_way, region_embeddings=region_embeddings,
-        grounding_mode=grounding_mode, skip=tuple(skip or ()), data_revision=data_revision,
-        force=tuple(force or ()), verbose=verbose,
+        variant=variant, data_revision=data_revision, force=tuple(force or ()), verbose=verbose,
     )
     try:
         if ablation or variants:
-            request.variants = load_variants(variants)
+            request.variants = [v.strip() for v in variants.split(",") if v.strip()] or [v.name for v in VARIANTS]
         if stage:
             request.stage = stage
             request.stage_inputs = dict(pair.split("=", 1) for pair in inputs or [] if "=" in pair)
@@ -109,10 +104,6 @@ def compile_command(
     check: Annotated[bool, typer.Option(help="Only verify the golden YAML is current")] = False,
 ) -> None:
     """Compile the pipelines to KFP IR YAML for the Kubeflow Pipelines UI."""
-    from medsight.platform.local_run import REPO_ROOT
-
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from pipelines import compile as compiler
 
     args = [*(["--out", str(out)] if out else []), *(["--settings", str(settings)] if settings else []),
@@ -140,7 +131,7 @@ def pull_command(
         _fail("give --run and --stage, or --md5", "List runs with `medsight platform runs`.")
     if dest.exists() and any(dest.iterdir()):
         _fail(f"{dest} exists and is not empty", "Choose a new --dest.")
-    with _store_env(workdir):
+    with store_env(workdir):
         try:
             store = ArtifactStore()
             if run == "latest":
@@ -165,7 +156,7 @@ def runs_command(workdir: Annotated[Path | None, typer.Option(help="Local platfo
     """List recorded runs and their stage outputs (from the store's lineage records)."""
     from medsight.platform.artifacts import ArtifactStore
 
-    with _store_env(workdir):
+    with store_env(workdir):
         store = ArtifactStore()
         for run_id in store.list_runs():
             records = store.load_lineage(run_id)
@@ -173,33 +164,6 @@ def runs_command(workdir: Annotated[Path | None, typer.Option(help="Local platfo
             typer.echo(f"{run_id}: {len(records)} stage outputs ({cached} from cache)")
             for record in records:
                 typer.echo(f"    {record['stage']:<20s} {record['ref']['md5']}  {'cached' if record['cached'] else 'ran'}")
-
-
-@platform_app.command("run-stage")
-def run_stage_command(
-    name: Annotated[str, typer.Argument(help="Stage name (see `medsight stage list`)")],
-    inputs: Annotated[list[str] | None, typer.Option("--input", help="NAME=REF: md5, run:<id>/<stage>, or JSON ref")] = None,
-    preset: Annotated[str, typer.Option(help="Config preset")] = "tiny",
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value")] = None,
-    workdir: Annotated[Path | None, typer.Option(help="Local platform dir; starts its S3 server if needed")] = None,
-) -> None:
-    """Run one stage from DVC references to its inputs (restored from the run-cache if unchanged)."""
-    from medsight.platform.component_runtime import execute_stage, resolve_config
-
-    refs = {}
-    for pair in inputs or []:
-        if "=" not in pair:
-            _fail(f"--input {pair!r} must look like NAME=REF (e.g. data=run:local-2026.../synth-data)")
-        key, value = pair.split("=", 1)
-        refs[key.strip()] = value.strip()
-    with _store_env(workdir):
-        try:
-            result = execute_stage(name, refs, resolve_config(preset, overrides or []))
-        except Exception as error:  # stage errors are shown in full below
-            _fail(f"{name}: {error}")
-    how = "restored from run-cache" if result.cached else f"ran in {result.seconds:.1f}s"
-    typer.echo(f"{name}: {how}; output {result.ref.md5}")
-    typer.echo(json.dumps(result.metrics, indent=2))
 
 
 @platform_app.command("s3-serve")
@@ -232,14 +196,22 @@ def s3_serve_command(
 def dvc_files_command(
     preset: Annotated[str, typer.Option(help="Preset written into params.yaml")] = "tiny",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value")] = None,
+    variant: Annotated[str, typer.Option(help="Ablation variant by name (`medsight variants list`)")] = "full",
     root: Annotated[Path, typer.Option(help="Repository root")] = Path("."),
     check: Annotated[bool, typer.Option(help="Only verify dvc.yaml/params.yaml are current")] = False,
 ) -> None:
-    """Write dvc.yaml (the stage graph) and params.yaml (the config) so `dvc repro` reproduces a run."""
+    """Write dvc.yaml (the stage graph) and params.yaml (the config) so `dvc repro` reproduces a run.
+
+    For a variant: `medsight platform dvc-files --variant codebook-8 && dvc exp run -n codebook-8`.
+    """
     from medsight.io_utils import atomic_write_text
     from medsight.platform.graph import PARAMS_FILE, render_dvc_yaml, render_params_yaml
 
-    files = {root / "dvc.yaml": render_dvc_yaml(), root / PARAMS_FILE: render_params_yaml(preset, overrides)}
+    try:
+        files = {root / "dvc.yaml": render_dvc_yaml(variant),
+                 root / PARAMS_FILE: render_params_yaml(preset, overrides, variant)}
+    except (KeyError, ValueError) as error:
+        _fail(str(error).strip("'\""))
     if check:
         stale = [str(p) for p, text in files.items() if not p.is_file() or p.read_text() != text]
         if stale:

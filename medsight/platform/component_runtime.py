@@ -1,11 +1,18 @@
-"""What every KFP stage component runs: resolve config, restore-or-run, push, track, report.
+"""What the KFP stage components run: restore-or-run a stage against the S3 store, and report it.
 
-A component receives its inputs as DVC references (JSON ``ArtifactRef`` strings, "" when an
-ablation left the input out) and hands one reference downstream. Because references are
-content hashes, KFP's own cache key is content-addressed too: a stage whose upstream was
-recomputed to identical bytes is still a KFP cache hit on the cluster. Where KFP caching does
-not apply (``kfp.local``, a changed but irrelevant parameter), the DVC run-cache does: a stage
-with the same (config sections, input md5s, version) is restored from the remote, not rerun.
+A component (generated from the registry, ``components/``) receives its inputs as typed KFP
+artifacts whose metadata holds the DVC hash of an upstream output, and runs
+``medsight stage run NAME --store`` in a child process, which
+
+1. resolves the config (preset + the overrides relevant to this stage),
+2. computes the stage's cache key (config view + input hashes + code, ``stages/cache_key.py``),
+3. restores the output from the store's run-cache, or pulls the inputs, runs the stage, pushes
+   the output to the DVC remote and records it in the run-cache,
+4. records lineage for the run and writes a small result file,
+
+and the component turns that result into its output artifact (DVC pointer + metadata), its
+Metrics artifact and a stage card (HTML). The child process keeps the KFP executor light and is
+the same command a user runs by hand.
 
 Connection settings come from the environment only (Kubernetes Secret/ConfigMap, or the local
 runner): ``MEDSIGHT_S3_ENDPOINT``, ``AWS_*``, ``MEDSIGHT_STORE_URL``, ``MLFLOW_TRACKING_URI``,
@@ -17,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -24,22 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError, run_cache_key
+from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
 
 WORK_DIR_ENV = "MEDSIGHT_WORK_DIR"
 EVENTS_ENV = "MEDSIGHT_EVENTS_FILE"
 FORCE_ENV = "MEDSIGHT_FORCE_RERUN"  # comma-separated stage names, or "all"
 TRACK_HITS_ENV = "MEDSIGHT_TRACK_CACHE_HITS"  # "1": also open an MLflow run for restored stages
-
-# Pipeline-level hyperparameters -> the config key each sets. A component only takes the ones
-# whose key lies in its stage's config sections, so e.g. a codebook-size change leaves the KFP
-# cache keys of synth-data, base-models, perceiver-pretrain and v2t-align untouched.
-HPARAM_KEYS: dict[str, str] = {
-    "codebook_size": "model.codebook.codes_per_modality",
-    "two_way": "model.perceiver.two_way",
-    "region_embeddings": "model.region_embeddings",
-    "grounding_mode": "model.grounding",
-}
 # Log these output files to MLflow: reports anywhere, images only from visual folders (mask
 # overlays, plots) so a dataset's own images and any weights are never copied.
 _REPORT_SUFFIXES = {".html", ".md"}
@@ -48,35 +47,12 @@ _VISUAL_DIRS = ("overlay", "report", "plot", "figure", "curve")
 _ARTIFACT_MAX_BYTES = 5 * 2**20
 
 
-def relevant_hparams(stage: str) -> tuple[str, ...]:
-    from medsight.stages.registry import get_stage
-
-    sections = get_stage(stage).config_sections
-    return tuple(
-        name for name, key in HPARAM_KEYS.items() if any(key == s or key.startswith(s + ".") for s in sections)
-    )
-
-
-def hparam_overrides(hparams: Mapping[str, Any]) -> list[str]:
-    """Pipeline parameters as config overrides; 0 / "" mean "keep the preset's value"."""
-    overrides = []
-    for name, value in hparams.items():
-        if name not in HPARAM_KEYS:
-            raise ValueError(f"unknown pipeline hyperparameter {name!r}; known: {', '.join(HPARAM_KEYS)}")
-        if value is None or value == "" or (name == "codebook_size" and int(value) <= 0):
-            continue
-        text = ("true" if value else "false") if isinstance(value, bool) else str(int(value) if name == "codebook_size" else value)
-        overrides.append(f"{HPARAM_KEYS[name]}={text}")
-    return overrides
-
-
-def resolve_config(preset: str, overrides: Sequence[str] | str | None, hparams: Mapping[str, Any] | None = None) -> Any:
+def resolve_config(preset: str, overrides: Sequence[str] | str | None = None) -> Any:
     from medsight.config import apply_overrides, get_preset
 
     if isinstance(overrides, str):
         overrides = json.loads(overrides) if overrides.strip().startswith("[") else [o for o in overrides.split(",") if o]
-    # Explicit overrides come last so they win over the named hyperparameters.
-    return apply_overrides(get_preset(preset), hparam_overrides(hparams or {}) + list(overrides or []))
+    return apply_overrides(get_preset(preset), list(overrides or []))
 
 
 @dataclass
@@ -86,7 +62,7 @@ class StageResult:
     cached: bool
     metrics: dict[str, float]
     seconds: float  # stage compute (0 on a cache hit)
-    wall_seconds: float  # whole component incl. pulls/pushes/tracking
+    wall_seconds: float  # whole process incl. pulls/pushes/tracking
     inputs: dict[str, str] = field(default_factory=dict)
     cache_key: str = ""
     mlflow_run_id: str | None = None
@@ -173,8 +149,12 @@ def execute_stage(
     use_existing: str = "",
     run_id: str | None = None,
 ) -> StageResult:
-    """Restore ``stage`` from the run-cache or run it, push its output, track it, record lineage."""
-    from medsight.stages.chain import INPUT_SOURCES
+    """Restore ``stage`` from the run-cache or run it, push its output, track it, record lineage.
+
+    ``inputs``: input name -> a DVC reference (JSON ref, ``<md5>.dir`` or ``run:<id>/<stage>``);
+    "" means left out by the variant.
+    """
+    from medsight.stages.cache_key import stage_key
     from medsight.stages.registry import get_stage
 
     started = time.time()
@@ -185,9 +165,9 @@ def execute_stage(
     run_id = run_id or os.environ.get("KFP_RUN_ID") or time.strftime("adhoc-%Y%m%d-%H%M%S")
     _event(event="start", stage=stage, run_id=run_id)
 
-    unknown = sorted(set(inputs) - set(spec.inputs))
+    unknown = sorted(set(inputs) - set(spec.input_names))
     if unknown:
-        raise ArtifactStoreError(f"stage {stage}: unknown input {unknown[0]!r}; it takes {', '.join(spec.inputs) or 'none'}")
+        raise ArtifactStoreError(f"stage {stage}: unknown input {unknown[0]!r}; it takes {', '.join(spec.input_names) or 'none'}")
     refs: dict[str, ArtifactRef] = {}
     for name, text in inputs.items():
         ref = store.resolve(text)
@@ -196,13 +176,11 @@ def execute_stage(
     for name in spec.required_inputs:
         if name not in refs:
             raise ArtifactStoreError(
-                f"stage {stage} needs input {name!r} (the output of {INPUT_SOURCES.get(name, name)}) but it was "
-                "absent; an ablation may have skipped it (e.g. skipping both t2v-align and instruct-tune leaves "
-                "evaluate without a model)"
+                f"stage {stage} needs input {name!r} (the output of {spec.inputs[name].source}) but it was "
+                "absent; a variant that drops that stage cannot run this one"
             )
-    input_tags = {f"dvc.{name}": ref.md5 for name, ref in refs.items()}
-    key, _material = run_cache_key(spec, config, refs)
-    base_tags = {**input_tags, "medsight.cache_key": key}
+    key = stage_key(spec, config, {name: ref.md5 for name, ref in refs.items()})
+    base_tags = {**{f"dvc.{name}": ref.md5 for name, ref in refs.items()}, "medsight.cache_key": key.key}
 
     if use_existing:
         # A registered version (e.g. a dataset revision) stands in for this stage's output.
@@ -211,7 +189,7 @@ def execute_stage(
             raise ArtifactStoreError(f"stage {stage}: {use_existing!r} is not in the DVC remote {store.config.dvc_url}")
         entry: dict[str, Any] | None = {"ref": json.loads(existing.to_json()), "metrics": {}, "mlflow_run_id": None}
     else:
-        entry = None if _forced(stage) else store.cache_lookup(stage, key)
+        entry = None if _forced(stage) else store.cache_lookup(stage, key.key)
 
     if entry is not None:
         ref = ArtifactRef.parse(json.dumps(entry["ref"]))
@@ -227,10 +205,10 @@ def execute_stage(
             })
             tracker.log_metrics(metrics)
             _close(tracker)
-        result = StageResult(stage, ref, True, metrics, 0.0, 0.0, {k: r.md5 for k, r in refs.items()}, key,
+        result = StageResult(stage, ref, True, metrics, 0.0, 0.0, {k: r.md5 for k, r in refs.items()}, key.key,
                              mlflow_run_id)
     else:
-        result = _run_and_push(stage, config, refs, store, key, base_tags)
+        result = _run_and_push(stage, config, refs, store, key.key, base_tags)
     result.wall_seconds = time.time() - started + age_at_start
     store.record_lineage(run_id, result.record(run_id))
     _event(event="end", stage=stage, run_id=run_id, cached=result.cached, seconds=result.seconds,
@@ -241,7 +219,7 @@ def execute_stage(
 def _run_and_push(
     stage: str, config: Any, refs: dict[str, ArtifactRef], store: ArtifactStore, key: str, base_tags: dict[str, str]
 ) -> StageResult:
-    from medsight.stages.runner import run_stage
+    from medsight.stages.runner import read_stage_file, run_stage
 
     work_root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir())
     work_root.mkdir(parents=True, exist_ok=True)
@@ -254,19 +232,24 @@ def _run_and_push(
             tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"})
             output = ws_dir / stage
             compute_started = time.time()
-            metrics, _reused = run_stage(stage, config, paths, output, tracker, reuse=False)
+            run = run_stage(stage, config, paths, output, tracker, reuse=False)
+            if run.key.key != key:
+                raise ArtifactStoreError(f"stage {stage}: the pulled inputs hash differently from their references")
+            metrics = run.metrics
             seconds = time.time() - compute_started
+            cacheable = (read_stage_file(output) or {}).get("cacheable", True)
             _log_output_files(tracker, output)
             ref = ws.add(output, stage=stage)
             ws.push(ref, stage)
         tracker.set_tags({"dvc.output": ref.md5})
         mlflow_run_id = getattr(tracker, "run_id", None)
-        # Written only after a complete push: a hit always finds every object in the remote.
-        store.cache_record(stage, key, {
-            "stage": stage, "ref": json.loads(ref.to_json()), "metrics": metrics, "seconds": round(seconds, 3),
-            "mlflow_run_id": mlflow_run_id, "kfp_run_id": os.environ.get("KFP_RUN_ID", ""),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+        if cacheable:
+            # Written only after a complete push: a hit always finds every object in the remote.
+            store.cache_record(stage, key, {
+                "stage": stage, "ref": json.loads(ref.to_json()), "metrics": metrics, "seconds": round(seconds, 3),
+                "mlflow_run_id": mlflow_run_id, "kfp_run_id": os.environ.get("KFP_RUN_ID", ""),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            })
     except BaseException:
         if tracker is not None:
             _close(tracker, "FAILED")
@@ -277,41 +260,78 @@ def _run_and_push(
     return StageResult(stage, ref, False, metrics, seconds, 0.0, {k: r.md5 for k, r in refs.items()}, key, mlflow_run_id)
 
 
+# -- inside the KFP executor ---------------------------------------------------------------
+def artifact_ref(artifact: Any) -> str:
+    """The DVC reference an input artifact carries ("" for an absent optional input)."""
+    if artifact is None:
+        return ""
+    if isinstance(artifact, str):
+        return artifact  # already a reference (the single-stage pipeline passes them as text)
+    metadata = dict(getattr(artifact, "metadata", {}) or {})
+    if metadata.get("dvc_md5"):
+        # KFP hands numbers in metadata back as floats; DVC's pointer schema wants integers.
+        counts = {key: int(metadata[key]) for key in ("size", "nfiles") if metadata.get(key)}
+        return json.dumps({"md5": metadata["dvc_md5"], **counts, "stage": metadata.get("stage", "")})
+    # Artifacts from elsewhere (an importer): the pointer file the artifact holds.
+    import yaml
+
+    pointer = yaml.safe_load(Path(artifact.path).read_text())
+    return json.dumps({"md5": pointer["outs"][0]["md5"]})
+
+
+def stage_command(stage: str, preset: str, overrides: Sequence[str], inputs: Mapping[str, str], result: Path,
+                  use_existing: str = "") -> list[str]:
+    """``medsight stage run`` for a component: inputs as DVC references, output to the store."""
+    command = [sys.executable, "-m", "medsight.cli", "stage", "run", stage, "--store", "--preset", preset,
+               "--result", str(result)]
+    if use_existing:
+        command += ["--use-existing", use_existing]
+    for override in overrides:
+        command += ["--set", override]
+    for name, ref in inputs.items():
+        if ref:
+            command += ["--input", f"{name}={ref}"]
+    return command
+
+
 def run_component(
     stage: str,
-    inputs: Mapping[str, str],
     *,
     preset: str,
-    overrides: Sequence[str] | str | None = None,
-    hparams: Mapping[str, Any] | None = None,
+    overrides: Sequence[str],
+    inputs: Mapping[str, Any],
+    output: Any,
+    metrics: Any,
+    card: Any,
     use_existing: str = "",
-    output: Any = None,
-    metrics: Any = None,
-    html: Any = None,
-) -> tuple[str, bool]:
-    """Entry point of the KFP components: returns (output reference JSON, was it a cache hit)."""
-    from medsight.platform.fast_exit import install_for_kfp_executor
+) -> None:
+    """Body of every generated stage component: run the stage CLI, then fill the KFP outputs."""
+    from medsight.platform.stage_card import render_stage_card
 
-    install_for_kfp_executor()  # before the stage's heavy imports, so their exit handlers still run
-    config = resolve_config(preset, overrides, hparams)
-    result = execute_stage(stage, inputs, config, use_existing=use_existing)
-    if output is not None:
-        Path(output.path).parent.mkdir(parents=True, exist_ok=True)
-        Path(output.path).write_text(result.ref.pointer(stage))
-        output.metadata.update({
-            "dvc_md5": result.ref.md5, "size": result.ref.size or 0, "nfiles": result.ref.nfiles or 0,
-            "cached": result.cached, "stage": stage, "pull": f"medsight platform pull --md5 {result.ref.md5} --dest {stage}",
-        })
-    if metrics is not None:
-        for name, value in result.metrics.items():
-            metrics.log_metric(name, value)
-        metrics.log_metric("cached", 1.0 if result.cached else 0.0)
-        metrics.log_metric("stage_seconds", round(result.seconds, 3))
-    if html is not None:
-        _export_report(result.ref, Path(html.path))
-    status = "restored from run-cache" if result.cached else f"ran in {result.seconds:.1f}s"
-    print(f"[medsight] {stage}: {status}; output {result.ref.md5}", flush=True)
-    return result.ref.to_json(), result.cached
+    refs = {name: artifact_ref(artifact) for name, artifact in inputs.items()}
+    with tempfile.TemporaryDirectory(prefix="medsight-result-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        done = subprocess.run(stage_command(stage, preset, overrides, refs, result_file, use_existing), check=False)
+        if done.returncode != 0 or not result_file.is_file():
+            raise RuntimeError(f"stage {stage} failed (exit {done.returncode}); its error is printed above")
+        result = json.loads(result_file.read_text())
+    ref = ArtifactRef.parse(json.dumps(result["ref"]))
+    assert ref is not None
+    store = ArtifactStore()
+    Path(output.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(output.path).write_text(ref.pointer(stage))
+    output.metadata.update({
+        "dvc_md5": ref.md5, **{k: v for k, v in (("size", ref.size), ("nfiles", ref.nfiles)) if v is not None}, "stage": stage,
+        "cached": result["cached"], "cache_key": result["cache_key"], "store_uri": store.object_uri(ref.md5),
+        "pull": f"medsight platform pull --md5 {ref.md5} --dest {stage}",
+    })
+    for name, value in result["metrics"].items():
+        metrics.log_metric(name, value)
+    metrics.log_metric("cached", 1.0 if result["cached"] else 0.0)
+    metrics.log_metric("stage_seconds", round(result["seconds"], 3))
+    html = _pull_files(ref, ["report.html"]).get("report.html") if stage == "evaluate" else None
+    Path(card.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(card.path).write_bytes(html or render_stage_card(stage, result, store.object_uri(ref.md5)).encode())
 
 
 def _pull_files(ref: ArtifactRef, patterns: Sequence[str]) -> dict[str, bytes]:
@@ -332,29 +352,19 @@ def _pull_files(ref: ArtifactRef, patterns: Sequence[str]) -> dict[str, bytes]:
         shutil.rmtree(ws_dir, ignore_errors=True)
 
 
-def _export_report(ref: ArtifactRef, target: Path) -> None:
-    files = _pull_files(ref, ["report.html", "**/*.html"])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if files:
-        target.write_bytes(next(iter(files.values())))
-    else:
-        target.write_text(f"<p>No HTML report in output {ref.md5}.</p>")
+def compare_evaluations(results: Sequence[tuple[str, Any]], table_path: str | None = None) -> str:
+    """Markdown table: one row per (variant name, evaluation artifact or reference), headline metrics."""
+    from medsight.stages.registry import get_stage
 
-
-def compare_evaluations(results: Sequence[str], table_path: str | None = None) -> str:
-    """Markdown table: one row per ablation variant (JSON {name, evaluation ref}) and its metrics."""
     rows: list[tuple[str, dict[str, float], str]] = []
-    for item in results:
-        data = json.loads(item) if isinstance(item, str) else dict(item)
-        ref = ArtifactRef.parse(data["evaluation"])
+    for name, evaluation in results:
+        ref = ArtifactRef.parse(artifact_ref(evaluation))
         if ref is None:
-            rows.append((data["name"], {}, "-"))
+            rows.append((name, {}, "-"))
             continue
         files = _pull_files(ref, ["metrics.json"])
         metrics = json.loads(files["metrics.json"]) if "metrics.json" in files else {}
-        rows.append((data["name"], metrics, ref.short))
-    from medsight.stages.registry import get_stage
-
+        rows.append((name, metrics, ref.short))
     # Headline numbers only; every metric stays in each evaluation's metrics.json and MLflow run.
     headline = (*get_stage("evaluate").metrics, "comprehension_avg", "diagnosis_recall", "mecovqa_dice")
     keys = [k for k in dict.fromkeys(headline) if any(k in metrics for _, metrics, _ in rows)]
@@ -370,9 +380,3 @@ def compare_evaluations(results: Sequence[str], table_path: str | None = None) -
         Path(table_path).write_text(table)
     print(table, flush=True)
     return table
-
-
-def stand_in(stage: str, ref: str = "") -> str:
-    """Output of a stage an ablation skipped: nothing (""), or another stage's output instead."""
-    print(f"[medsight] {stage}: skipped by ablation switch" + (" (using upstream output instead)" if ref else ""))
-    return ref

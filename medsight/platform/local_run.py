@@ -30,13 +30,12 @@ from typing import IO, Any
 
 import medsight
 from medsight.platform.artifacts import CACHE_ENV, STORE_ENV, ArtifactStore
-from medsight.platform.component_runtime import EVENTS_ENV, FORCE_ENV, WORK_DIR_ENV, resolve_config
+from medsight.platform.component_runtime import EVENTS_ENV, FORCE_ENV, WORK_DIR_ENV
 from medsight.platform.run_repo import RunRepo, client_env_file
 from medsight.platform.s3_server import SeaweedS3Server
 from medsight.platform.tracking import ARTIFACTS_ENV, git_commit
 
 LOCAL_STORE_URL = "s3://medsight/store"
-REPO_ROOT = Path(medsight.__file__).resolve().parents[1]
 # Small but complete: every stage trains a few steps on a few dozen images (a few minutes on 2 CPUs).
 FAST_OVERRIDES = (
     "data.train_images=40", "data.val_images=10", "data.test_images=10",
@@ -44,7 +43,6 @@ FAST_OVERRIDES = (
     "codebook_pretrain.max_steps=5", "codebook_pretrain.batch_size=4",
     "v2t_align.max_steps=3", "t2v_align.max_steps=3", "instruct_tune.max_steps=3",
 )
-SKIPPABLE = ("v2t-align", "t2v-align", "instruct-tune")
 
 
 class LocalRunError(RuntimeError):
@@ -56,16 +54,13 @@ class LocalRunRequest:
     workdir: Path
     preset: str = "tiny"
     overrides: list[str] = field(default_factory=list)
-    codebook_size: int = 0
-    two_way: bool = True
-    region_embeddings: bool = True
-    grounding_mode: str = "codebook"
-    skip: tuple[str, ...] = ()
+    # A registry variant (medsight/stages/registry.py) for the main pipeline.
+    variant: str = "full"
     data_revision: str = ""
     force: tuple[str, ...] = ()
     verbose: bool = False
-    # Set: run the ablation pipeline over these variants (see pipelines.medsight_pipeline.variant).
-    variants: list[dict[str, Any]] | None = None
+    # Set: run the ablation pipeline over these registry variants.
+    variants: list[str] | None = None
     # Set: run only this stage (single-stage pipeline), inputs as DVC references.
     stage: str = ""
     stage_inputs: dict[str, str] = field(default_factory=dict)
@@ -81,20 +76,9 @@ class LocalRunRequest:
             return {"stage_name": self.stage, "inputs": dict(self.stage_inputs), "preset": self.preset,
                     "overrides": list(self.overrides)}
         if self.variants is not None:
-            return {"preset": self.preset, "overrides": list(self.overrides), "data_revision": self.data_revision,
-                    "variants": self.variants}
-        return {
-            "preset": self.preset,
-            "overrides": list(self.overrides),
-            "data_revision": self.data_revision,
-            "codebook_size": self.codebook_size,
-            "two_way": self.two_way,
-            "region_embeddings": self.region_embeddings,
-            "grounding_mode": self.grounding_mode,
-            "skip_v2t_align": "v2t-align" in self.skip,
-            "skip_t2v_align": "t2v-align" in self.skip,
-            "skip_instruct_tune": "instruct-tune" in self.skip,
-        }
+            # The ablation pipeline's variants are compiled in (see _run_pipeline).
+            return {"preset": self.preset, "overrides": list(self.overrides), "data_revision": self.data_revision}
+        return {"preset": self.preset, "overrides": list(self.overrides), "data_revision": self.data_revision}
 
 
 @dataclass
@@ -207,35 +191,17 @@ class _Progress(threading.Thread):
 
 
 def _validate(request: LocalRunRequest) -> None:
-    bad = sorted(set(request.skip) - set(SKIPPABLE))
-    if bad:
-        raise LocalRunError(f"cannot skip {bad[0]!r}; skippable stages: {', '.join(SKIPPABLE)}")
-    if {"t2v-align", "instruct-tune"} <= set(request.skip):
-        raise LocalRunError("skipping both t2v-align and instruct-tune leaves evaluate without a model; skip one")
-    # Fail on a bad override before starting servers, with the key named.
-    resolve_config(request.preset, request.overrides, {
-        "codebook_size": request.codebook_size, "two_way": request.two_way,
-        "region_embeddings": request.region_embeddings, "grounding_mode": request.grounding_mode,
-    })
+    """Fail on a bad variant, stage or override before starting servers, with the name in the message."""
+    from medsight.stages.cache_key import variant_plan
+    from medsight.stages.registry import get_stage
 
-
-def load_variants(path: Path | None) -> list[dict[str, Any]]:
-    """Ablation variants from YAML (a list of {name, <field>: value}), or the paper's defaults."""
-    import yaml
-
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from pipelines.medsight_pipeline import DEFAULT_VARIANTS, variant
-
-    if path is None:
-        return [dict(v) for v in DEFAULT_VARIANTS]
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, list) or not all(isinstance(item, dict) and "name" in item for item in data):
-        raise LocalRunError(f"{path}: expected a YAML list of variants, each with a name")
     try:
-        return [variant(**item) for item in data]
-    except (TypeError, ValueError) as error:
-        raise LocalRunError(f"{path}: {error}") from error
+        if request.stage:
+            get_stage(request.stage)
+        for name in request.variants if request.variants is not None else [request.variant]:
+            variant_plan(name, request.preset, list(request.overrides))
+    except (KeyError, ValueError) as error:
+        raise LocalRunError(str(error).strip("'\"")) from error
 
 
 @contextlib.contextmanager
@@ -269,8 +235,6 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
 
     console = console or sys.stdout
     _validate(request)
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # pipelines/ and components/ live beside the package
     workdir = Path(request.workdir).resolve()
     run_id = new_run_id()
     for sub in ("dvc-cache", "mlflow", "kfp", "work", "logs"):
@@ -335,7 +299,8 @@ def _run_pipeline(request: LocalRunRequest, workdir: Path, events: Path, log_pat
     # Same DAG as the compiled YAML; only retries are off: kfp.local honours them (with a 60 s
     # backoff), and locally a failure is deterministic, so retrying only delays the error.
     name = request.pipeline_name
-    pipeline = build_pipelines(DeploymentSettings(retries=0), names=(name,))[name]
+    settings = DeploymentSettings(retries=0, ablation_variants=list(request.variants or []))
+    pipeline = build_pipelines(settings, names=(name,), variant=request.variant)[name]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
     with _captured_output(log_path, not request.verbose, console) as out:
@@ -429,7 +394,7 @@ def next_steps(result: LocalRunResult) -> str:
         f"  Pull with plain DVC:      medsight platform s3-serve --dir {w / 's3'}   # then, in another shell:\n"
         f"                            source {w / 's3' / 'client.env'} && git clone {w / 'repo'} run && cd run && "
         f"git checkout {result.run_id} && dvc pull outputs/{example}.dvc\n"
-        f"  Rerun (unchanged stages come from the cache): same command; change e.g. --codebook-size 8 to retrain only "
-        "codebook-pretrain and what depends on it\n"
+        "  Rerun (unchanged stages come from the cache): same command; e.g. --variant codebook-8 retrains only "
+        "codebook-pretrain and what depends on it (`medsight variants list`)\n"
         "  On the cluster: medsight platform compile, then upload pipelines/compiled/medsight-pipeline.yaml in the KFP UI\n"
     )

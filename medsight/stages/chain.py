@@ -1,32 +1,22 @@
 """Run the stage graph in-process (no orchestrator): the quick path for the CLI and ablations.
 
-Each stage output lives at ``workdir/<stage>/<fingerprint[:12]>``, so variants that share
-upstream stages share their outputs instead of recomputing them.
+Each stage output lives at ``workdir/<stage>/<cache key[:12]>``, so variants that share upstream
+stages share their outputs instead of recomputing them. Which stages run and which output feeds
+which input comes from the registry (``input_sources``), as in the KFP pipeline and dvc.yaml.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medsight.config.io import apply_overrides
 from medsight.config.schema import ExperimentConfig
-from medsight.stages.registry import STAGES, get_stage
-from medsight.stages.runner import directory_fingerprint, run_stage, stage_fingerprint
+from medsight.stages.registry import Variant, active_stages, get_variant, input_sources
+from medsight.stages.runner import plan_stage, run_stage
 from medsight.train.tracker import NullTracker, Tracker
-
-# Which upstream stage feeds each input name.
-INPUT_SOURCES: dict[str, str] = {
-    "data": "synth-data",
-    "base": "base-models",
-    "perceiver": "perceiver-pretrain",
-    "codebook": "codebook-pretrain",
-    "v2t": "v2t-align",
-    "grounding": "grounding-data",
-    "t2v": "t2v-align",
-    "model": "instruct-tune",
-}
-SKIPPABLE = frozenset({"v2t-align", "t2v-align", "instruct-tune"})
 
 
 @dataclass
@@ -36,61 +26,49 @@ class StageRecord:
     metrics: dict[str, float]
     reused: bool
     seconds: float = 0.0
+    key: str = ""
 
 
 @dataclass
 class ChainResult:
+    variant: str = "full"
     stages: dict[str, StageRecord] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, dict[str, float]]:
         return {name: record.metrics for name, record in self.stages.items()}
 
 
-def _source_for(input_name: str, skip: frozenset[str]) -> str | None:
-    source = INPUT_SOURCES[input_name]
-    if input_name == "model" and source in skip:
-        # "Without stage 5": evaluate the stage-4 model as it is.
-        source = "t2v-align"
-    if source in skip:
-        return None
-    return source
+def variant_config(config: ExperimentConfig, variant: Variant, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The variant's overrides on ``config``, then the user's (which win)."""
+    return apply_overrides(config, [*variant.overrides, *overrides])
 
 
 def run_chain(
     config: ExperimentConfig,
     workdir: Path,
-    skip: frozenset[str] = frozenset(),
+    variant: str | Variant = "full",
     tracker_factory: Callable[[str], Tracker] | None = None,
     until: str | None = None,
     on_stage: Callable[[StageRecord], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> ChainResult:
-    bad = set(skip) - SKIPPABLE
-    if bad:
-        raise ValueError(f"cannot skip {sorted(bad)}; only {sorted(SKIPPABLE)} are ablation-skippable")
-    if {"t2v-align", "instruct-tune"} <= set(skip):
-        raise ValueError("skipping both t2v-align and instruct-tune leaves no model to evaluate")
-    import time
-
-    result = ChainResult()
-    for spec in STAGES:
-        if spec.name in skip:
-            continue
-        inputs: dict[str, Path] = {}
-        for input_name in spec.inputs:
-            source = _source_for(input_name, frozenset(skip))
-            if source is None:
-                if input_name in spec.required_inputs:
-                    raise ValueError(f"stage {spec.name} needs {input_name} but {INPUT_SOURCES[input_name]} is skipped")
-                continue
-            if input_name in spec.optional_inputs and source not in result.stages:
-                continue
-            inputs[input_name] = result.stages[source].output
-        fingerprint = stage_fingerprint(get_stage(spec.name), config, {k: directory_fingerprint(v) for k, v in inputs.items()})
-        output = Path(workdir) / spec.name / fingerprint[:12]
+    """Run every stage the variant keeps; ``config`` is the base config (variant overrides added here)."""
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    config = variant_config(config, variant)
+    stages = active_stages(variant.drops)
+    if until is not None and until not in {spec.name for spec in stages}:
+        raise ValueError(f"--until {until}: not a stage of variant {variant.name}")
+    result = ChainResult(variant=variant.name)
+    for spec in stages:
+        if on_start:
+            on_start(spec.name)
+        inputs = {name: result.stages[source].output for name, source in input_sources(spec, variant.drops).items()}
+        plan = plan_stage(spec.name, config, inputs)
+        output = Path(workdir) / spec.name / plan.key.short
         tracker = tracker_factory(spec.name) if tracker_factory else NullTracker()
         started = time.perf_counter()
-        metrics, reused = run_stage(spec.name, config, inputs, output, tracker)
-        record = StageRecord(spec.name, output, metrics, reused, time.perf_counter() - started)
+        run = run_stage(spec.name, config, inputs, output, tracker, plan=plan)
+        record = StageRecord(spec.name, output, run.metrics, run.reused, time.perf_counter() - started, run.key.key)
         result.stages[spec.name] = record
         if on_stage:
             on_stage(record)

@@ -18,16 +18,8 @@ from medsight.model.codebook import ModalityCodebook
 from medsight.model.criterion import SetCriterion
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_perceiver import RegionPerceiver
-from medsight.model.bundle import (
-    copy_modules,
-    find_modules,
-    load_encoder,
-    load_module,
-    new_codebook,
-    new_perceiver,
-    save_modules,
-    stage_taxonomy,
-)
+from medsight.model.bundle import copy_modules, find_modules, load_module, save_modules, stage_taxonomy
+from medsight.model.vision_modules import load_encoder, new_codebook, new_perceiver
 from medsight.stages.perceiver_pretrain import matched_dice
 from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, load_split
 from medsight.train.engine import TorchEngine

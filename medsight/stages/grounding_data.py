@@ -21,7 +21,8 @@ from medsight.data.taxonomy import Taxonomy
 from medsight.io_utils import atomic_write_json
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_vocabulary import RegionVocabulary
-from medsight.model.bundle import find_modules, load_encoder, load_module, new_codebook, new_perceiver, stage_taxonomy
+from medsight.model.bundle import find_modules, load_module, stage_taxonomy
+from medsight.model.vision_modules import load_encoder, new_codebook, new_perceiver
 from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, load_split
 from medsight.train.tracker import Tracker
 

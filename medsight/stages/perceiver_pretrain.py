@@ -12,7 +12,8 @@ from medsight.model.criterion import SetCriterion
 from medsight.model.dice import hard_dice
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_perceiver import RegionPerceiver
-from medsight.model.bundle import load_encoder, new_perceiver, save_modules, stage_taxonomy
+from medsight.model.bundle import save_modules, stage_taxonomy
+from medsight.model.vision_modules import load_encoder, new_perceiver
 from medsight.stages.segmentation_data import (
     SegmentationSplit,
     encode_split,

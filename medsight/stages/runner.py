@@ -1,101 +1,157 @@
-"""Run one stage: validate inputs, save the resolved config, call it, record metrics and lineage.
+"""Run one stage safely: check inputs and output, key it, reuse or compute, swap the output in.
 
-``stage.json`` is written last, so its presence means the output is complete. Its fingerprint
-(config sections the stage reads + fingerprints of its inputs + code version) lets the local
-chain and the pipeline components skip a stage whose inputs did not change.
+``stage.json`` is written last, so its presence means the output is complete. It records the
+cache key and what went into it (config view, input content hashes, code hash), the files the
+stage wrote, and where the inputs came from.
+
+The runner never deletes what it did not write. An output folder that is an input (or inside
+one, or holds one) is refused; so is one that holds files no stage wrote. A stage computes into
+a working folder beside its output (``.<out>.<key>.partial``, where a crashed attempt resumes
+from its checkpoints) and the finished folder replaces the previous output only when complete.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
+import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import medsight
-from medsight.config.io import save_config, to_dict
+from medsight.config.access import outside, recorded_reads
+from medsight.config.io import save_config
 from medsight.config.schema import ExperimentConfig
-from medsight.io_utils import atomic_write_json
+from medsight.io_utils import atomic_write_json, replace_directory
+from medsight.stages.cache_key import CacheKey, stage_key
+from medsight.stages.content_hash import input_hashes
 from medsight.stages.registry import StageSpec, get_stage
 from medsight.train.tracker import HistoryRecorder, NullTracker, Tracker
+
+logger = logging.getLogger(__name__)
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
+CHECKPOINTS_DIR = "checkpoints"
 
 
-def config_sections(config: ExperimentConfig, sections: tuple[str, ...]) -> dict[str, Any]:
-    data = to_dict(config)
-    picked: dict[str, Any] = {}
-    for dotted in sections:
-        node: Any = data
-        for part in dotted.split("."):
-            node = node[part]
-        picked[dotted] = node
-    return picked
+class StageError(ValueError):
+    """A stage cannot run as asked (bad input, unsafe output); the message names the path."""
 
 
-def directory_fingerprint(path: Path) -> str:
-    """A completed stage's recorded fingerprint, else a content hash (imported datasets)."""
-    path = Path(path)
-    stage_file = path / STAGE_FILE
-    if stage_file.is_file():
-        return json.loads(stage_file.read_text())["fingerprint"]
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class StagePlan:
+    """What will run: the stage, its inputs, their content hashes and the resulting cache key."""
+
+    spec: StageSpec
+    config: ExperimentConfig
+    inputs: dict[str, Path]
+    hashes: dict[str, str]
+    key: CacheKey
 
 
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """Hash of the installed medsight sources: a code change invalidates reuse, as it should."""
-    root = Path(medsight.__file__).parent
-    digest = hashlib.sha256()
-    for file in sorted(root.rglob("*.py")):
-        digest.update(str(file.relative_to(root)).encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class StageRun:
+    metrics: dict[str, float]
+    reused: bool
+    key: CacheKey
+    output: Path
 
 
-def stage_fingerprint(spec: StageSpec, config: ExperimentConfig, input_fingerprints: dict[str, str]) -> str:
-    payload = {
-        "stage": spec.name,
-        "config": config_sections(config, spec.config_sections),
-        "inputs": dict(sorted(input_fingerprints.items())),
-        "code": code_fingerprint(),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def read_stage_file(directory: Path) -> dict[str, Any] | None:
+    """The ``stage.json`` of a completed stage output, None when there is none."""
+    path = Path(directory) / STAGE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise StageError(f"{path}: unreadable stage record ({error}); move the folder away and rerun") from error
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        raise StageError(f"{path}: not a stage record (no 'key'); move the folder away and rerun")
+    return record
 
 
 def validate_inputs(spec: StageSpec, inputs: dict[str, Path]) -> None:
-    unknown = sorted(set(inputs) - set(spec.inputs))
+    unknown = sorted(set(inputs) - set(spec.input_names))
     if unknown:
-        raise ValueError(f"stage {spec.name}: unknown input {unknown[0]!r}; it takes {', '.join(spec.inputs) or 'no inputs'}")
+        raise StageError(f"stage {spec.name}: unknown input {unknown[0]!r}; it takes {', '.join(spec.input_names) or 'no inputs'}")
     missing = [name for name in spec.required_inputs if name not in inputs]
     if missing:
-        raise ValueError(f"stage {spec.name}: missing input {missing[0]!r} (pass --input {missing[0]}=DIR)")
+        raise StageError(f"stage {spec.name}: missing input {missing[0]!r} (pass --input {missing[0]}=DIR)")
     for name, path in inputs.items():
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"stage {spec.name}: input {name}={path} is not a directory")
+            what = "is not a directory" if path.exists() else "does not exist"
+            raise StageError(f"stage {spec.name}: input {name}={path} {what}")
         if (path / CONFIG_FILE).is_file() and not (path / STAGE_FILE).is_file():
             # A stage output without stage.json is one that crashed or is still running.
-            raise ValueError(
+            raise StageError(
                 f"stage {spec.name}: input {name}={path} is an unfinished stage output (no {STAGE_FILE}); "
                 "rerun that stage first (it resumes from its last checkpoint)"
             )
 
 
-def completed_fingerprint(output: Path) -> str | None:
-    stage_file = Path(output) / STAGE_FILE
-    if not stage_file.is_file():
+def plan_stage(name: str, config: ExperimentConfig, inputs: dict[str, Path]) -> StagePlan:
+    """Validate the inputs and compute the cache key (inputs hashed by content, stat-indexed)."""
+    spec = get_stage(name)
+    inputs = {key: Path(value) for key, value in inputs.items()}
+    validate_inputs(spec, inputs)
+    hashes = input_hashes(inputs)
+    return StagePlan(spec, config, inputs, hashes, stage_key(spec, config, hashes))
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(plan: StagePlan, output: Path) -> dict[str, Any] | None:
+    """Refuse an unsafe output folder; return the stage record it already holds, if any."""
+    target = Path(output).resolve()
+    for name, path in plan.inputs.items():
+        if _related(target, path.resolve()):
+            raise StageError(
+                f"--out {output} overlaps input {name}={path}; writing there could destroy the input. "
+                "Choose an output folder outside every input"
+            )
+    if target.exists() and not target.is_dir():
+        raise StageError(f"--out {output} exists and is not a folder")
+    if not target.exists() or not any(target.iterdir()):
         return None
-    return json.loads(stage_file.read_text()).get("fingerprint")
+    record = read_stage_file(target)
+    if record is None:
+        raise StageError(
+            f"--out {output} holds files that no stage wrote (no {STAGE_FILE}); refusing to write into it. "
+            "Choose an empty or new folder"
+        )
+    if record.get("stage") != plan.spec.name:
+        raise StageError(
+            f"--out {output} holds the output of stage {record.get('stage')!r}, not {plan.spec.name}; choose another folder"
+        )
+    written = set(record.get("files", []))
+    foreign = sorted(
+        p.relative_to(target).as_posix() for p in target.rglob("*")
+        if p.is_file() and p.relative_to(target).as_posix() not in written | {STAGE_FILE}
+    )
+    if foreign:
+        raise StageError(
+            f"--out {output} holds files the stage did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); move them away, then rerun"
+        )
+    return record
+
+
+def _work_dir(output: Path, key: CacheKey) -> Path:
+    """Deterministic per key, so a rerun after a crash finds (and resumes from) its checkpoints."""
+    output = Path(output)
+    return output.parent / f".{output.name}.{key.short}.partial"
+
+
+def _written_files(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
 def run_stage(
@@ -105,41 +161,51 @@ def run_stage(
     output: Path,
     tracker: Tracker | None = None,
     reuse: bool = True,
-) -> tuple[dict[str, float], bool]:
-    """Returns (metrics, reused). ``reuse`` skips a stage whose output has the same fingerprint."""
-    spec = get_stage(name)
-    inputs = {key: Path(value) for key, value in inputs.items()}
-    validate_inputs(spec, inputs)
-    tracker = tracker or NullTracker()
+    plan: StagePlan | None = None,
+) -> StageRun:
+    """Reuse ``output`` when it holds this key's result (and ``reuse``), else compute and swap in."""
+    plan = plan or plan_stage(name, config, inputs)
     output = Path(output)
-    fingerprint = stage_fingerprint(spec, config, {k: directory_fingerprint(v) for k, v in inputs.items()})
-    if reuse and completed_fingerprint(output) == fingerprint:
-        return json.loads((output / METRICS_FILE).read_text()), True
-    if completed_fingerprint(output) is not None:
-        # A finished output of another configuration: start clean rather than mix the two.
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    save_config(config, output / CONFIG_FILE)
+    previous = check_output(plan, output)
+    if reuse and previous is not None and previous["key"] == plan.key.key and previous.get("cacheable", True):
+        metrics = json.loads((output / METRICS_FILE).read_text())
+        return StageRun(metrics, True, plan.key, output)
+
+    work = _work_dir(output, plan.key)
+    work.mkdir(parents=True, exist_ok=True)
+    save_config(config, work / CONFIG_FILE)
     # Curves land beside the checkpoint too, so the report works without an MLflow server.
-    tracker = HistoryRecorder(tracker, output)
-    tracker.set_tags({"medsight.stage": name, "medsight.fingerprint": fingerprint})
+    tracker = HistoryRecorder(tracker or NullTracker(), work)
+    tracker.set_tags({"medsight.stage": name, "medsight.cache_key": plan.key.key,
+                      **{f"dvc.{input_name}": md5 for input_name, md5 in plan.hashes.items()}})
     started = time.perf_counter()
-    metrics = spec.load()(config, inputs, output, tracker)
+    with recorded_reads(config) as reads:
+        metrics = plan.spec.load()(config, plan.inputs, work, tracker)
+    unkeyed = outside(reads, plan.spec.reads)
+    if unkeyed:
+        # The output may depend on settings its key does not hold: never reuse it.
+        logger.warning("stage %s read config fields outside its view (medsight/stages/registry.py): %s; "
+                       "its output will not be reused", name, ", ".join(unkeyed))
     elapsed = time.perf_counter() - started
-    shutil.rmtree(output / "checkpoints", ignore_errors=True)
-    save_config(config, output / CONFIG_FILE)  # again: a stage may have swapped its directory in
+    shutil.rmtree(work / CHECKPOINTS_DIR, ignore_errors=True)
     metrics = {key: float(value) for key, value in metrics.items()}
     tracker.log_metrics(metrics)
-    atomic_write_json(output / METRICS_FILE, metrics)
-    atomic_write_json(
-        output / STAGE_FILE,
-        {
-            "stage": name,
-            "fingerprint": fingerprint,
-            "inputs": {key: str(value) for key, value in inputs.items()},
-            "medsight_version": medsight.__version__,
-            "seconds": round(elapsed, 3),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
-    return metrics, False
+    atomic_write_json(work / METRICS_FILE, metrics)
+    atomic_write_json(work / STAGE_FILE, {
+        "stage": name,
+        "key": plan.key.key,
+        "cacheable": not unkeyed,
+        "config_reads_outside_view": unkeyed,
+        "config_reads": sorted(reads),
+        "config_view": plan.key.material["config"],
+        "code": plan.key.material["code"],
+        "inputs": {input_name: {"md5": plan.hashes[input_name], "path": str(path)}
+                   for input_name, path in plan.inputs.items()},
+        "files": [*_written_files(work), STAGE_FILE],
+        "medsight_version": medsight.__version__,
+        "seconds": round(elapsed, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    output.parent.mkdir(parents=True, exist_ok=True)
+    replace_directory(work, output)
+    return StageRun(metrics, False, plan.key, output)

@@ -16,6 +16,7 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
             f"data.source={config.data.source!r}: real datasets are imported with `dvc import`/`dvc pull`, "
             "not generated; pass them to the next stage with --input data=DIR"
         )
-    summary = generate_dataset(output, config.data)
-    counts = summary.get("counts", {}) if isinstance(summary, dict) else {}
-    return {f"{split}_images": float(sum(v.values()) if isinstance(v, dict) else v) for split, v in counts.items()}
+    generate_dataset(output, config.data)
+    data = config.data
+    return {"train_images": float(data.train_images), "val_images": float(data.val_images),
+            "test_images": float(data.test_images)}

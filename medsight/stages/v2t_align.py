@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsight.config.schema import ExperimentConfig
-from medsight.model.bundle import build_medsight, copy_modules, find_modules, save_modules, stage_taxonomy
+from medsight.model.bundle import copy_modules, find_modules, save_modules, stage_taxonomy
+from medsight.model.factory import build_medsight
 from medsight.stages.language_training import (
     load_conversations,
     make_language_data,
