@@ -1,6 +1,7 @@
 """Compile the MedSIGHT pipelines to KFP IR YAML (what the Kubeflow Pipelines UI uploads).
 
     python -m pipelines.compile [--out pipelines/compiled] [--settings cluster.yaml] [--check]
+    python -m pipelines.compile --variant codebook-8   # medsight-pipeline-codebook-8.yaml only
 
 Output is deterministic (same code + settings -> same bytes), so ``pipelines/compiled/`` is
 checked in as golden files and ``--check`` (used by the tests) fails when they are stale.
@@ -45,17 +46,21 @@ def normalize_header(text: str) -> str:
     return "\n".join(lines)
 
 
-def compile_all(out_dir: Path, settings: DeploymentSettings | None = None) -> list[Path]:
+def compile_all(out_dir: Path, settings: DeploymentSettings | None = None, variant: str | None = None) -> list[Path]:
+    """All pipelines (the main one for variant full), or with ``variant`` only that variant's main pipeline."""
     from kfp import compiler
 
-    from pipelines.medsight_pipeline import build_pipelines
+    from pipelines.medsight_pipeline import PIPELINE_NAME, build_pipelines
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    names = (PIPELINE_NAME,) if variant else None
     # Compile beside the targets, then rename: a failed compile never leaves a half file.
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".compile-") as tmp:
-        for name, pipeline in build_pipelines(settings).items():
+        for name, pipeline in build_pipelines(settings, names, variant or "full").items():
+            if variant and variant != "full":
+                name = f"{name}-{variant}"
             staged = Path(tmp) / f"{name}.yaml"
             compiler.Compiler().compile(pipeline, str(staged))
             staged.write_text(normalize_header(staged.read_text()))
@@ -81,8 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the YAML files")
     parser.add_argument("--settings", type=Path, help="deployment settings YAML (node labels, GPUs, images)")
     parser.add_argument("--check", action="store_true", help="only compare with the golden files; exit 1 if stale")
+    parser.add_argument("--variant", help="compile only the main pipeline, for this registry variant")
     args = parser.parse_args(argv)
     settings = DeploymentSettings.from_file(args.settings) if args.settings else None
+    if args.variant:
+        from medsight.stages.registry import get_variant
+
+        try:
+            get_variant(args.variant)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from error
     if args.check:
         stale = stale_files(args.out, settings)
         if stale:
@@ -90,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("compiled pipelines are up to date")
         return 0
-    for path in compile_all(args.out, settings):
+    for path in compile_all(args.out, settings, args.variant):
         print(f"wrote {path}")
     print("Upload one in the KFP UI (Pipelines > Upload pipeline) or: medsight submit <file> --host <KFP URL>")
     return 0

@@ -71,7 +71,7 @@ def wire_variants(
     within its view, same upstream tasks) is one task shared by both, so it is computed once.
     """
     from medsight.stages.cache_key import relevant_overrides
-    from medsight.stages.registry import active_stages, get_variant, input_sources
+    from medsight.stages.registry import active_stages, evaluation_stage, get_variant, input_sources
 
     tasks: dict[tuple, Any] = {}  # node identity -> the stage's output channel
     evaluations: dict[str, Any] = {}
@@ -93,7 +93,7 @@ def wire_variants(
                 task = configure_stage(stage_component(spec.name)(**arguments), spec, settings)
                 tasks[identity] = task.outputs["output"]
             outputs[spec.name] = identity
-        evaluations[name] = tasks[outputs["evaluate"]]
+        evaluations[name] = tasks[outputs[evaluation_stage().name]]
     return evaluations
 
 
@@ -145,7 +145,7 @@ def _build(settings: DeploymentSettings, names: tuple[str, ...], variant: str = 
         return configure_reader(table, settings, "compare variants").outputs["Output"]
 
     def medsight_single_stage(
-        stage_name: str = "perceiver-pretrain",
+        stage_name: str = STAGES[0].name,
         inputs: dict = {},  # noqa: B006
         preset: str = "tiny",
         overrides: list = [],  # noqa: B006

@@ -42,16 +42,26 @@ def tokenizer_with_region_tokens(
 
 
 def build_medsight(
-    config: ExperimentConfig, inputs: dict[str, Path], taxonomy: Taxonomy, allow_missing: tuple[str, ...] = ()
+    config: ExperimentConfig, inputs: dict[str, Path], taxonomy: Taxonomy, region_tokens: bool = True
 ) -> tuple[MedSight, PreTrainedTokenizerBase, set[str]]:
-    """Assemble the full model from base + bundles; returns which modules came from checkpoints."""
+    """Assemble the full model from base + bundles; returns which modules came from checkpoints.
+
+    ``region_tokens=False`` (stage 3): no codebook and no region tokens, which exist only from
+    stage 4 on; the model then reads no codebook setting, so neither does stage 3's cache key.
+    """
     modules = find_modules(inputs)
     encoder = load_encoder(config, inputs)
     perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain")
-    codebook = new_codebook(config, taxonomy)
-    if "codebook" not in allow_missing or "codebook" in modules:
-        load_module(codebook, modules, "codebook", "codebook-pretrain")
-    tokenizer, base_size = tokenizer_with_region_tokens(config, inputs)
+    codebook = None
+    if region_tokens:
+        codebook = load_module(new_codebook(config, taxonomy), modules, "codebook", "codebook-pretrain")
+        tokenizer, base_size = tokenizer_with_region_tokens(config, inputs)
+    else:
+        directory = find_dir(inputs, "tokenizer")
+        if directory is None:
+            raise FileNotFoundError("no tokenizer among the stage inputs; run base-models first")
+        tokenizer = load_tokenizer(directory)
+        base_size = len(tokenizer)
     llm_dir = find_dir(inputs, "llm")
     if llm_dir is None:
         raise FileNotFoundError("no LLM among the stage inputs; run base-models first")
@@ -66,6 +76,7 @@ def build_medsight(
         llm,
         base_vocab_size=base_size,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vocabulary=None if region_tokens else RegionVocabulary.empty(),
     )
     loaded = set()
     for name in ("v2t", "t2v", "region_tokens"):

@@ -50,20 +50,24 @@ class MedSight(nn.Module):
         config: ModelConfig,
         encoder: ImageEncoder,
         perceiver: RegionPerceiver,
-        codebook: ModalityCodebook,
+        codebook: ModalityCodebook | None,
         llm: PreTrainedModel,
         base_vocab_size: int,
         image_token_id: int,
+        vocabulary: RegionVocabulary | None = None,
     ):
+        """``vocabulary``: the region tokens (default: the config's codebook tokens); stage 3
+        passes ``RegionVocabulary.empty()`` and no codebook, which does not exist yet."""
         super().__init__()
         self.config = config
         self.encoder = encoder
         self.perceiver = perceiver
         self.codebook = codebook
         self.llm = llm
-        self.vocabulary = RegionVocabulary(
-            config.codebook.num_modalities, config.codebook.codes_per_modality, config.grounding
-        )
+        if vocabulary is None:
+            vocabulary = RegionVocabulary(config.codebook.num_modalities, config.codebook.codes_per_modality,
+                                          config.grounding)
+        self.vocabulary = vocabulary
         hidden = llm.config.hidden_size
         self.v2t = VisionToTextProjector(config.encoder.width, config.perceiver.dim, hidden, config.patch_merge)
         self.t2v = TextToVisionProjector(hidden, config.perceiver.dim)
@@ -114,6 +118,8 @@ class MedSight(nn.Module):
     @torch.no_grad()
     def initialise_region_tokens(self) -> None:
         """Token (m, k) <- P_v2t(P_d(e_{m,k})); the [SEG] ablation starts from the codes' mean."""
+        if self.codebook is None or not len(self.vocabulary):
+            return
         code_queries = self.codebook.all_code_queries()  # [M*K, d]
         rows = self.v2t.project_regions(code_queries)  # [M*K, H]
         if self.vocabulary.mode == "seg_token":
@@ -128,6 +134,8 @@ class MedSight(nn.Module):
         """[B, T] -> [B, T, H]: base rows from the LLM, region rows from our own parameters."""
         region = self.is_region_token(input_ids)
         base = self.llm.get_input_embeddings()(input_ids.clamp(max=self.base_vocab_size - 1))
+        if not len(self.vocabulary):
+            return base
         rows = self.region_tokens.input_rows[(input_ids - self.base_vocab_size).clamp(min=0)]
         return torch.where(region.unsqueeze(-1), rows.to(base.dtype), base)
 

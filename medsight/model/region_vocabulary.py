@@ -19,18 +19,25 @@ REGION_TOKEN_PATTERN = re.compile(r"\[C(\d+)_(\d+)\]|\[SEG\]")
 
 @dataclass(frozen=True)
 class RegionVocabulary:
-    """Which region tokens exist: M x K codebook tokens, or one [SEG] token (ablation)."""
+    """Which region tokens exist: M x K codebook tokens, or one [SEG] token (ablation), or none
+    (stage 3: the tokens are added to the vocabulary only once the codebook exists, at stage 4)."""
 
     num_modalities: int
     codes_per_modality: int
-    mode: str = "codebook"  # codebook | seg_token
+    mode: str = "codebook"  # codebook | seg_token | none
 
     def __post_init__(self) -> None:
-        if self.mode not in ("codebook", "seg_token"):
+        if self.mode not in ("codebook", "seg_token", "none"):
             raise ValueError(f"model.grounding: {self.mode!r} is not one of codebook, seg_token")
+
+    @classmethod
+    def empty(cls) -> RegionVocabulary:
+        return cls(0, 0, "none")
 
     @property
     def names(self) -> list[str]:
+        if self.mode == "none":
+            return []
         if self.mode == "seg_token":
             return [SEG_TOKEN]
         return [
@@ -40,7 +47,7 @@ class RegionVocabulary:
         ]
 
     def __len__(self) -> int:
-        return 1 if self.mode == "seg_token" else self.num_modalities * self.codes_per_modality
+        return len(self.names)
 
     def index(self, modality: int, code: int) -> int:
         """Row of a (modality, code) token; every code maps to [SEG] in the ablation."""

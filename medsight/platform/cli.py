@@ -102,12 +102,13 @@ def compile_command(
     out: Annotated[Path | None, typer.Option(help="Output directory (default pipelines/compiled)")] = None,
     settings: Annotated[Path | None, typer.Option(help="Deployment settings YAML (node labels, GPUs, images)")] = None,
     check: Annotated[bool, typer.Option(help="Only verify the golden YAML is current")] = False,
+    variant: Annotated[str, typer.Option(help="Compile only the main pipeline, for this variant (`medsight variants list`)")] = "",
 ) -> None:
     """Compile the pipelines to KFP IR YAML for the Kubeflow Pipelines UI."""
     from pipelines import compile as compiler
 
     args = [*(["--out", str(out)] if out else []), *(["--settings", str(settings)] if settings else []),
-            *(["--check"] if check else [])]
+            *(["--check"] if check else []), *(["--variant", variant] if variant else [])]
     try:
         code = compiler.main(args)
     except ValueError as error:

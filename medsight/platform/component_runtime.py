@@ -329,7 +329,10 @@ def run_component(
         metrics.log_metric(name, value)
     metrics.log_metric("cached", 1.0 if result["cached"] else 0.0)
     metrics.log_metric("stage_seconds", round(result["seconds"], 3))
-    html = _pull_files(ref, ["report.html"]).get("report.html") if stage == "evaluate" else None
+    from medsight.stages.registry import get_stage
+
+    # The evaluation's own report is its card; every other stage gets a summary card.
+    html = _pull_files(ref, ["report.html"]).get("report.html") if get_stage(stage).output == "evaluation" else None
     Path(card.path).parent.mkdir(parents=True, exist_ok=True)
     Path(card.path).write_bytes(html or render_stage_card(stage, result, store.object_uri(ref.md5)).encode())
 
@@ -354,7 +357,7 @@ def _pull_files(ref: ArtifactRef, patterns: Sequence[str]) -> dict[str, bytes]:
 
 def compare_evaluations(results: Sequence[tuple[str, Any]], table_path: str | None = None) -> str:
     """Markdown table: one row per (variant name, evaluation artifact or reference), headline metrics."""
-    from medsight.stages.registry import get_stage
+    from medsight.stages.registry import evaluation_stage
 
     rows: list[tuple[str, dict[str, float], str]] = []
     for name, evaluation in results:
@@ -366,7 +369,7 @@ def compare_evaluations(results: Sequence[tuple[str, Any]], table_path: str | No
         metrics = json.loads(files["metrics.json"]) if "metrics.json" in files else {}
         rows.append((name, metrics, ref.short))
     # Headline numbers only; every metric stays in each evaluation's metrics.json and MLflow run.
-    headline = (*get_stage("evaluate").metrics, "comprehension_avg", "diagnosis_recall", "mecovqa_dice")
+    headline = (*evaluation_stage().metrics, "comprehension_avg", "diagnosis_recall", "mecovqa_dice")
     keys = [k for k in dict.fromkeys(headline) if any(k in metrics for _, metrics, _ in rows)]
     lines = ["| variant | " + " | ".join(keys) + " | evaluation md5 |", "|---" * (len(keys) + 2) + "|"]
     for name, metrics, md5 in rows:

@@ -231,7 +231,7 @@ def new_run_id() -> str:
 
 
 def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> LocalRunResult:
-    from medsight.stages.registry import STAGES
+    from medsight.stages.registry import STAGES, evaluation_stage
 
     console = console or sys.stdout
     _validate(request)
@@ -278,10 +278,11 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
                 "preset": request.preset, "arguments": request.pipeline_arguments(), "wall_seconds": round(wall, 2),
             })
             report = None
-            evaluations = [r for r in records if r["stage"] == "evaluate"]
+            final = evaluation_stage().name
+            evaluations = [r for r in records if r["stage"] == final]
             if len(evaluations) == 1:
                 md5 = evaluations[0]["ref"]["md5"]
-                evaluation = repo.checkout_dir("evaluate", md5) or repo.pull("evaluate")
+                evaluation = repo.checkout_dir(final, md5) or repo.pull(final)
                 found = sorted(evaluation.rglob("*.html"))
                 report = found[0] if found else None
             table = store.get_run_file(run_id, "ablation.md") if request.variants is not None else None
@@ -383,8 +384,12 @@ def format_summary(stages: Sequence[StageSummary]) -> str:
 
 
 def next_steps(result: LocalRunResult) -> str:
+    from medsight.stages.registry import get_stage
+
     w = result.workdir
-    example = next((s.stage for s in result.stages if s.stage == "instruct-tune" and s.md5), "perceiver-pretrain")
+    # The newest trained model of the run: what a user most often wants to pull.
+    models = [s.stage for s in result.stages if s.md5 and get_stage(s.stage).output == "model"]
+    example = models[-1] if models else result.stages[0].stage
     report = f"  HTML report:     {result.report}\n" if result.report else ""
     return (
         "Next:\n"

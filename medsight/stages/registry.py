@@ -110,8 +110,10 @@ _VISION = ("data.taxonomy", "model.encoder", "model.perceiver")
 # The region vocabulary's size and kind (stages that build the LLM side but train no codebook).
 _VOCABULARY = tuple(f"model.codebook.{name}" for name in ("num_modalities", "codes_per_modality", "code_dim",
                                                            "modality_predictor")) + ("model.grounding",)
-_LANGUAGE = (*_VISION, *_VOCABULARY, "model.region_embeddings", "model.patch_merge", "model.llm.backbone",
-             "model.llm.gradient_checkpointing", "model.llm.max_position_embeddings")
+# Stage 3 has no region tokens yet; num_modalities only for the label-space check.
+_ALIGNMENT = (*_VISION, "model.codebook.num_modalities", "model.region_embeddings", "model.patch_merge",
+              "model.llm.backbone", "model.llm.gradient_checkpointing", "model.llm.max_position_embeddings")
+_LANGUAGE = (*_ALIGNMENT, *_VOCABULARY)
 _SEG_LOSS = ("model.loss.bce_weight", "model.loss.dice_weight")
 _MATCHING = ("model.loss.match_bce", "model.loss.match_dice", "model.loss.match_class")
 
@@ -154,7 +156,7 @@ STAGES: tuple[StageSpec, ...] = (
         entrypoint="medsight.stages.v2t_align:run",
         description="Stage 3: vision-to-text projector alignment (LM loss, LLM frozen)",
         inputs=_inputs(data="synth-data", base="base-models", perceiver="perceiver-pretrain"),
-        reads=(*_LANGUAGE, "v2t_align"),
+        reads=(*_ALIGNMENT, "v2t_align"),
         resources="gpu-deepspeed",
         droppable=True,
         metrics=("val_lm_loss",),
@@ -248,6 +250,11 @@ def get_variant(name: str) -> Variant:
     raise KeyError(f"unknown variant {name!r}; variants: {', '.join(v.name for v in VARIANTS)}")
 
 
+def evaluation_stage() -> StageSpec:
+    """The stage whose output is the evaluation (report, metrics): the end of every variant."""
+    return next(spec for spec in STAGES if spec.output == "evaluation")
+
+
 class GraphError(ValueError):
     """A variant leaves a stage without an input it needs; the message names both."""
 
@@ -302,6 +309,8 @@ def validate_registry() -> None:
                 if source not in seen:
                     raise GraphError(f"stage {spec.name}: input {name!r} reads {source}, which is not upstream of it")
         seen.add(spec.name)
+    if [spec.output for spec in STAGES].count("evaluation") != 1:
+        raise GraphError("exactly one stage must produce the evaluation")
     names = [v.name for v in VARIANTS]
     if len(names) != len(set(names)):
         raise GraphError("two variants share a name")

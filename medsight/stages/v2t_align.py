@@ -22,9 +22,10 @@ STAGE = "v2t-align"
 
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
     stage = config.v2t_align
-    # The codebook does not exist yet at stage 3; a fresh one only fills the model's slot.
+    # The codebook and its region tokens do not exist yet at stage 3 (they join at stage 4, with
+    # rows initialised from P_v2t): the alignment captions are trained on the base vocabulary.
     taxonomy = stage_taxonomy(config, inputs)
-    model, tokenizer, _ = build_medsight(config, inputs, taxonomy, allow_missing=("codebook",))
+    model, tokenizer, _ = build_medsight(config, inputs, taxonomy, region_tokens=False)
     captions = load_conversations(Path(inputs["data"]) / "llava" / "alignment_train.json", inputs["data"])
     train, val = split_holdout(captions)
     data = make_language_data(config, model, tokenizer, train, val, taxonomy, stage.visual_cache_mb)
