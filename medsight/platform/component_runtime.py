@@ -148,11 +148,13 @@ def execute_stage(
     store: ArtifactStore | None = None,
     use_existing: str = "",
     run_id: str | None = None,
-) -> StageResult:
+    restore_only: bool = False,
+) -> StageResult | None:
     """Restore ``stage`` from the run-cache or run it, push its output, track it, record lineage.
 
     ``inputs``: input name -> a DVC reference (JSON ref, ``<md5>.dir`` or ``run:<id>/<stage>``);
-    "" means left out by the variant.
+    "" means left out by the variant. ``restore_only``: return None instead of running on a miss
+    (the KFP component checks the cache before it starts a stage process).
     """
     from medsight.stages.cache_key import stage_key
     from medsight.stages.registry import get_stage
@@ -163,7 +165,6 @@ def execute_stage(
     store = store or ArtifactStore()
     store.ensure_ready()
     run_id = run_id or os.environ.get("KFP_RUN_ID") or time.strftime("adhoc-%Y%m%d-%H%M%S")
-    _event(event="start", stage=stage, run_id=run_id)
 
     unknown = sorted(set(inputs) - set(spec.input_names))
     if unknown:
@@ -190,6 +191,9 @@ def execute_stage(
         entry: dict[str, Any] | None = {"ref": json.loads(existing.to_json()), "metrics": {}, "mlflow_run_id": None}
     else:
         entry = None if _forced(stage) else store.cache_lookup(stage, key.key)
+    if entry is None and restore_only:
+        return None
+    _event(event="start", stage=stage, run_id=run_id)
 
     if entry is not None:
         ref = ArtifactRef.parse(json.dumps(entry["ref"]))
@@ -309,12 +313,18 @@ def run_component(
     from medsight.platform.stage_card import render_stage_card
 
     refs = {name: artifact_ref(artifact) for name, artifact in inputs.items()}
-    with tempfile.TemporaryDirectory(prefix="medsight-result-") as tmp:
-        result_file = Path(tmp) / "result.json"
-        done = subprocess.run(stage_command(stage, preset, overrides, refs, result_file, use_existing), check=False)
-        if done.returncode != 0 or not result_file.is_file():
-            raise RuntimeError(f"stage {stage} failed (exit {done.returncode}); its error is printed above")
-        result = json.loads(result_file.read_text())
+    # A run-cache hit needs no stage process (no torch, no stage imports): restore it right here.
+    hit = execute_stage(stage, refs, resolve_config(preset, overrides), use_existing=use_existing, restore_only=True)
+    if hit is not None:
+        result = {"ref": json.loads(hit.ref.to_json()), "cached": True, "metrics": hit.metrics, "seconds": 0.0,
+                  "cache_key": hit.cache_key, "inputs": hit.inputs}
+    else:
+        with tempfile.TemporaryDirectory(prefix="medsight-result-") as tmp:
+            result_file = Path(tmp) / "result.json"
+            done = subprocess.run(stage_command(stage, preset, overrides, refs, result_file, use_existing), check=False)
+            if done.returncode != 0 or not result_file.is_file():
+                raise RuntimeError(f"stage {stage} failed (exit {done.returncode}); its error is printed above")
+            result = json.loads(result_file.read_text())
     ref = ArtifactRef.parse(json.dumps(result["ref"]))
     assert ref is not None
     store = ArtifactStore()
