@@ -9,7 +9,6 @@ from medsight.model.bundle import build_medsight, copy_modules, find_modules, sa
 from medsight.stages.language_training import (
     load_conversations,
     make_language_data,
-    split_holdout,
     train_language_stage,
     validate_language,
 )
@@ -24,8 +23,10 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     # The codebook does not exist yet at stage 3; a fresh one only fills the model's slot.
     taxonomy = stage_taxonomy(config, inputs)
     model, tokenizer, _ = build_medsight(config, inputs, taxonomy, allow_missing=("codebook",))
-    captions = load_conversations(Path(inputs["data"]) / "llava" / "alignment_train.json", inputs["data"])
-    train, val = split_holdout(captions)
+    # PubMedVision alignment as prepared by `medsight data prepare pubmedvision` (val carved there).
+    prepared = Path(inputs["data"]) / "pubmedvision"
+    train = load_conversations(prepared / "alignment_train.jsonl", inputs["data"])
+    val = load_conversations(prepared / "alignment_val.jsonl", inputs["data"])
     data = make_language_data(config, model, tokenizer, train, val, taxonomy, stage.visual_cache_mb)
     result = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,

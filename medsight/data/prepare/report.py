@@ -70,7 +70,7 @@ class ProblemLog:
             "problems_by_kind": dict(sorted(self.by_reason.items())),
             "skipped_by_kind": dict(sorted(self.skipped_by_reason.items())),
             "problems": self.examples,
-            "skipped": self.skipped_examples,
+            "skipped_files": self.skipped_examples,
         }
 
 
