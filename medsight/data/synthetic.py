@@ -116,8 +116,9 @@ def generate_dataset(out_dir: Path, config: DataConfig) -> dict:
         )
         conversations = prepare_pubmedvision(
             root / PUBMEDVISION_DIR, root,
-            # The release has one row whose image is missing (as the real one has ~9): allowed.
-            PubMedVisionOptions(val_fraction=val_fraction, instruct_samples=10**9, seed=config.seed, max_bad_fraction=0.05),
+            # Each file has one row whose image is missing (the real release has ~9): reported, not fatal,
+            # however few images a test asks for.
+            PubMedVisionOptions(val_fraction=val_fraction, instruct_samples=10**9, seed=config.seed, max_bad_fraction=0.5),
             progress=False,
         )
         manifest = {
