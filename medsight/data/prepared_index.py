@@ -45,9 +45,15 @@ class SegmentationRecord:
     regions: list[RegionRecord]
 
 
+def _stem(file_name: str) -> str:
+    """Path(name).stem without building a Path (called for every file of a release)."""
+    name = file_name.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+
+
 def parse_image_name(file_name: str) -> tuple[str, str, str]:
     """'NAME_MODALITY_SITE.png' -> (name, modality, site); NAME may itself hold underscores."""
-    parts = Path(file_name).stem.rsplit("_", 2)
+    parts = _stem(file_name).rsplit("_", 2)
     if len(parts) != 3 or not all(parts):
         raise ValueError(f"image name {file_name!r} is not IMAGE_MODALITY_SITE.png")
     return parts[0], parts[1], parts[2]
@@ -56,7 +62,7 @@ def parse_image_name(file_name: str) -> tuple[str, str, str]:
 def target_from_mask_name(mask_file: str, image_file: str) -> str | None:
     """'STEM_TARGET.png' -> 'target with spaces', or None when the mask is not named after
     its image (the JSON category then decides)."""
-    image_stem, mask_stem = Path(image_file).stem, Path(mask_file).stem
+    image_stem, mask_stem = _stem(image_file), _stem(mask_file)
     prefix = f"{image_stem}_"
     if not mask_stem.startswith(prefix) or len(mask_stem) == len(prefix):
         return None

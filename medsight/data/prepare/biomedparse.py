@@ -105,14 +105,20 @@ class _IndexWriter:
 
     def __init__(self, folder: Path, dest: Path, summary: PrepareSummary, stack: ExitStack) -> None:
         self.dest = dest
+        self._relative: dict[str, str] = {}  # release folder -> path relative to dest (once each)
         self.summary = summary
         self.files = {split: stack.enter_context(open(folder / f"{split}.jsonl", "w", encoding="utf-8")) for split in SPLITS}
         self.classes: set[str] = set()
 
+    def relative(self, folder: str) -> str:
+        if folder not in self._relative:
+            self._relative[folder] = os.path.relpath(folder, self.dest)
+        return self._relative[folder]
+
     def write(self, split: str, subset: Subset, release_split: str, image: PendingImage, keep: list[int],
               result: Verified) -> None:
-        image_dir = os.path.relpath(subset.root / release_split, self.dest)
-        mask_dir = os.path.relpath(subset.root / f"{release_split}_mask", self.dest)
+        image_dir = self.relative(f"{subset.root}/{release_split}")
+        mask_dir = self.relative(f"{subset.root}/{release_split}_mask")
         regions = []
         for index in keep:
             region = image.regions[index]
@@ -122,7 +128,7 @@ class _IndexWriter:
                             "area": None if area != area else round(area, 6)})
             self.classes.add(region.class_name)
             self.summary.per_class[(image.modality, region.class_name)] += 1
-        entry = {"id": Path(image.file_name).stem, "subset": subset.name, "image": f"{image_dir}/{image.file_name}",
+        entry = {"id": image.file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0], "subset": subset.name, "image": f"{image_dir}/{image.file_name}",
                  "modality": image.modality, "spelling": image.spelling, "site": image.site,
                  "height": result.height, "width": result.width, "regions": regions}
         self.files[split].write(json.dumps(entry) + "\n")
@@ -134,9 +140,10 @@ def _index_split(subset: Subset, release_split: str, pending: list[PendingImage]
                  log: ProblemLog, writer: _IndexWriter, pool: Callable, verify: Callable, progress) -> int:
     """Check and index one sub-dataset split; returns how many images were dropped as bad."""
     where = {"subset": subset.name, "split": release_split}
+    image_dir, mask_dir = f"{subset.root}/{release_split}", f"{subset.root}/{release_split}_mask"
     bad, usable = 0, []
     for image in pending:
-        path = str(subset.root / release_split / image.file_name)
+        path = f"{image_dir}/{image.file_name}"
         if len(image.regions) > options.max_masks_per_image:
             log.skip(path, f"{len(image.regions)} masks, more than max_masks_per_image={options.max_masks_per_image}",
                      "too many masks", **where)
@@ -148,8 +155,8 @@ def _index_split(subset: Subset, release_split: str, pending: list[PendingImage]
             usable.append(image)
     val = carve([i.file_name for i in usable], options.val_fraction, options.seed, subset.name) if release_split == "train" else set()
     for chunk in chunked(usable, _CHUNK):
-        jobs = [ImageJob(str(subset.root / release_split / i.file_name),
-                         tuple(str(subset.root / f"{release_split}_mask" / r.mask_file) for r in i.regions)) for i in chunk]
+        jobs = [ImageJob(f"{image_dir}/{i.file_name}", tuple(f"{mask_dir}/{r.mask_file}" for r in i.regions))
+                for i in chunk]
         for image, job, result in zip(chunk, jobs, pool(verify, jobs)):
             progress.update(1)
             if result.image_problem is not None:

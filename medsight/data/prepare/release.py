@@ -112,7 +112,7 @@ def read_split(subset: Subset, split: str, template: TaxonomyTemplate, log: Prob
             if image_id is None or not isinstance(file_name, str):
                 log.problem(str(json_path), f"images entry without id/file_name: {entry!r:.120}", "image dropped", "bad entry", **where)
                 continue
-            image_file = str(subset.root / split / file_name)
+            image_file = f"{subset.root}/{split}/{file_name}"
             if image_id in images or image_id in bad_ids:
                 log.problem(image_file, f"duplicate image id {image_id!r}", "image dropped", "bad entry", **where)
                 continue
@@ -148,10 +148,10 @@ def _add_region(image: PendingImage, annotation: dict[str, Any], subset: Subset,
     where = {"subset": subset.name, "split": split}
     mask_file = annotation.get("mask_file")
     if not isinstance(mask_file, str):
-        log.problem(str(subset.root / split / image.file_name), "annotation without mask_file", "image dropped", "bad entry", **where)
+        log.problem(f"{subset.root}/{split}/{image.file_name}", "annotation without mask_file", "image dropped", "bad entry", **where)
         _drop(images, bad_ids, annotation.get("image_id"))
         return
-    mask_path = str(subset.root / f"{split}_mask" / mask_file)
+    mask_path = f"{subset.root}/{split}_mask/{mask_file}"
     class_name = target_from_mask_name(mask_file, image.file_name)
     if class_name is None:
         class_name = categories.get(annotation.get("category_id"))

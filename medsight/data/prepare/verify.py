@@ -8,6 +8,7 @@ never stops a million-image run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,52 @@ class Verified:
     areas: list[float] = field(default_factory=list)  # per mask, fraction of the image (NaN if unknown)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk (24 bytes read), or None when it is not a PNG:
+    the header level reads millions of files, and PIL's open costs ten times more."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    if len(head) == 24 and head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return None
+
+
+def _header(path: str) -> tuple[tuple[int, int] | None, str | None]:
+    try:
+        size = png_size(path)
+    except FileNotFoundError:
+        return None, "file does not exist"
+    except OSError as error:
+        return None, f"cannot read ({error})"
+    if size is None:
+        image, problem = _open(path, decode=False)
+        if image is None:
+            return None, problem
+        with image:
+            size = image.size
+    return size, None
+
+
+def _verify_header(job: ImageJob) -> Verified:
+    result = Verified()
+    size, problem = _header(job.image)
+    if size is None:
+        result.image_problem = f"image {problem}"
+        return result
+    result.width, result.height = size
+    for index, path in enumerate(job.masks):
+        mask_size, problem = _header(path)
+        result.areas.append(float("nan"))
+        if mask_size is None:
+            result.mask_problems[index] = f"mask {problem}"
+        elif mask_size != size:
+            result.mask_problems[index] = f"mask is {mask_size[1]}x{mask_size[0]} but its image is {size[1]}x{size[0]}"
+    return result
+
+
 def _open(path: str, decode: bool) -> tuple[Image.Image | None, str | None]:
     try:
         handle = Image.open(path)
@@ -48,16 +95,26 @@ def _open(path: str, decode: bool) -> tuple[Image.Image | None, str | None]:
 
 
 def _mask_area(mask: Image.Image) -> float | None:
-    """Foreground fraction of a 0/1 or 0/255 mask (any channel); None when it is empty."""
-    values = np.asarray(mask.convert("L") if mask.mode not in ("1", "L", "I", "I;16") else mask)
-    peak = values.max() if values.size else 0
-    if peak <= 0:
+    """Foreground fraction of a 0/1 or 0/255 mask (any channel); None when it is empty.
+
+    Counted from the image's histogram (C code, no array copy): masks are most of the files."""
+    if mask.mode not in ("1", "L"):
+        if mask.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            values = np.asarray(mask)
+            peak = values.max() if values.size else 0
+            return float((values >= peak / 2.0).mean()) if peak > 0 else None
+        mask = mask.convert("L")
+    histogram = np.asarray(mask.histogram())
+    peak = int(np.flatnonzero(histogram)[-1])
+    if peak == 0:
         return None
-    return float((values >= peak / 2.0).mean())
+    return float(histogram[math.ceil(peak / 2.0):].sum()) / (mask.size[0] * mask.size[1])
 
 
 def verify_job(job: ImageJob, level: str = "full") -> Verified:
-    decode = level == "full"
+    if level == "header":
+        return _verify_header(job)
+    decode = True
     result = Verified()
     image, problem = _open(job.image, decode)
     if image is None:
