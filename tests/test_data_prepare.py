@@ -209,3 +209,13 @@ def test_synthetic_taxonomy_reads_lower_case_and_fine_spellings() -> None:
     assert taxonomy.find_modality("ultrasound") == "Ultrasound"
     assert taxonomy.find_modality("MRI-FLAIR") == "MRI"
     assert taxonomy.find_modality("Computed Tomography") is None
+
+
+def test_header_level_checks_names_and_sizes_without_decoding(release: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "quick"
+    _prepare(release, dest, verify="header")
+    kinds = {(Path(p["file"]).name, p["kind"]) for p in _report(dest)["problems"]}
+    assert ("nomask_CT_abdomen_kidney.png", "missing file") in kinds
+    assert ("small_CT_abdomen_liver.png", "size mismatch") in kinds
+    # Truncation and empty masks need the full decode (the default): documented, not hidden.
+    assert not any(name == "trunc_CT_abdomen.png" for name, _ in kinds)

@@ -91,7 +91,7 @@ def prepare_grounding_command(
     base: Annotated[Path, typer.Option(help="base-models output (encoder, tokenizer).")],
     codebook: Annotated[Path, typer.Option(help="codebook-pretrain output (perceiver + codebook).")],
     out: Annotated[Path, typer.Option(help="Output folder (the grounding-data stage's layout).")],
-    preset: Annotated[str, typer.Option(help="tiny | full | full-qwen2.5")] = "full",
+    preset: Annotated[str | None, typer.Option(help="tiny | full | full-qwen2.5 (default: the codebook stage's own config.yaml)")] = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="YAML config instead of a preset.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. --set grounding_data.t2v_samples=60000")] = None,
     generator: Annotated[str | None, typer.Option(help="template | llm (endpoint from MEDSIGHT_LLM_* env vars)")] = None,
@@ -106,8 +106,15 @@ def prepare_grounding_command(
 
     extra = [f"grounding_data.{key}={value}" for key, value in
              (("generator", generator), ("t2v_samples", t2v_samples), ("instruct_images", instruct_images)) if value is not None]
+    if preset is None and config_file is None:
+        # The codebook was trained with a config: build its grounding sets with the same one.
+        saved = codebook / "config.yaml"
+        if saved.is_file():
+            config_file = saved
+        else:
+            _fail(f"{saved} not found: pass --preset or --config (the config the codebook was trained with)", 2)
     try:
-        config = resolve_config(preset, config_file, [*(overrides or []), *extra])
+        config = resolve_config(preset or "full", config_file, [*(overrides or []), *extra])
         metrics, _ = run_stage("grounding-data", config, {"data": data, "base": base, "codebook": codebook}, out,
                                make_tracker("grounding-data", config))
     except DataError as error:
