@@ -126,3 +126,5 @@ def test_quality_check_report_and_limit(release: Path, tmp_path: Path) -> None:
     gone = check_dataset(root, max_bad_fraction=0.2, verify_files=True)
     assert len(gone["biomedparse"]["missing_now"]) == 1 and gone["releases"]["biomedparse"]["bad"] == 1
     assert runner.invoke(data_app, ["check", str(tmp_path / "nothing")]).exit_code == 2
+    elsewhere = runner.invoke(data_app, ["check", str(root), "--out", str(tmp_path / "qc"), "--max-bad-fraction", "0.5"])
+    assert elsewhere.exit_code == 0 and (tmp_path / "qc" / "quality.html").is_file()

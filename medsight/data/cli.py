@@ -130,18 +130,20 @@ def check_command(
     root: Annotated[Path, typer.Argument(help="A prepared dataset root.")],
     max_bad_fraction: MaxBad = 0.01,
     verify_files: Annotated[bool, typer.Option(help="Also check that every indexed file still exists.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Where quality.json/.html go (default: ROOT/reports).")] = None,
 ) -> None:
     """Data-quality report (counts, class balance, mask-area histograms, bad and skipped files):
     ROOT/reports/quality.json and quality.html; exit 1 when a bad share is over the limit."""
     from medsight.data.quality_check import check_dataset, summary_line
 
     try:
-        report = check_dataset(root, max_bad_fraction, verify_files)
+        report = check_dataset(root, max_bad_fraction, verify_files, out)
     except DataError as error:
         _fail(str(error), 1)
     except FileNotFoundError as error:
         _fail(str(error), 2)
     typer.echo(summary_line(report))
-    typer.echo(f"report: {root}/reports/quality.html (JSON: {root}/reports/quality.json)")
+    folder = out or root / "reports"
+    typer.echo(f"report: {folder}/quality.html (JSON: {folder}/quality.json)")
     if not report["ok"]:
         raise typer.Exit(code=1)

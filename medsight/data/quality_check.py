@@ -79,9 +79,12 @@ def _pubmedvision(root: Path) -> dict[str, Any]:
     return {"rows": counts, "multi_image_rows": multi}
 
 
-def check_dataset(root: Path, max_bad_fraction: float = 0.01, verify_files: bool = False) -> dict[str, Any]:
-    """The quality report of a prepared dataset (also written to ``ROOT/reports/quality.{json,html}``)."""
+def check_dataset(root: Path, max_bad_fraction: float = 0.01, verify_files: bool = False,
+                  out: Path | None = None) -> dict[str, Any]:
+    """The quality report of a prepared dataset, also written to ``out/quality.{json,html}``
+    (default ``ROOT/reports``; a pipeline passes its own output folder and keeps ROOT read-only)."""
     root = Path(root)
+    out = Path(out) if out is not None else root / REPORTS_DIR
     if not (root / INDEX_DIR).is_dir() and not (root / "pubmedvision").is_dir():
         raise FileNotFoundError(f"{root}: not a prepared dataset (no biomedparse/ or pubmedvision/); run `medsight data prepare`")
     releases: dict[str, Any] = {}
@@ -108,8 +111,8 @@ def check_dataset(root: Path, max_bad_fraction: float = 0.01, verify_files: bool
             "all_problems": f"{REPORTS_DIR}/{release}.problems.jsonl", "prepare_status": prepared.get("status", "?"),
         }
     report["ok"] = bool(ok)
-    atomic_write_json(root / REPORTS_DIR / QUALITY_JSON, report)
-    atomic_write_text(root / REPORTS_DIR / QUALITY_HTML, render_html(report))
+    atomic_write_json(out / QUALITY_JSON, report)
+    atomic_write_text(out / QUALITY_HTML, render_html(report))
     return report
 
 
