@@ -116,6 +116,15 @@ def test_quality_check_report_and_limit(release: Path, tmp_path: Path) -> None:
     assert set(bmp["class_balance"]) == set(Taxonomy.synthetic().modalities)
     assert sum(sum(c) for c in bmp["mask_area_histogram"]["per_modality"].values()) == \
         sum(n * count for n, count in bmp["masks_per_image"].items())
+    index = root / "biomedparse" / "train.jsonl"
+    lines = [json.loads(line) for line in index.read_text().splitlines()]
+    for entry in lines:  # a release without area fields: check measures the masks itself
+        for region in entry["regions"]:
+            region["area"] = None
+    index.write_text("".join(json.dumps(entry) + "\n" for entry in lines))
+    measured = check_dataset(root, max_bad_fraction=0.2)["biomedparse"]
+    assert measured["areas_measured_on_sample"] == sum(len(e["regions"]) for e in lines)
+    assert measured["mask_area_histogram"] == bmp["mask_area_histogram"]
     page = (root / "reports" / "quality.html").read_text()
     assert "<svg" in page and "Mask area" in page and "pmc_missing_0.jpg" in page
     assert json.loads((root / "reports" / "quality.json").read_text())["ok"] is True

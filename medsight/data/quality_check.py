@@ -2,7 +2,8 @@
 
 Reads what ``medsight data prepare`` wrote (the BiomedParse index line by line, the PubMedVision
 sets, the prepare reports) and gives counts per split and modality, per-modality class balance,
-mask-area and masks-per-image histograms, and the list of bad and skipped files with reasons.
+mask-area and masks-per-image histograms (areas as the index gives them; masks without one are
+measured on a seeded sample of ``area_sample``), and the list of bad and skipped files.
 ``ok`` is false when a release's bad share (bad entries / entries seen, plus files gone missing
 since prepare when ``verify_files``) is over ``max_bad_fraction``: the pipeline's first step
 stops there. Memory holds counters only, whatever the dataset's size.
@@ -10,6 +11,7 @@ stops there. Memory holds counters only, whatever the dataset's size.
 
 from __future__ import annotations
 
+import heapq
 import html
 import json
 from collections import Counter, defaultdict
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medsight.data.prepare.report import REPORTS_DIR
+from medsight.data.prepare.sampling import stable_rank
 from medsight.data.prepared_index import INDEX_DIR, SPLITS, index_path, iter_index
 from medsight.io_utils import atomic_write_json, atomic_write_text
 
@@ -38,13 +41,32 @@ def _bin_label(index: int) -> str:
     return f"≤{AREA_EDGES[index + 1]:.0e}"
 
 
-def _biomedparse(root: Path, verify_files: bool) -> dict[str, Any]:
+def _measure(root: Path, masks: list[tuple[str, str]]) -> dict[str, list[int]]:
+    """Area histograms of masks whose area the index does not give (decoded here)."""
+    from PIL import Image
+
+    from medsight.data.prepare.verify import _mask_area
+
+    areas: dict[str, list[int]] = defaultdict(lambda: [0] * (len(AREA_EDGES) - 1))
+    for modality, path in masks:
+        try:
+            with Image.open(root / path) as mask:
+                area = _mask_area(mask)
+        except (OSError, ValueError):
+            continue  # a file gone bad since prepare: verify_files reports those
+        if area is not None:
+            areas[modality][_area_bin(area)] += 1
+    return areas
+
+
+def _biomedparse(root: Path, verify_files: bool, area_sample: int) -> dict[str, Any]:
     per_split: Counter = Counter()
     per_modality: dict[str, Counter] = defaultdict(Counter)  # split -> modality -> images
     classes: dict[str, Counter] = defaultdict(Counter)  # modality -> class -> regions
     areas: dict[str, list[int]] = defaultdict(lambda: [0] * (len(AREA_EDGES) - 1))
     masks_per_image: Counter = Counter()
     missing: list[str] = []
+    unmeasured: list[tuple[int, str, str]] = []  # max-heap (negated rank) of masks without an area
     for split in SPLITS:
         if not index_path(root, split).is_file():
             continue
@@ -57,10 +79,19 @@ def _biomedparse(root: Path, verify_files: bool) -> dict[str, Any]:
                 classes[entry["modality"]][region["class"]] += 1
                 if region.get("area") is not None:
                     areas[entry["modality"]][_area_bin(region["area"])] += 1
+                elif area_sample > 0:  # a seeded uniform sample of the rest is measured below
+                    rank = stable_rank(0, "area", region["mask"])
+                    if len(unmeasured) < area_sample:
+                        heapq.heappush(unmeasured, (-rank, entry["modality"], region["mask"]))
+                    elif rank < -unmeasured[0][0]:
+                        heapq.heapreplace(unmeasured, (-rank, entry["modality"], region["mask"]))
                 paths.append(region["mask"])
             if verify_files:
                 missing += [p for p in paths if not (root / p).is_file()]
+    for modality, counts in _measure(root, [(m, p) for _, m, p in unmeasured]).items():
+        areas[modality] = [a + b for a, b in zip(areas[modality], counts)]
     return {"images": dict(per_split), "per_modality": {s: dict(c) for s, c in per_modality.items()},
+            "areas_measured_on_sample": len(unmeasured),
             "class_balance": {m: dict(sorted(c.items())) for m, c in sorted(classes.items())},
             "mask_area_histogram": {"bins": [_bin_label(i) for i in range(len(AREA_EDGES) - 1)],
                                     "per_modality": dict(sorted(areas.items()))},
@@ -80,7 +111,7 @@ def _pubmedvision(root: Path) -> dict[str, Any]:
 
 
 def check_dataset(root: Path, max_bad_fraction: float = 0.01, verify_files: bool = False,
-                  out: Path | None = None) -> dict[str, Any]:
+                  out: Path | None = None, area_sample: int = 2000) -> dict[str, Any]:
     """The quality report of a prepared dataset, also written to ``out/quality.{json,html}``
     (default ``ROOT/reports``; a pipeline passes its own output folder and keeps ROOT read-only)."""
     root = Path(root)
@@ -94,7 +125,7 @@ def check_dataset(root: Path, max_bad_fraction: float = 0.01, verify_files: bool
             releases[release] = json.loads(path.read_text())
     report: dict[str, Any] = {"root": str(root), "max_bad_fraction": max_bad_fraction, "releases": {}}
     if (root / INDEX_DIR).is_dir():
-        report["biomedparse"] = _biomedparse(root, verify_files)
+        report["biomedparse"] = _biomedparse(root, verify_files, area_sample)
     if (root / "pubmedvision").is_dir():
         report["pubmedvision"] = _pubmedvision(root)
     ok = True

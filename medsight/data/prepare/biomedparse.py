@@ -123,6 +123,8 @@ class _IndexWriter:
         for index in keep:
             region = image.regions[index]
             area = result.areas[index] if index < len(result.areas) else float("nan")
+            if area != area and region.area is not None and result.height * result.width:
+                area = region.area / (result.height * result.width)  # measured: else the release's own
             regions.append({"mask": f"{mask_dir}/{region.mask_file}", "class": region.class_name,
                             "sentences": region.sentences, "bbox": region.bbox,
                             "area": None if area != area else round(area, 6)})

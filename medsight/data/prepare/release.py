@@ -39,6 +39,7 @@ class PendingRegion:
     class_name: str
     sentences: list[str]
     bbox: list[float] | None
+    area: float | None  # the annotation's own pixel count, when it gives one
 
 
 @dataclass
@@ -164,7 +165,9 @@ def _add_region(image: PendingImage, annotation: dict[str, Any], subset: Subset,
                     "unknown class", **where)
         _drop(images, bad_ids, annotation.get("image_id"))
         return
-    image.regions.append(PendingRegion(mask_file, class_name, _sentences(annotation), _bbox(annotation)))
+    area = annotation.get("area")
+    image.regions.append(PendingRegion(mask_file, class_name, _sentences(annotation), _bbox(annotation),
+                                       float(area) if isinstance(area, (int, float)) and area > 0 else None))
 
 
 def _drop(images: dict[Any, PendingImage], bad_ids: set[Any], image_id: Any) -> None:
