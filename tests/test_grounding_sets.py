@@ -64,3 +64,42 @@ def test_bad_sizes_and_inputs_are_usage_errors(trained, tmp_path):
     missing = CliRunner().invoke(data_app, ["prepare", "grounding", "--data", str(tmp_path / "none"), "--base", str(trained / "base"),
                                             "--codebook", str(trained / "codebook"), "--out", str(tmp_path / "x"), "--preset", "tiny"])
     assert missing.exit_code in (1, 2) and "Traceback" not in missing.output
+
+
+def test_llm_generator_writes_into_both_sets(trained, tmp_path, monkeypatch):
+    """Both sets go through the LLM generator (an OpenAI-compatible stub on 127.0.0.1 that never
+    answers usefully, so the template fallback keeps every item valid)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    requests: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": "no idea"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MEDSIGHT_LLM_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/v1")
+        monkeypatch.setenv("MEDSIGHT_LLM_MODEL", "stub")
+        monkeypatch.setenv("MEDSIGHT_LLM_RPM", "0")
+        result = _build(trained, tmp_path / "g", "--t2v-samples", "6", "--instruct-images", "3", "--generator", "llm")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 0, result.output
+    t2v = json.loads((tmp_path / "g" / "conversations" / "train.json").read_text())
+    instruct = json.loads((tmp_path / "g" / "instruct_conversations" / "train.json").read_text())
+    generated = lambda items: [c for c in items if "task" not in c]  # noqa: E731  (template items carry a task)
+    assert requests and len(generated(instruct)) == 3 and generated(t2v)
+    assert all(len(c["conversations"]) >= 2 for c in generated(t2v + instruct))
+    assert all((trained / "data" / m).is_file() for c in t2v + instruct for m in c["mask_files"])
