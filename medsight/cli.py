@@ -223,6 +223,9 @@ def config_show(preset: PresetOpt = "tiny", config_file: ConfigOpt = None, overr
 
 def _mount_optional_apps() -> None:
     """Sub-apps whose modules pull in heavier dependencies."""
+    from medsight.data.cli import data_app
+
+    app.add_typer(data_app, name="data", help="Prepare dataset releases, build grounding sets, check data quality.")
     try:
         from medsight.platform.cli import platform_app
 

@@ -19,7 +19,9 @@ def test_presets_share_code_and_differ_in_numbers():
     assert full.model.encoder.model_name == "ViT-L-14-336-quickgelu"
     assert full.model.encoder.num_patches == 576 and full.model.encoder.width == 1024
     assert full.model.perceiver.num_queries == 20 and full.model.perceiver.num_layers == 3
-    assert (full.model.codebook.num_modalities, full.model.codebook.codes_per_modality, full.model.codebook.code_dim) == (18, 32, 64)
+    # Modality and class counts come from the prepared release (0 = from the data; 18 with biomedparse-18).
+    assert (full.model.codebook.num_modalities, full.model.codebook.codes_per_modality, full.model.codebook.code_dim) == (0, 32, 64)
+    assert full.model.perceiver.num_classes == 0
     assert full.model.loss.bce_weight == full.model.loss.dice_weight == 5.0
     assert full.model.llm.hidden_size == 4096 and full.model.llm.backbone == "qwen3"
     assert get_preset("full-qwen2.5").model.llm.backbone == "qwen2"

@@ -1,4 +1,5 @@
-"""Readers of the real formats: round trip of the generator's output and every bad input."""
+"""Readers: the prepared index round trip of the generator's output, load-time checks of image
+files, and LLaVA conversation files (JSON and JSON lines, multi-image rows)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from PIL import Image
 
 from medsight.config.schema import DataConfig
 from medsight.data.biomedparse import (
+    RegionRecord,
     SegmentationDataset,
+    SegmentationRecord,
     collate_segmentation,
-    read_biomedparse,
+    read_split,
+    target_from_mask_name,
 )
-from medsight.data.image_io import DataError, load_image, load_mask
+from medsight.data.image_io import DataError, load_image, load_images, load_mask
 from medsight.data.llava import Conversation, read_conversations, write_conversations
 from medsight.data.synthetic import generate_dataset
 from medsight.data.taxonomy import Taxonomy
@@ -37,48 +41,48 @@ def _disc(size: int = 32, radius: float = 6.0) -> np.ndarray:
     return ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius**2).astype(np.uint8) * 255
 
 
-def _write_biomedparse(root: Path, stem: str = "case1_CT_abdomen",
-                       targets: tuple[str, ...] = ("liver",), image_mode: str = "L",
-                       mask_pixels: np.ndarray | None = None) -> Path:
-    """A one-image BiomedParse tree; returns the image path."""
-    (root / "train").mkdir(parents=True)
-    (root / "train_mask").mkdir()
-    image_path = root / "train" / f"{stem}.png"
-    Image.new(image_mode, (32, 32), 0).save(image_path)
-    annotations = []
-    for index, target in enumerate(targets):
-        mask_name = f"{stem}_{target.replace(' ', '+')}.png"
-        pixels = _disc() if mask_pixels is None else mask_pixels
-        Image.fromarray(pixels).save(root / "train_mask" / mask_name)
-        annotations.append({"id": index, "image_id": 0, "file_name": f"{stem}.png",
-                            "mask_file": mask_name, "category_id": 1, "bbox": [0, 0, 1, 1],
-                            "sentences": [{"sent": f"{target} in abdomen CT"}]})
-    coco = {"images": [{"id": 0, "file_name": f"{stem}.png", "width": 32, "height": 32}],
-            "annotations": annotations, "categories": [{"id": 1, "name": "liver"}]}
-    (root / "train.json").write_text(json.dumps(coco))
-    return image_path
+def _records(root: Path, stem: str = "case1_CT_abdomen", targets: tuple[str, ...] = ("liver",),
+             mask_pixels: np.ndarray | None = None) -> list[SegmentationRecord]:
+    """One image with its masks on disk, as records (the load-time checks, without an index)."""
+    root.mkdir(parents=True, exist_ok=True)
+    image_path = root / f"{stem}.png"
+    Image.new("L", (32, 32), 0).save(image_path)
+    regions = []
+    for target in targets:
+        mask_path = root / f"{stem}_{target.replace(' ', '+')}.png"
+        Image.fromarray(_disc() if mask_pixels is None else mask_pixels).save(mask_path)
+        regions.append(RegionRecord(mask_path, target, SYNTHETIC.class_index(target), "", None))
+    return [SegmentationRecord(image_path, stem, "CT", 0, regions)]
 
 
 # --- BiomedParse round trip ---------------------------------------------------------------
 
 
+def _release_coco(dataset: Path, split: str) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((dataset / "raw" / "biomedparse").rglob(f"{split}.json"))]
+
+
 def test_biomedparse_round_trip(dataset: Path) -> None:
-    coco = json.loads((dataset / "biomedparse" / "train.json").read_text())
-    records = read_biomedparse(dataset / "biomedparse", "train", SYNTHETIC)
-    assert len(records) == len(coco["images"]) == 24
-    assert sum(len(r.regions) for r in records) == len(coco["annotations"])
+    released = _release_coco(dataset, "train")
+    records = read_split(dataset, "train", SYNTHETIC) + read_split(dataset, "val", SYNTHETIC)
+    assert len(records) == sum(len(c["images"]) for c in released) == 30  # val carved out of train
+    assert sum(len(r.regions) for r in records) == sum(len(c["annotations"]) for c in released)
+    spellings = set()
     for record in records:
         assert record.image_path.is_file()
         assert record.modality_id == SYNTHETIC.modality_index(record.modality)
         assert record.image_id == record.image_path.stem
-        assert f"_{record.modality}_" in record.image_path.name
+        spellings.add(record.image_path.stem.split("_")[1])
         for region in record.regions:
+            assert region.mask_path.is_file()
             assert SYNTHETIC.region_classes[region.class_id] == region.class_name
             assert region.sentence and region.bbox is not None
+    assert {"MRI-FLAIR", "ultrasound", "pathology"} <= spellings  # the release's own spellings
+    assert len(read_split(dataset, "test", SYNTHETIC)) == 6
 
 
 def test_segmentation_dataset_items_and_collate(dataset: Path) -> None:
-    records = read_biomedparse(dataset / "biomedparse", "val", SYNTHETIC)
+    records = read_split(dataset, "val", SYNTHETIC)
     data = SegmentationDataset(records, image_size=32)
     item = data[0]
     regions = records[0].regions
@@ -95,75 +99,54 @@ def test_segmentation_dataset_items_and_collate(dataset: Path) -> None:
 
 
 def test_full_size_masks_match_the_files(dataset: Path) -> None:
-    record = read_biomedparse(dataset / "biomedparse", "test", SYNTHETIC)[0]
+    record = read_split(dataset, "test", SYNTHETIC)[0]
     item = SegmentationDataset([record], image_size=64)[0]
     for mask, region in zip(item["masks"], record.regions):
         on_disk = np.asarray(Image.open(region.mask_path)) > 0
         assert np.array_equal(mask.numpy() > 0.5, on_disk)
 
 
-def test_too_many_masks_raises_or_skips(tmp_path: Path) -> None:
-    _write_biomedparse(tmp_path, targets=("liver", "kidney", "tumor"))
-    records = read_biomedparse(tmp_path, "train", SYNTHETIC)
-    with pytest.raises(DataError, match="case1_CT_abdomen"):
-        SegmentationDataset(records, image_size=16, max_masks=2)
+def test_too_many_masks_skip_or_raise(tmp_path: Path) -> None:
+    records = _records(tmp_path, targets=("liver", "kidney", "tumor"))
     with pytest.warns(UserWarning, match="case1_CT_abdomen"):
-        skipped = SegmentationDataset(records, image_size=16, max_masks=2, on_too_many="skip")
+        skipped = SegmentationDataset(records, image_size=16, max_masks=2)  # the authors' rule
     assert len(skipped) == 0
+    with pytest.raises(DataError, match="case1_CT_abdomen"):
+        SegmentationDataset(records, image_size=16, max_masks=2, on_too_many="error")
 
 
-# --- bad BiomedParse inputs ---------------------------------------------------------------
+# --- files that went bad after prepare (checked again at load time) ---------------------------
 
 
 def test_truncated_image_names_the_file(tmp_path: Path) -> None:
-    image_path = _write_biomedparse(tmp_path)
+    records = _records(tmp_path)
+    image_path = records[0].image_path
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), np.uint8)).save(image_path)
     image_path.write_bytes(image_path.read_bytes()[:-200])
-    record = read_biomedparse(tmp_path, "train", SYNTHETIC)
     with pytest.raises(DataError, match=r"case1_CT_abdomen\.png.*truncated"):
-        SegmentationDataset(record, image_size=16)[0]
+        SegmentationDataset(records, image_size=16)[0]
 
 
 def test_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
-    _write_biomedparse(tmp_path, mask_pixels=_disc(size=24))
-    records = read_biomedparse(tmp_path, "train", SYNTHETIC)
+    records = _records(tmp_path, mask_pixels=_disc(size=24))
     with pytest.raises(DataError, match=r"case1_CT_abdomen_liver\.png.*24x24"):
         SegmentationDataset(records, image_size=16)[0]
 
 
 def test_empty_mask_names_the_mask(tmp_path: Path) -> None:
-    _write_biomedparse(tmp_path, mask_pixels=np.zeros((32, 32), np.uint8))
-    records = read_biomedparse(tmp_path, "train", SYNTHETIC)
+    records = _records(tmp_path, mask_pixels=np.zeros((32, 32), np.uint8))
     with pytest.raises(DataError, match=r"case1_CT_abdomen_liver\.png.*empty"):
         SegmentationDataset(records, image_size=16)[0]
 
 
-def test_unknown_modality_names_the_file(tmp_path: Path) -> None:
-    _write_biomedparse(tmp_path, stem="eye7_Fundus_retina")
-    with pytest.raises(DataError, match=r"eye7_Fundus_retina\.png.*Fundus"):
-        read_biomedparse(tmp_path, "train", SYNTHETIC)
+def test_class_with_space_is_read_from_plus_in_mask_name() -> None:
+    assert target_from_mask_name("c_X-Ray_chest_left+lung.png", "c_X-Ray_chest.png") == "left lung"
+    assert target_from_mask_name("other.png", "c_X-Ray_chest.png") is None
 
 
-def test_unknown_class_names_the_mask(tmp_path: Path) -> None:
-    _write_biomedparse(tmp_path, targets=("spleen",))
-    with pytest.raises(DataError, match=r"case1_CT_abdomen_spleen\.png.*spleen"):
-        read_biomedparse(tmp_path, "train", SYNTHETIC)
-
-
-def test_class_with_space_is_read_from_plus_in_mask_name(tmp_path: Path) -> None:
-    _write_biomedparse(tmp_path, stem="c_X-Ray_chest", targets=("left lung",))
-    (region,) = read_biomedparse(tmp_path, "train", SYNTHETIC)[0].regions
-    assert region.mask_path.name == "c_X-Ray_chest_left+lung.png"
-    assert region.class_name == "left lung" and region.class_id == SYNTHETIC.class_index("left lung")
-
-
-@pytest.mark.parametrize("folder", ["train", "train_mask"])
-def test_missing_referenced_file_names_json_and_path(tmp_path: Path, folder: str) -> None:
-    _write_biomedparse(tmp_path)
-    victim = next((tmp_path / folder).iterdir())
-    victim.unlink()
-    with pytest.raises(DataError, match=rf"train\.json.*{victim.name}"):
-        read_biomedparse(tmp_path, "train", SYNTHETIC)
+def test_unprepared_dataset_says_how_to_prepare(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"train\.jsonl: prepared index does not exist.*medsight data prepare biomedparse"):
+        read_split(tmp_path, "train", SYNTHETIC)
 
 
 # --- image_io --------------------------------------------------------------------------------
@@ -209,16 +192,21 @@ def test_masks_zero_one_and_tiny_regions_survive_downscaling(tmp_path: Path) -> 
 
 
 def test_generator_conversation_files_read_back(dataset: Path) -> None:
-    instruct = read_conversations(dataset / "llava" / "instruct_train.json", dataset)
-    assert instruct and all(c.image_paths[0].is_file() for c in instruct)
+    instruct = read_conversations(dataset / "pubmedvision" / "instruct_train.jsonl", dataset)
+    assert instruct and all(path.is_file() for c in instruct for path in c.image_paths)
     first = instruct[0]
     assert first.turns[0][0] == "human" and first.turns[0][1].startswith("<image>\n")
-    assert first.answer_type in ("closed", "open") and first.modality is not None
-    assert "question_kind" in first.extra
+    assert first.modality in ("Computed Tomography", "Magnetic Resonance Imaging", "X-Ray", "Ultrasound",
+                              "Digital Photography", "Microscopy Images")  # free text, kept as metadata
+    assert "body_part" in first.extra
     vqa = read_conversations(dataset / "vqa" / "test.json", dataset)
     assert {c.answer_type for c in vqa} == {"CLOSED", "OPEN"}
-    alignment = read_conversations(dataset / "llava" / "alignment_train.json", dataset)
-    assert len(alignment) == 24
+    alignment = read_conversations(dataset / "pubmedvision" / "alignment_train.jsonl", dataset)
+    alignment += read_conversations(dataset / "pubmedvision" / "alignment_val.jsonl", dataset)
+    assert len([c for c in alignment if len(c.image_paths) == 1]) == 30
+    (pair,) = [c for c in alignment if len(c.image_paths) == 2]  # a multi-image row keeps both images
+    assert pair.turns[0][1].startswith("<image>\n<image>\n")
+    assert load_images(pair.image_paths, 16).shape == (3, 16, 16)
 
 
 def test_conversations_round_trip(tmp_path: Path) -> None:

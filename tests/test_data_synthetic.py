@@ -15,7 +15,7 @@ from medsight.config.schema import DataConfig
 from medsight.data import synthetic
 from medsight.data.synthetic import generate_dataset, split_plan
 from medsight.data.synthetic_images import render_scene
-from medsight.data.synthetic_text import LESION_PRESENCE_QUESTION, describe_scene
+from medsight.data.synthetic_text import LESION_KIND_QUESTION, LESION_PRESENCE_QUESTION, describe_scene
 from medsight.data.synthetic_world import SYNTHETIC_MODALITIES
 from medsight.data.taxonomy import Taxonomy
 
@@ -44,12 +44,14 @@ def _scenes(modality_name: str, count: int, seed: int = 0, size: int = 64, lesio
 
 
 def _lesion_per_image(root: Path, split: str) -> dict[str, set[str]]:
-    """Image file name -> region classes annotated for it, read from the COCO JSON."""
-    coco = json.loads((root / "biomedparse" / f"{split}.json").read_text())
-    classes = {image["file_name"]: set() for image in coco["images"]}
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    for annotation in coco["annotations"]:
-        classes[annotation["file_name"]].add(names[annotation["category_id"]])
+    """Image file name -> region classes annotated for it, read from the release's COCO files."""
+    classes: dict[str, set[str]] = {}
+    for path in (root / "raw" / "biomedparse").rglob(f"{split}.json"):
+        coco = json.loads(path.read_text())
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        classes.update({image["file_name"]: set() for image in coco["images"]})
+        for annotation in coco["annotations"]:
+            classes[annotation["file_name"]].add(names[annotation["category_id"]])
     return classes
 
 
@@ -63,38 +65,53 @@ def test_generation_is_deterministic_and_seed_dependent(tmp_path: Path) -> None:
     assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
 
 
+def _released_images(root: Path, split: str) -> list[Path]:
+    return sorted((root / "raw" / "biomedparse").glob(f"**/{split}/*.png"))
+
+
 def test_splits_are_disjoint(dataset: Path) -> None:
     manifest = json.loads((dataset / "manifest.json").read_text())
-    seeds = [tuple(manifest["splits"][split]["seed"]) for split in ("train", "val", "test")]
-    assert len(set(seeds)) == 3
-    names = {split: {p.name for p in (dataset / "biomedparse" / split).glob("*.png")}
-             for split in ("train", "val", "test")}
-    assert not names["train"] & names["test"] and not names["train"] & names["val"]
-    digests = {split: {hashlib.sha256(p.read_bytes()).hexdigest()
-                       for p in (dataset / "biomedparse" / split).glob("*.png")}
+    seeds = [tuple(s) for s in manifest["release"]["train"]["seed"]] + [tuple(s) for s in manifest["release"]["test"]["seed"]]
+    assert len(set(seeds)) == 3  # train, val and test streams
+    names = {split: {p.name for p in _released_images(dataset, split)} for split in ("train", "test")}
+    assert not names["train"] & names["test"]
+    digests = {split: {hashlib.sha256(p.read_bytes()).hexdigest() for p in _released_images(dataset, split)}
                for split in ("train", "test")}
     assert not digests["train"] & digests["test"]
+    prepared = {split: {json.loads(line)["id"] for line in (dataset / "biomedparse" / f"{split}.jsonl").read_text().splitlines()}
+                for split in ("train", "val", "test")}
+    assert not prepared["train"] & prepared["val"] and not prepared["val"] & prepared["test"]
 
 
 def test_layout_and_manifest(dataset: Path) -> None:
     manifest = json.loads((dataset / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["images"] == SMALL.train_images
+    assert manifest["release"]["train"]["images"] == SMALL.train_images + SMALL.val_images
     assert manifest["config_sha256"] == synthetic.config_sha256(SMALL)
-    for split in ("train", "val", "test"):
-        assert (dataset / "biomedparse" / f"{split}.json").is_file()
-        assert (dataset / "llava" / f"instruct_{split}.json").is_file()
-    assert any("+" in p.name for p in (dataset / "biomedparse" / "train_mask").glob("*lung.png"))
-    coco = json.loads((dataset / "biomedparse" / "train.json").read_text())
+    raw = dataset / "raw" / "biomedparse"
+    subsets = sorted(p.parent.relative_to(raw).as_posix() for p in raw.rglob("train.json"))
+    assert subsets == sorted(spec.subset for spec in SYNTHETIC_MODALITIES)  # one folder per sub-dataset
+    for subset in subsets:
+        for folder in ("train", "train_mask", "test", "test_mask"):
+            assert (raw / subset / folder).is_dir()
+        assert (raw / subset / "test.json").is_file() and not (raw / subset / "val.json").exists()
+    assert any("+" in p.name for p in raw.rglob("train_mask/*lung.png"))
+    coco = json.loads(next(raw.rglob("train.json")).read_text())
     annotation = coco["annotations"][0]
-    assert {"id", "image_id", "file_name", "mask_file", "category_id", "bbox", "sentences"} <= set(
-        annotation)
+    assert {"id", "image_id", "file_name", "mask_file", "category_id", "bbox", "sentences"} <= set(annotation)
     assert annotation["sentences"][0]["sent"]
+    for split in ("train", "val", "test"):
+        assert (dataset / "biomedparse" / f"{split}.jsonl").stat().st_size > 0
+    assert sum(manifest["prepared"]["biomedparse"][s] for s in ("train", "val")) == SMALL.train_images + SMALL.val_images
     vqa = json.loads((dataset / "vqa" / "test.json").read_text())
     assert {entry["answer_type"] for entry in vqa} == {"CLOSED", "OPEN"}
     assert vqa[0]["conversations"][0]["value"].startswith("<image>\n")
-    alignment = json.loads((dataset / "llava" / "alignment_train.json").read_text())
-    assert len(alignment) == SMALL.train_images
-    assert (dataset / alignment[0]["image"]).is_file()
+    alignment = json.loads((dataset / "raw" / "pubmedvision" / "PubMedVision_Alignment_VQA.json").read_text())
+    assert all(isinstance(row["image"], list) and row["modality"] and row["body_part"] for row in alignment)
+    assert any(len(row["image"]) == 2 for row in alignment)
+    for name in ("alignment_train", "alignment_val", "instruct_train", "instruct_val"):
+        assert (dataset / "pubmedvision" / f"{name}.jsonl").stat().st_size > 0
+    report = json.loads((dataset / "reports" / "pubmedvision.json").read_text())
+    assert report["problems_by_kind"] == {"missing image": 2}  # one per file, as planted
     assert len((dataset / "corpus.txt").read_text().splitlines()) > SMALL.train_images
 
 
@@ -173,18 +190,20 @@ def test_lesion_kinds_look_distinct() -> None:
 
 def test_yes_no_answers_follow_the_masks(dataset: Path) -> None:
     classes = _lesion_per_image(dataset, "train")
-    entries = json.loads((dataset / "llava" / "instruct_train.json").read_text())
+    entries = json.loads((dataset / "raw" / "pubmedvision" / "PubMedVision_InstructionTuning_VQA.json").read_text())
+    entries = [e for e in entries if Path(e["image"][0]).name in classes]  # not the planted missing one
     presence = [e for e in entries
                 if e["conversations"][0]["value"].endswith(LESION_PRESENCE_QUESTION)]
-    assert len(presence) == SMALL.train_images
+    assert len(presence) == SMALL.train_images + SMALL.val_images
     for entry in presence:
-        has_lesion_mask = bool(classes[Path(entry["image"]).name] & Taxonomy.synthetic().lesion_classes)
+        has_lesion_mask = bool(classes[Path(entry["image"][0]).name] & Taxonomy.synthetic().lesion_classes)
         assert entry["conversations"][1]["value"] == ("yes" if has_lesion_mask else "no")
     answers = Counter(e["conversations"][1]["value"] for e in presence)
-    assert answers["yes"] == answers["no"]
-    kinds = [e for e in entries if e["question_kind"] == "lesion_kind"]
+    assert abs(answers["yes"] - answers["no"]) <= len(SYNTHETIC_MODALITIES)  # balanced within each stream
+    kinds = [e for e in entries if e["conversations"][0]["value"].endswith(LESION_KIND_QUESTION)]
+    assert kinds
     for entry in kinds:
-        assert entry["conversations"][1]["value"] in classes[Path(entry["image"]).name]
+        assert entry["conversations"][1]["value"] in classes[Path(entry["image"][0]).name]
 
 
 def test_kind_in_structure_questions_are_balanced_with_hard_negatives() -> None:

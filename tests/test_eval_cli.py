@@ -23,10 +23,11 @@ def test_cli_gen_data_and_report(tmp_path):
     assert entries and all(e["mask_files"] and (data / e["mask_files"][0]).is_file() for e in entries)
     # Grounding conversations from the grounding-data stage's region codes.
     codes = []
-    for entry in json.loads((data / "biomedparse" / "test.json").read_text())["annotations"]:
-        stem = Path(entry["file_name"]).stem
-        codes.append({"image": f"biomedparse/test/{entry['file_name']}", "modality": stem.split("_")[1],
-                      "regions": [{"class_name": "x", "mask_file": f"biomedparse/test_mask/{entry['mask_file']}", "token": f"[C0_{entry['id'] % 16}]", "host": None}]})
+    for number, line in enumerate((data / "biomedparse" / "test.jsonl").read_text().splitlines()):
+        entry = json.loads(line)
+        codes.append({"image": entry["image"], "modality": entry["modality"],
+                      "regions": [{"class_name": r["class"], "mask_file": r["mask"], "token": f"[C0_{(number + i) % 16}]", "host": None}
+                                  for i, r in enumerate(entry["regions"])]})
     codes_file = tmp_path / "codes.json"
     codes_file.write_text(json.dumps(codes))
     conv = tmp_path / "conv.json"

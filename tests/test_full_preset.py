@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from medsight.config import get_preset
+from medsight.data.taxonomy import check_model_matches
+from medsight.data.taxonomy_template import TaxonomyTemplate
 from medsight.model.codebook import ModalityCodebook
 from medsight.model.encoder import ImageEncoder
 from medsight.model.llm import random_init_llm
@@ -22,7 +24,11 @@ def test_full_encoder_gives_576_patch_tokens_of_width_1024():
 
 
 def test_full_perceiver_codebook_projectors_shapes():
-    model = get_preset("full").model
+    config = get_preset("full")
+    # The counts come from the prepared release: the biomedparse-18 template with 17 collected classes.
+    release = TaxonomyTemplate.load("biomedparse-18").complete([f"class {i}" for i in range(17)], "release")
+    check_model_matches(config, release)
+    model = config.model
     perceiver = RegionPerceiver(model.encoder.width, model.perceiver)
     out = perceiver(torch.randn(1, 576, 1024))
     assert out.queries.shape == (1, 20, 256)

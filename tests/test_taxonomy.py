@@ -12,16 +12,20 @@ from PIL import Image
 
 from medsight.config.presets import get_preset
 from medsight.config.schema import DataConfig
-from medsight.data.biomedparse import read_biomedparse
 from medsight.data.image_io import DataError
+from medsight.data.prepare.biomedparse import BiomedParseOptions, prepare_biomedparse
+from medsight.data.prepare.report import PrepareError
+from medsight.data.prepared_index import read_split
 from medsight.data.synthetic import generate_dataset
 from medsight.data.taxonomy import (
+    FROM_DATA,
     TAXONOMY_FILE,
     Taxonomy,
     TaxonomyError,
     check_model_matches,
     resolve_taxonomy,
 )
+from medsight.data.taxonomy_template import TaxonomyTemplate, shipped_templates
 from medsight.eval.benchmarks.common import EvalSample
 from medsight.eval.runner import _modality_tensor
 from medsight.model.bundle import save_modules, stage_taxonomy
@@ -55,7 +59,8 @@ def test_synthetic_equals_the_old_constants() -> None:
     tiny = get_preset("tiny")
     assert tiny.model.perceiver.num_classes == len(OLD_REGION_CLASSES) == 16
     assert tiny.model.codebook.num_modalities == len(OLD_MODALITIES) == 6
-    assert get_preset("full").model.codebook.num_modalities == 18
+    full = get_preset("full")
+    assert full.model.codebook.num_modalities == full.model.perceiver.num_classes == FROM_DATA
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
@@ -119,9 +124,9 @@ def test_synthetic_dataset_ships_its_taxonomy(tmp_path: Path) -> None:
     assert resolve_taxonomy(tmp_path / "data") == Taxonomy.synthetic()
 
 
-def _fundus_dataset(root: Path) -> Path:
-    """A one-image BiomedParse release (``root/biomedparse``) outside the synthetic modalities."""
-    bmp = root / "biomedparse"
+def _fundus_release(root: Path) -> Path:
+    """A one-image BiomedParse sub-dataset (published layout) outside the synthetic modalities."""
+    bmp = root / "Eye"
     (bmp / "train").mkdir(parents=True)
     (bmp / "train_mask").mkdir()
     stem = "eye7_Fundus_retina"
@@ -140,11 +145,17 @@ def _fundus_dataset(root: Path) -> Path:
     return root
 
 
+def _prepare(release: Path, dest: Path, template: TaxonomyTemplate, **options) -> None:
+    prepare_biomedparse(release, dest, BiomedParseOptions(val_fraction=0, workers=1, **options), template=template,
+                        progress=False)
+
+
 def test_real_modality_reads_when_the_taxonomy_lists_it(tmp_path: Path) -> None:
-    root = _fundus_dataset(tmp_path / "data")
-    _write_json(root / TAXONOMY_FILE, FUNDUS)
+    release = _fundus_release(tmp_path / "release")
+    _prepare(release, tmp_path / "data", TaxonomyTemplate.from_dict(FUNDUS, "fundus.json"))
+    root = tmp_path / "data"
     taxonomy = resolve_taxonomy(root)
-    (record,) = read_biomedparse(root / "biomedparse", "train", taxonomy)
+    (record,) = read_split(root, "train", taxonomy)
     assert (record.modality, record.modality_id) == ("Fundus", 1)
     assert [(r.class_name, r.class_id) for r in record.regions] == [("optic disc", 1), ("optic cup", 2)]
     split = load_split(root, "train", 16, 16, taxonomy)  # the stages' path to the same data
@@ -152,12 +163,44 @@ def test_real_modality_reads_when_the_taxonomy_lists_it(tmp_path: Path) -> None:
 
 
 def test_real_modality_outside_the_taxonomy_fails_clearly(tmp_path: Path) -> None:
-    root = _fundus_dataset(tmp_path / "data")
-    with pytest.raises(DataError, match=r"eye7_Fundus_retina\.png.*unknown modality 'Fundus'; known modalities: CT, MRI"):
-        read_biomedparse(root / "biomedparse", "train", resolve_taxonomy(root))  # synthetic default
-    _write_json(root / TAXONOMY_FILE, FUNDUS | {"modalities": ["CT"]})
-    with pytest.raises(DataError, match=rf"unknown modality 'Fundus'; known modalities: CT \(label space: .*{TAXONOMY_FILE}"):
-        read_biomedparse(root / "biomedparse", "train", resolve_taxonomy(root))
+    release = _fundus_release(tmp_path / "release")
+    with pytest.raises(PrepareError, match="1 of 1 entries are bad"):
+        _prepare(release, tmp_path / "data", TaxonomyTemplate.from_taxonomy(Taxonomy.synthetic()))
+    report = json.loads((tmp_path / "data" / "reports" / "biomedparse.json").read_text())
+    assert "unknown modality 'Fundus'" in report["problems"][0]["reason"]
+    _prepare(release, tmp_path / "ok", TaxonomyTemplate.from_dict(FUNDUS, "fundus.json"))
+    _write_json(tmp_path / "ok" / "other.json", FUNDUS | {"modalities": ["CT"]})
+    with pytest.raises(DataError, match=rf"train\.jsonl:1: unknown modality 'Fundus'; known modalities: CT \(label space: .*other\.json"):
+        read_split(tmp_path / "ok", "train", resolve_taxonomy(tmp_path / "ok", "other.json"))
+
+
+def test_aliases_map_file_name_spellings(tmp_path: Path) -> None:
+    template = TaxonomyTemplate.load("biomedparse-18")
+    assert len(template.modalities) == 18 and template.region_classes is None
+    assert template.find_modality("CT", "abdomen") == "CT-Abdomen"
+    assert template.find_modality("CT", "lung") == "CT-Chest"
+    assert template.find_modality("pathology", "colon") == "Pathology"
+    assert template.find_modality("MRI-FLAIR", "brain") == "MRI-FLAIR-Brain"
+    assert template.find_modality("ULTRASOUND", "Breast") == "Ultrasound-Breast"
+    assert template.find_modality("CT", "toe") is None
+    assert {"biomedparse-18", "biomedparse-9"} <= set(shipped_templates())
+    assert TaxonomyTemplate.load("biomedparse-9").find_modality("mri-t1-gd", "brain") == "MRI"
+    with pytest.raises(TaxonomyError, match="'aliases' maps to 'PET'"):
+        Taxonomy.from_dict(FUNDUS | {"aliases": {"pet": "PET"}}, "x.json")
+    with pytest.raises(TaxonomyError, match="taxonomy template"):
+        Taxonomy.load(_write_json(tmp_path / "t.json", {"modalities": ["CT"]}))
+
+
+def test_counts_come_from_the_data_unless_set(tmp_path: Path) -> None:
+    eighteen = TaxonomyTemplate.load("biomedparse-18").complete(["liver", "liver tumor"], "prepared")
+    config = get_preset("full")
+    check_model_matches(config, eighteen)  # 0 = from the data
+    assert (config.model.codebook.num_modalities, config.model.perceiver.num_classes) == (18, 2)
+    assert eighteen.lesion_classes == {"liver tumor"}
+    explicit = get_preset("full")
+    explicit.model.codebook.num_modalities = 9
+    with pytest.raises(ValueError, match=r"num_modalities=9 but the taxonomy \(prepared\) lists 18 modalities"):
+        check_model_matches(explicit, eighteen)
 
 
 def test_config_mismatch_names_key_file_and_numbers(tmp_path: Path) -> None:
@@ -171,8 +214,10 @@ def test_config_mismatch_names_key_file_and_numbers(tmp_path: Path) -> None:
     config.model.codebook.num_modalities = 2
     check_model_matches(config, taxonomy)
     assert new_codebook(config, taxonomy).num_modalities == 2
+    full = get_preset("full")
+    full.model.codebook.num_modalities = 18
     with pytest.raises(ValueError, match=r"num_modalities=18 .*lists 6 modalities"):
-        check_model_matches(get_preset("full"), Taxonomy.synthetic())
+        check_model_matches(full, Taxonomy.synthetic())
 
 
 def test_stage_refuses_modules_trained_on_another_taxonomy(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from medsight.config.schema import (
     ModelConfig,
     PerceiverConfig,
 )
-from medsight.data.taxonomy import Taxonomy
+from medsight.data.taxonomy import FROM_DATA, Taxonomy
 
 
 def tiny() -> ExperimentConfig:
@@ -83,10 +83,10 @@ def full() -> ExperimentConfig:
                 layers=24,
                 heads=16,
             ),
-            # Both counts must match the release's taxonomy.json (the stages check): M = 18 is the
-            # authors' fine-grained split; num_classes is a placeholder until a release is chosen.
-            perceiver=PerceiverConfig(dim=256, num_heads=8, ffn_dim=1024, num_classes=len(Taxonomy.synthetic().region_classes)),
-            codebook=CodebookConfig(num_modalities=18, codes_per_modality=32, code_dim=64),
+            # Class and modality counts come from the prepared release's taxonomy.json (0 = from the
+            # data): with the shipped biomedparse-18 template that is M = 18 sub-codebooks (App. D).
+            perceiver=PerceiverConfig(dim=256, num_heads=8, ffn_dim=1024, num_classes=FROM_DATA),
+            codebook=CodebookConfig(num_modalities=FROM_DATA, codes_per_modality=32, code_dim=64),
             llm=LLMConfig(
                 backbone="qwen3",
                 weights_path="models/Qwen3-8B",

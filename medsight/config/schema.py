@@ -52,7 +52,8 @@ class PerceiverConfig:
     two_way: bool = True
     mask_threshold: float = 0.5
     # Number of region classes (structures + lesion kinds); +1 no-object is added by the head.
-    num_classes: int = 16
+    # 0 = from the data's taxonomy (an explicit count that disagrees with it is refused).
+    num_classes: int = 0
 
 
 @dataclass
@@ -73,7 +74,8 @@ class LossConfig:
 class CodebookConfig:
     """Modality-aware VQ codebook (Sec. 2.3, App. A.2)."""
 
-    num_modalities: int = 6
+    # 0 = from the data's taxonomy (an explicit count that disagrees with it is refused).
+    num_modalities: int = 0
     codes_per_modality: int = 16
     code_dim: int = 32
     commitment: float = 0.25
@@ -180,6 +182,14 @@ class GroundingDataConfig:
 
     generator: str = "template"  # template | llm (OpenAI-compatible endpoint from env)
     seed: int = 0
+    # Stage 4's grounding set: conversations around train images drawn uniformly (paper: 60K).
+    t2v_samples: int = 60_000
+    # Stage 5's codebook conversations: images drawn uniformly from BiomedParse train (paper: 12K),
+    # independently of stage 4's draw.
+    instruct_images: int = 12_000
+    # Val/test images given grounding questions (val: stage 4-5 validation; test: DiagSeg-style
+    # questions for datasets without a benchmark manifest).
+    eval_images: int = 1_000
 
 
 @dataclass

@@ -138,10 +138,18 @@ class ConversationDataset(Dataset):
         input_ids, labels = encode_conversation(
             self.tokenizer, self.format, conversation.turns, self.num_visual_tokens, self.max_length, where
         )
-        image = self.decoded.get(conversation.image_paths[0], self.image_size, image_io.load_image)
+        paths = conversation.image_paths
+        if len(paths) == 1:
+            image = self.decoded.get(paths[0], self.image_size, image_io.load_image)
+        else:  # multi-image rows (PubMedVision) keep every image, tiled into one picture
+            image = image_io.tile_images([self.decoded.get(p, self.image_size, image_io.load_image) for p in paths],
+                                         self.image_size)
         masks = [self.decoded.get(path, self.image_size, image_io.load_mask) for path in conversation.mask_paths]
         mask_tensor = torch.stack(masks) if masks else torch.zeros(0, self.image_size, self.image_size)
-        modality = self.taxonomy.modality_index(conversation.modality, where) if conversation.modality else -1
+        # Grounding conversations carry a taxonomy modality; PubMedVision's is free text
+        # ("Computed Tomography"): metadata, not a label, so it maps to "unknown" (-1).
+        known = self.taxonomy.find_modality(conversation.modality) if conversation.modality else None
+        modality = self.taxonomy.modalities.index(known) if known is not None else -1
         return {
             "image": image,
             "input_ids": torch.tensor(input_ids),
@@ -149,7 +157,7 @@ class ConversationDataset(Dataset):
             "masks": mask_tensor.float(),
             "modality": modality,
             "id": conversation.id,
-            "image_key": str(conversation.image_paths[0]),
+            "image_key": "|".join(str(path) for path in paths),
         }
 
 

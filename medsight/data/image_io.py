@@ -7,6 +7,7 @@ training step.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,26 @@ def load_mask(
 ) -> torch.Tensor:
     """Mask file -> BoolTensor [H,W] (see ``load_mask_array``)."""
     return torch.from_numpy(load_mask_array(path, size, expected_hw))
+
+
+def tile_images(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """[3,size,size] images -> one [3,size,size] grid of them, in reading order.
+
+    The model takes one image; a multi-image question or caption (PubMedVision, MMMU) is shown
+    as one picture holding all its images rather than losing all but the first.
+    """
+    if len(images) == 1:
+        return images[0]
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    canvas = torch.zeros(3, rows * size, columns * size)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        canvas[:, row * size:(row + 1) * size, column * size:(column + 1) * size] = image
+    return torch.nn.functional.interpolate(canvas[None], size=(size, size), mode="bilinear",
+                                           align_corners=False, antialias=True)[0].clamp(0.0, 1.0)
+
+
+def load_images(paths: list[Path], size: int) -> torch.Tensor:
+    """Every image of an entry at ``size`` (tiled when there are several): [3,size,size]."""
+    return tile_images([load_image(path, size) for path in paths], size)

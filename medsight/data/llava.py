@@ -2,12 +2,16 @@
 
 Format: a list of ``{id, image (path or list of paths), conversations: [{from, value}, ...]}``,
 optionally with ``mask_files`` (masks of the answer's region tokens, in token order),
-``answer_type`` and ``modality``; any other key is kept in ``extra`` and written back.
+``answer_type`` and ``modality`` (free text in PubMedVision: metadata, not a label); any other
+key is kept in ``extra`` and written back. ``.jsonl`` files (one entry a line, as ``medsight data
+prepare pubmedvision`` writes) are read line by line. Multi-image entries keep every image.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,12 +115,9 @@ def read_conversations(json_path: Path, image_root: Path,
     if on_missing not in ("error", "skip"):
         raise ValueError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
     json_path, image_root = Path(json_path), Path(image_root)
-    entries = read_json(json_path, DataError, "conversation file does not exist")
-    if not isinstance(entries, list):
-        raise DataError(f"{json_path}: expected a JSON list of conversations")
     conversations: list[Conversation] = []
     dropped: list[str] = []
-    for index, entry in enumerate(entries):
+    for index, entry in _entries(json_path):
         where = f"{json_path}: entry {index}"
         conversation = _parse_entry(entry, where, image_root)
         problem = _missing_file(conversation, where)
@@ -130,6 +131,24 @@ def read_conversations(json_path: Path, image_root: Path,
         warnings.warn(f"dropped {len(dropped)} conversation(s) with missing files; first: "
                       f"{dropped[0]}", stacklevel=2)
     return conversations
+
+
+def _entries(json_path: Path) -> Iterator[tuple[int, object]]:
+    if json_path.suffix != ".jsonl":
+        entries = read_json(json_path, DataError, "conversation file does not exist")
+        if not isinstance(entries, list):
+            raise DataError(f"{json_path}: expected a JSON list of conversations")
+        yield from enumerate(entries)
+        return
+    if not json_path.is_file():
+        raise DataError(f"{json_path}: conversation file does not exist")
+    with open(json_path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{json_path}:{number + 1}: invalid JSON ({error})") from None
 
 
 def _relative(path: Path, image_root: Path | None) -> str:

@@ -17,13 +17,23 @@ class ModalitySpec:
     structures: tuple[str, ...]  # anatomical structures drawn in every image
     lesions: tuple[str, ...]  # lesion kinds that may appear (at most one per image)
     color: bool  # RGB look (dermoscopy, pathology...) vs grayscale
+    # How the release spells the modality in file names (case and grain vary, as in BiomedParse:
+    # "ultrasound", "MRI-FLAIR"), and the sub-dataset folder its images are published in.
+    spelling: str = ""
+    subset: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.spelling:
+            object.__setattr__(self, "spelling", self.name)
+        if not self.subset:
+            object.__setattr__(self, "subset", f"Synth{self.name.replace('-', '')}")
 
 
 SYNTHETIC_MODALITIES: tuple[ModalitySpec, ...] = (
-    ModalitySpec("CT", "abdomen", ("liver", "kidney"), ("tumor", "cyst"), False),
-    ModalitySpec("MRI", "brain", ("brain", "ventricle"), ("tumor", "edema"), False),
+    ModalitySpec("CT", "abdomen", ("liver", "kidney"), ("tumor", "cyst"), False, subset="SynthAbdomen/CT"),
+    ModalitySpec("MRI", "brain", ("brain", "ventricle"), ("tumor", "edema"), False, "MRI-FLAIR", "SynthBrain"),
     ModalitySpec("X-Ray", "chest", ("left lung", "right lung"), ("nodule", "effusion"), False),
-    ModalitySpec("Ultrasound", "breast", ("gland",), ("cyst", "tumor"), False),
-    ModalitySpec("Dermoscopy", "skin", ("skin",), ("melanoma", "nevus"), True),
-    ModalitySpec("Pathology", "colon", ("gland",), ("tumor", "inflammation"), True),
+    ModalitySpec("Ultrasound", "breast", ("gland",), ("cyst", "tumor"), False, "ultrasound", "SynthBreastUS"),
+    ModalitySpec("Dermoscopy", "skin", ("skin",), ("melanoma", "nevus"), True, "dermoscopy"),
+    ModalitySpec("Pathology", "colon", ("gland",), ("tumor", "inflammation"), True, "pathology"),
 )

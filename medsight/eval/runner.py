@@ -21,7 +21,7 @@ from medsight.data.taxonomy import Taxonomy
 from medsight.eval import metrics
 from medsight.eval.benchmarks.common import BenchmarkData, EvalSample, SkippedEntry, model_modality
 from medsight.data.region_tokens import known_token_masks, strip_region_tokens
-from medsight.eval.visuals import load_gt_mask, load_sample_image, resize_image
+from medsight.eval.visuals import load_gt_regions, load_sample_image, resize_image
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def evaluate_benchmark(
         for offset, sample in enumerate(data.samples[start : start + settings.batch_size]):
             try:
                 image = load_sample_image(sample)
-                masks = [load_gt_mask(path) for path in sample.mask_paths]
+                masks = load_gt_regions(sample)
             except DataError as error:
                 skipped.append(SkippedEntry(sample.sample_id, str(error)))
                 bar.update(1)

@@ -19,6 +19,7 @@ import torch
 
 from medsight.config.io import to_dict
 from medsight.config.schema import ExperimentConfig
+from medsight.data.prepared_index import index_path
 from medsight.data.taxonomy import Taxonomy, resolve_taxonomy
 from medsight.eval.benchmarks.manifest import load_manifest
 from medsight.eval.curves import collect_curves
@@ -41,7 +42,7 @@ def benchmark_manifest(data: Path, grounding: Path | None, output: Path, taxonom
     shipped = Path(data) / "benchmarks.json"
     if shipped.is_file():
         return shipped
-    if not (Path(data) / "biomedparse" / "test.json").is_file():
+    if not index_path(Path(data), "test").is_file():
         raise FileNotFoundError(
             f"{data}: no benchmarks.json and no synthetic test split; write a manifest listing the "
             "benchmark releases (see medsight/eval/benchmarks/manifest.py) into the dataset folder"

@@ -1,11 +1,14 @@
 """The synthetic test split, written in each benchmark's own public format.
 
 Every evaluation run of the tiny preset then goes through every reader, exactly as a real
-release would: VQA-RAD (LLaVA-Med JSON), SLAKE (its original schema, with a Chinese duplicate
-that the reader must drop), PathVQA (no answer_type), MMMU-Med (HF parquet, embedded images),
-OmniMedVQA (``QA information/Open-access``), DiagSeg, MeCoVQA-G (SA-Med2D names, inline
-``<mask>`` tags, one entry with a missing mask that must be reported and skipped), S-Chain
-(parquet, normalised XYWH strings) and MedTrinity-style JSON (pixel XYXY boxes).
+release would: VQA-RAD (the original public JSON, whose training questions the reader must leave
+out), SLAKE (its original schema, with a Chinese duplicate that the reader must drop), PathVQA
+(Hugging Face parquet, embedded images, a train file that must not be read), MMMU-Med (HF
+parquet, validation files read and dev files not, one two-image question), OmniMedVQA (``QA
+information/Open-access``), DiagSeg (the authors' release format, absolute paths into another
+machine's BiomedParse copy), MeCoVQA-G (SA-Med2D names, inline ``<mask>`` tags, one entry with a
+missing mask that must be reported and skipped), S-Chain (parquet, normalised XYWH strings) and
+MedTrinity-style JSON (pixel XYXY boxes).
 Files are copied into each benchmark folder so the output stands alone (and is DVC-cacheable).
 """
 
@@ -13,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from medsight.data.biomedparse import SegmentationRecord, read_biomedparse
+from medsight.data.prepared_index import SegmentationRecord, index_path, read_split
 from medsight.data.synthetic_world import SYNTHETIC_MODALITIES
 from medsight.data.taxonomy import Taxonomy
 from medsight.eval.benchmarks.multiple_choice import MMMU_MED_SUBJECTS
@@ -64,6 +68,23 @@ def _xywh_fraction(bbox: tuple[float, float, float, float], size: tuple[int, int
 # ---------------------------------------------------------------------------- VQA
 
 
+def _vqa_rad_row(entry: dict[str, Any], number: int, phrase_type: str) -> dict[str, Any]:
+    """A row of the original ``VQA_RAD Dataset Public.json`` (train and test in one file)."""
+    question, answer = entry["conversations"][0]["value"], entry["conversations"][1]["value"]
+    return {"qid": number, "phrase_type": phrase_type, "qid_linked_id": f"syn{number}", "image_case_url": "",
+            "image_name": Path(entry["image"]).name, "image_organ": "ABD", "evaluation": "given",
+            "question": question.replace("<image>\n", ""), "question_rephrase": "NULL", "question_relation": "NULL",
+            "question_frame": "NULL", "question_type": "PRES", "answer": answer, "answer_type": entry["answer_type"]}
+
+
+def _parquet(rows: list[dict[str, Any]], target: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), target)
+
+
 def write_vqa(data_root: Path, out: Path) -> list[dict[str, Any]]:
     entries = json.loads((data_root / "vqa" / "test.json").read_text())
     buckets: dict[str, list[dict[str, Any]]] = {"vqa_rad": [], "slake": [], "pathvqa": []}
@@ -75,20 +96,33 @@ def write_vqa(data_root: Path, out: Path) -> list[dict[str, Any]]:
         rows = []
         for entry in items:
             image_rel = f"images/{Path(entry['image']).name}"
-            _copy(data_root / entry["image"], folder / image_rel)
             question, answer = entry["conversations"][0]["value"], entry["conversations"][1]["value"]
             if name == "slake":  # the original SLAKE schema, English and Chinese rows
+                _copy(data_root / entry["image"], folder / image_rel)
                 row = {"qid": entry["id"], "img_name": image_rel, "question": question.replace("<image>\n", ""),
                        "answer": answer, "answer_type": entry["answer_type"], "modality": entry["modality"], "q_lang": "en"}
                 rows.append(row)
                 if len(rows) == 1:
                     rows.append({**row, "qid": f"{entry['id']}_zh", "question": "图中有病变吗？", "q_lang": "zh"})
-            elif name == "pathvqa":  # PathVQA carries no answer_type: yes/no answers are closed
-                rows.append({"id": entry["id"], "image": image_rel, "conversations": entry["conversations"]})
-            else:
-                rows.append({**entry, "image": image_rel})
-        atomic_write_json(folder / "test.json", rows)
-        specs.append({"name": name, "reader": "vqa", "path": f"{name}/test.json", "image_root": name})
+            elif name == "pathvqa":  # HF parquet: embedded image, no answer_type (yes/no = closed)
+                image = {"bytes": (data_root / entry["image"]).read_bytes(), "path": Path(entry["image"]).name}
+                rows.append({"image": image, "question": question.replace("<image>\n", ""), "answer": answer})
+            else:  # the original VQA-RAD file; its images live in "VQA_RAD Image Folder"
+                _copy(data_root / entry["image"], folder / "VQA_RAD Image Folder" / Path(entry["image"]).name)
+                rows.append(_vqa_rad_row(entry, len(rows), "test_freeform" if len(rows) % 3 else "test_para"))
+        if name == "pathvqa":
+            _parquet(rows, folder / "data" / "test-00000-of-00001.parquet")
+            _parquet(rows[:2], folder / "data" / "train-00000-of-00001.parquet")  # must not be read
+            specs.append({"name": name, "reader": "vqa", "path": name})
+        elif name == "vqa_rad":
+            # Training questions share the file: the reader keeps only phrase_type test_*.
+            rows += [_vqa_rad_row(entry, len(rows) + i, "freeform") for i, entry in enumerate(items[:3])]
+            atomic_write_json(folder / "VQA_RAD Dataset Public.json", rows)
+            specs.append({"name": name, "reader": "vqa", "path": f"{name}/VQA_RAD Dataset Public.json",
+                          "image_root": f"{name}/VQA_RAD Image Folder"})
+        else:
+            atomic_write_json(folder / "test.json", rows)
+            specs.append({"name": name, "reader": "vqa", "path": f"{name}/test.json", "image_root": name})
     return specs
 
 
@@ -96,9 +130,6 @@ def write_vqa(data_root: Path, out: Path) -> list[dict[str, Any]]:
 
 
 def write_mmmu(records: list[SegmentationRecord], out: Path) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows_by_subject: dict[str, list[dict[str, Any]]] = {s: [] for s in MMMU_MED_SUBJECTS}
     for index, record in enumerate(records):
         lesion = _lesion_of(record)
@@ -119,11 +150,15 @@ def write_mmmu(records: list[SegmentationRecord], out: Path) -> dict[str, Any]:
             "question_type": "multiple-choice",
             "subfield": record.modality,
         })
+    first = next((rows for rows in rows_by_subject.values() if len(rows) >= 2), None)
+    if first is not None:  # a question over two images, as the release has
+        first[0] = {**first[0], "question": "<image 1> <image 2> Which finding is shown in one of these images?",
+                    "image_2": first[1]["image_1"]}
     for subject, rows in rows_by_subject.items():
         if rows:
-            target = out / "mmmu" / subject / "validation-00000-of-00001.parquet"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows), target)
+            _parquet(rows, out / "mmmu" / subject / "validation-00000-of-00001.parquet")
+            dev = [{**row, "id": row["id"].replace("validation_", "dev_")} for row in rows[:1]]
+            _parquet(dev, out / "mmmu" / subject / "dev-00000-of-00001.parquet")  # must not be read
     return {"name": "mmmu_med", "reader": "mmmu", "path": "mmmu"}
 
 
@@ -149,8 +184,22 @@ def write_omnimedvqa(records: list[SegmentationRecord], out: Path) -> dict[str, 
 # ---------------------------------------------------------------------------- grounding
 
 
+# Where the authors' released DiagSeg file points: their own BiomedParse copy.
+FOREIGN_ROOT = "/authors/shared_data/BiomedParse"
+
+
+def _authors_diagseg(entry: dict[str, Any], number: int) -> dict[str, Any]:
+    """A grounding-stage DiagSeg question in the authors' release format."""
+    answer = re.sub(r"\[[A-Z]+\d*_\d+\]|\[SEG\]", "<mask>", entry["conversations"][1]["value"])
+    masks = [[number * 10 + i, f"{FOREIGN_ROOT}/{mask}"] for i, mask in enumerate(entry["mask_files"])]
+    return {"qa_id": number, "question": entry["conversations"][0]["value"].replace("<image>\n", ""),
+            "answer": answer, "short_answer": entry.get("diagnosis", ""), "image_file": f"{FOREIGN_ROOT}/{entry['image']}",
+            "mask_ids": [m[0] for m in masks], "masks": masks, "answer_type": "open", "modality": entry.get("modality", "")}
+
+
 def write_diagseg(data_root: Path, grounding_dir: Path | None, out: Path, taxonomy: Taxonomy) -> dict[str, Any]:
-    """The lead's diagseg_test.json when the grounding stage wrote one, else template QA."""
+    """The grounding stage's diagseg_test.json when it wrote one, else template QA; written in
+    the authors' release format."""
     folder = out / "diagseg"
     source = Path(grounding_dir) / "diagseg_test.json" if grounding_dir else None
     if source is not None and source.is_file():
@@ -161,9 +210,11 @@ def write_diagseg(data_root: Path, grounding_dir: Path | None, out: Path, taxono
         entries = json.loads(work.read_text())
     for entry in entries:
         for relative in [entry["image"], *entry.get("mask_files", [])]:
-            _copy(data_root / relative, folder / relative)
-    atomic_write_json(folder / "diagseg_test.json", entries)
-    return {"name": "diagseg", "reader": "diagseg", "path": "diagseg/diagseg_test.json", "data_root": "diagseg"}
+            _copy(data_root / relative, folder / "BiomedParse" / relative)
+    released = [_authors_diagseg(entry, number) for number, entry in enumerate(entries)]
+    atomic_write_json(folder / "SegVQA_Diagnostic_test_vqa.json", released)
+    return {"name": "diagseg", "reader": "diagseg", "path": "diagseg/SegVQA_Diagnostic_test_vqa.json",
+            "data_root": "diagseg/BiomedParse"}
 
 
 def write_mecovqa(records: list[SegmentationRecord], out: Path) -> dict[str, Any]:
@@ -193,9 +244,6 @@ def write_mecovqa(records: list[SegmentationRecord], out: Path) -> dict[str, Any
 
 
 def write_boxes(records: list[SegmentationRecord], out: Path) -> list[dict[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from medsight.data.image_io import image_size
 
     schain_rows, trinity_rows = [], []
@@ -217,9 +265,7 @@ def write_boxes(records: list[SegmentationRecord], out: Path) -> list[dict[str, 
                              "caption": lesion.sentence, "bbox": [x, y, x + w, y + h]})
     specs = []
     if schain_rows:
-        target = out / "schain" / "English" / "test-00000-of-00001.parquet"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(schain_rows), target)
+        _parquet(schain_rows, out / "schain" / "English" / "test-00000-of-00001.parquet")
         specs.append({"name": "schain", "reader": "schain", "path": "schain/English"})
     atomic_write_json(out / "medtrinity" / "medtrinity_boxes.json", trinity_rows)
     specs.append({"name": "medtrinity", "reader": "box_json", "path": "medtrinity/medtrinity_boxes.json", "image_root": "medtrinity"})
@@ -229,9 +275,9 @@ def write_boxes(records: list[SegmentationRecord], out: Path) -> list[dict[str, 
 def write_synthetic_benchmarks(data_root: Path, out: Path, taxonomy: Taxonomy, grounding_dir: Path | None = None) -> Path:
     """Write every benchmark under ``out`` and return the manifest path (``out/benchmarks.json``)."""
     data_root, out = Path(data_root), Path(out)
-    records = read_biomedparse(data_root / "biomedparse", "test", taxonomy)
+    records = read_split(data_root, "test", taxonomy)
     if not records:
-        raise ValueError(f"{data_root}/biomedparse/test.json has no images; generate data with test_images > 0")
+        raise ValueError(f"{index_path(data_root, 'test')} has no images; generate data with test_images > 0")
     specs = write_vqa(data_root, out)
     specs += [write_mmmu(records, out), write_omnimedvqa(records, out), write_diagseg(data_root, grounding_dir, out, taxonomy), write_mecovqa(records, out)]
     specs += write_boxes(records, out)

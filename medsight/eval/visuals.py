@@ -133,3 +133,19 @@ def png_bytes(picture: Image.Image) -> bytes:
 
 def data_uri(picture: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(picture)).decode("ascii")
+
+
+def load_gt_regions(sample: EvalSample) -> list[torch.Tensor]:
+    """One bool [H, W] mask per ground-truth region: the union of a region's files when the
+    benchmark groups several (``mask_groups``), else one file each."""
+    masks = [load_gt_mask(path) for path in sample.mask_paths]
+    if not sample.mask_groups:
+        return masks
+    regions, start = [], 0
+    for size in sample.mask_groups:
+        union = masks[start]
+        for mask in masks[start + 1 : start + size]:
+            union = union | mask
+        regions.append(union)
+        start += size
+    return regions

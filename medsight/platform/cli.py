@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Iterator

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import medsight
 from medsight.platform.artifacts import CACHE_ENV, STORE_ENV, ArtifactStore
 from medsight.platform.component_runtime import EVENTS_ENV, FORCE_ENV, WORK_DIR_ENV
 from medsight.platform.run_repo import RunRepo, client_env_file

@@ -1,14 +1,23 @@
-"""Build the grounding data (App. C): each ground-truth region gets the region token of the
-quantized query Hungarian-matched to it, and conversations are written around those tokens.
+"""Build the paper's two grounding sets (App. C): each ground-truth region gets the region token
+of the quantized query Hungarian-matched to it, and conversations are written around the tokens.
+
+- Stage 4's grounding set: ``grounding_data.t2v_samples`` conversations (paper: 60K) around train
+  images drawn uniformly (seeded rank), taken in rank order until the count is reached.
+- Stage 5's codebook conversations: ``grounding_data.instruct_images`` images (paper: 12K) drawn
+  uniformly from BiomedParse train by an independent rank.
+Both go through the template generator, plus the LLM generator with ``generator=llm``. Only the
+drawn images are read and encoded, in chunks, so the stage's memory does not grow with the release.
 
 Outputs (paths inside are relative to the dataset root, so the data can move between machines):
-  conversations/{train,val,test}.json   LLaVA conversations with ``mask_files`` in token order
-  diagseg_test.json                      diagnosis-then-segment questions (lesion images)
-  region_codes/{split}.json              the extracted codes per region (for inspection / LLM generators)
+  conversations/{train,val,test}.json    stage 4's set (train) and val/test questions
+  instruct_conversations/train.json      stage 5's codebook conversations
+  diagseg_test.json                      diagnosis-then-segment questions (lesion images, test)
+  region_codes/{train,instruct,val,test}.json   the extracted codes per region (inspection / LLM)
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,16 +26,18 @@ import torch
 from medsight.config.schema import ExperimentConfig
 from medsight.data.biomedparse import SegmentationRecord
 from medsight.data.phrasing import stable_choice
+from medsight.data.prepare.sampling import chunked, smallest_ranked
+from medsight.data.prepared_index import iter_index, record_from_entry
 from medsight.data.taxonomy import Taxonomy
 from medsight.io_utils import atomic_write_json
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_vocabulary import RegionVocabulary
 from medsight.model.bundle import find_modules, load_module, stage_taxonomy
 from medsight.model.vision_modules import load_encoder, new_codebook, new_perceiver
-from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, load_split
+from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, split_from_records
 from medsight.train.tracker import Tracker
 
-SPLITS = ("train", "val", "test")
+CHUNK_IMAGES = 256  # images encoded at a time
 
 
 @dataclass
@@ -79,7 +90,7 @@ def coded_regions(
         coded.append(
             CodedRegion(
                 class_name=region.class_name,
-                mask_file=str(Path(region.mask_path).resolve().relative_to(data_root.resolve())),
+                mask_file=os.path.relpath(region.mask_path, data_root),
                 token=tokens[i],
                 host=_host_structure(masks[i], structures) if is_lesion else None,
             )
@@ -162,7 +173,8 @@ def template_conversations(
     return entries
 
 
-def _llm_conversations(output: Path, data_root: Path, seed: int, taxonomy: Taxonomy) -> list[dict]:
+def _llm_conversations(codes: list[dict], records: list[SegmentationRecord], work: Path, data_root: Path,
+                       seed: int, taxonomy: Taxonomy) -> list[dict]:
     """Extra multi-turn conversations from an OpenAI-compatible endpoint (env-configured);
     resumable, validated against each region's mask and description, template fallback."""
     import json
@@ -170,51 +182,122 @@ def _llm_conversations(output: Path, data_root: Path, seed: int, taxonomy: Taxon
     from medsight.data.datagen.grounding_conversations import build_grounding_conversations
     from medsight.data.datagen.llm_client import ChatClient
     from medsight.data.datagen.llm_generator import LLMGenerator
-    from medsight.data.datagen.records import triples_from_region_codes
+    from medsight.data.datagen.records import triples_from_records
     from medsight.data.datagen.templates import TemplateGenerator
 
-    triples = triples_from_region_codes(output / "region_codes" / "train.json", data_root, "train", taxonomy)
+    tokens = {r["mask_file"]: r["token"] for entry in codes for r in entry["regions"]}
+    hosts = {r["mask_file"]: r["host"] for entry in codes for r in entry["regions"] if r.get("host")}
+    triples = triples_from_records(records, data_root, taxonomy, tokens, hosts)
     generator = LLMGenerator(ChatClient.from_env(), fallback=TemplateGenerator(seed))
-    target = output / "llm_conversations" / "train.json"
-    build_grounding_conversations(triples, generator, target, work_dir=output / "checkpoints" / "llm_generation")
+    target = work / "conversations.json"
+    build_grounding_conversations(triples, generator, target, work_dir=work / "progress")
     return json.loads(target.read_text())
 
 
+@dataclass
+class CodedImage:
+    record: SegmentationRecord
+    conversations: list[dict]
+    codes: dict  # region_codes entry
+
+
+class GroundingBuilder:
+    """Encodes records chunk by chunk and writes conversations around their region tokens."""
+
+    def __init__(self, config: ExperimentConfig, inputs: dict[str, Path], taxonomy: Taxonomy) -> None:
+        self.config, self.taxonomy, self.data_root = config, taxonomy, Path(inputs["data"])
+        modules = find_modules(inputs)
+        self.encoder = load_encoder(config, inputs)
+        self.perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain").eval()
+        self.codebook = load_module(new_codebook(config, taxonomy), modules, "codebook", "codebook-pretrain").eval()
+        self.matcher = HungarianMatcher(config.model.loss)
+        self.vocabulary = RegionVocabulary(config.model.codebook.num_modalities, config.model.codebook.codes_per_modality,
+                                           config.model.grounding)
+        self.used_tokens: set[str] = set()
+
+    def code(self, records: list[SegmentationRecord], phrasing_seed: int | None) -> list[CodedImage]:
+        max_masks = self.config.codebook_pretrain.max_masks_per_image
+        out = []
+        usable = [r for r in records if len(r.regions) <= max_masks]  # the authors skip the rest
+        for chunk in chunked(usable, CHUNK_IMAGES):
+            split = split_from_records(chunk, self.config.model.encoder.image_size, max_masks)
+            encode_split(split, self.encoder)
+            tokens = extract_region_tokens(split, self.perceiver, self.codebook, self.matcher, self.vocabulary)
+            for record, masks, image_tokens in zip(split.records, split.masks, tokens):
+                self.used_tokens.update(image_tokens)
+                regions = coded_regions(record, masks, image_tokens, self.data_root, self.taxonomy)
+                image = os.path.relpath(record.image_path, self.data_root)
+                conversations = template_conversations(record, regions, image, phrasing_seed)
+                codes = {"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]}
+                out.append(CodedImage(record, conversations, codes))
+        return out
+
+
+def _drawn_records(data_root: Path, split: str, taxonomy: Taxonomy, draws: dict[str, tuple[int, str]],
+                   seed: int) -> dict[str, list[SegmentationRecord]]:
+    """Per draw name: ``count`` records of ``split`` of smallest seeded rank (salt), in rank order.
+    Two passes over the index: ids first (bounded by the counts), then the chosen records."""
+    ranked = {name: smallest_ranked(((str(e["id"]), str(e["id"])) for _, e in iter_index(data_root, split)), count, seed, salt)
+              for name, (count, salt) in draws.items()}
+    wanted = {image_id for ids in ranked.values() for image_id in ids}
+    records = {str(e["id"]): record_from_entry(e, data_root, taxonomy, where)
+               for where, e in iter_index(data_root, split) if str(e["id"]) in wanted}
+    return {name: [records[i] for i in ids] for name, ids in ranked.items()}
+
+
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
-    if config.grounding_data.generator not in ("template", "llm"):
-        raise ValueError(f"grounding_data.generator={config.grounding_data.generator!r}: use template or llm")
+    settings = config.grounding_data
+    if settings.generator not in ("template", "llm"):
+        raise ValueError(f"grounding_data.generator={settings.generator!r}: use template or llm")
+    for key in ("t2v_samples", "instruct_images", "eval_images"):
+        if getattr(settings, key) < 1:
+            raise ValueError(f"grounding_data.{key} must be >= 1, got {getattr(settings, key)}")
     data_root = Path(inputs["data"])
     taxonomy = stage_taxonomy(config, inputs)
-    modules = find_modules(inputs)
-    encoder = load_encoder(config, inputs)
-    perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain").eval()
-    codebook = load_module(new_codebook(config, taxonomy), modules, "codebook", "codebook-pretrain").eval()
-    matcher = HungarianMatcher(config.model.loss)
-    vocabulary = RegionVocabulary(config.model.codebook.num_modalities, config.model.codebook.codes_per_modality, config.model.grounding)
+    builder = GroundingBuilder(config, inputs, taxonomy)
+    train = _drawn_records(data_root, "train", taxonomy, {"t2v": (settings.t2v_samples, "t2v"),
+                                                          "instruct": (settings.instruct_images, "instruct")}, settings.seed)
     metrics: dict[str, float] = {}
-    for split_name in SPLITS:
-        split = load_split(data_root, split_name, config.model.encoder.image_size, config.codebook_pretrain.max_masks_per_image, taxonomy)
-        encode_split(split, encoder)
-        tokens = extract_region_tokens(split, perceiver, codebook, matcher, vocabulary)
-        conversations, codes = [], []
-        for record, masks, image_tokens in zip(split.records, split.masks, tokens):
-            regions = coded_regions(record, masks, image_tokens, data_root, taxonomy)
-            image = str(Path(record.image_path).resolve().relative_to(data_root.resolve()))
-            conversations += template_conversations(
-                record, regions, image, config.grounding_data.seed if split_name == "train" else None
-            )
-            codes.append({"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]})
-        atomic_write_json(output / "region_codes" / f"{split_name}.json", codes)
-        if config.grounding_data.generator == "llm" and split_name == "train":
-            # App. C: an LLM writes the training conversations around the extracted codes; the
-            # val/test questions stay templated so evaluation is comparable across runs.
-            conversations += _llm_conversations(output, data_root, config.grounding_data.seed, taxonomy)
+
+    # Stage 4: images in rank order until t2v_samples conversations exist.
+    t2v: list[CodedImage] = []
+    for chunk in chunked(train["t2v"], CHUNK_IMAGES):
+        if sum(len(c.conversations) for c in t2v) >= settings.t2v_samples:
+            break
+        t2v += builder.code(chunk, settings.seed)
+    t2v_conversations = [c for image in t2v for c in image.conversations][: settings.t2v_samples]
+    coded = {image.record.image_id: image for image in t2v}
+    instruct = [coded.get(r.image_id) for r in train["instruct"]]
+    missing = [r for r, image in zip(train["instruct"], instruct) if image is None]
+    fresh = {image.record.image_id: image for image in builder.code(missing, settings.seed)}
+    instruct = [image or fresh[r.image_id] for r, image in zip(train["instruct"], instruct) if image or r.image_id in fresh]
+    instruct_conversations = [c for image in instruct for c in image.conversations]
+    if settings.generator == "llm":
+        # App. C: an LLM writes training conversations around the extracted codes; val/test
+        # questions stay templated so evaluation is comparable across runs.
+        for name, images, target in (("t2v", t2v, t2v_conversations), ("instruct", instruct, instruct_conversations)):
+            target += _llm_conversations([i.codes for i in images], [i.record for i in images],
+                                         output / "checkpoints" / f"llm_{name}", data_root, settings.seed, taxonomy)
+    atomic_write_json(output / "region_codes" / "train.json", [image.codes for image in t2v])
+    atomic_write_json(output / "region_codes" / "instruct.json", [image.codes for image in instruct])
+    atomic_write_json(output / "conversations" / "train.json", t2v_conversations)
+    atomic_write_json(output / "instruct_conversations" / "train.json", instruct_conversations)
+    metrics.update({"train_conversations": float(len(t2v_conversations)), "t2v_images": float(len(t2v)),
+                    "instruct_conversations": float(len(instruct_conversations)), "instruct_images": float(len(instruct))})
+
+    for split_name in ("val", "test"):
+        (records,) = _drawn_records(data_root, split_name, taxonomy, {"eval": (settings.eval_images, split_name)},
+                                    settings.seed).values()
+        if not records:
+            raise ValueError(f"{data_root}: the prepared {split_name} split has no images")
+        images = builder.code(records, None)
+        conversations = [c for image in images for c in image.conversations]
+        atomic_write_json(output / "region_codes" / f"{split_name}.json", [image.codes for image in images])
         atomic_write_json(output / "conversations" / f"{split_name}.json", conversations)
+        metrics[f"{split_name}_conversations"] = float(len(conversations))
         if split_name == "test":
             diagseg = [c for c in conversations if c.get("task") == "diagseg" and c["mask_files"]]
             atomic_write_json(output / "diagseg_test.json", diagseg)
             metrics["diagseg_test_questions"] = float(len(diagseg))
-        metrics[f"{split_name}_conversations"] = float(len(conversations))
-        used = {token for image_tokens in tokens for token in image_tokens}
-        metrics[f"{split_name}_distinct_region_tokens"] = float(len(used))
+    metrics["distinct_region_tokens"] = float(len(builder.used_tokens))
     return metrics

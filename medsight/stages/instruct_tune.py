@@ -1,5 +1,7 @@
 """Stage 5: unified instruction tuning. LLM, region-token rows, P_v2t and P_t2v train (LM + seg);
-encoder and perceiver stay frozen. Data: VQA instructions + grounding conversations."""
+encoder and perceiver stay frozen. Data (App. C): the PubMedVision instruct sample prepared by
+`medsight data prepare pubmedvision` (paper: 60K) + the grounding-data stage's codebook
+conversations (paper: 12K images); validation: their val parts."""
 
 from __future__ import annotations
 
@@ -26,11 +28,11 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     taxonomy = stage_taxonomy(config, inputs)
     model, tokenizer, loaded = build_medsight(config, inputs, taxonomy)
     data_root = Path(inputs["data"])
-    grounding = Path(inputs["grounding"]) / "conversations"
-    train = load_conversations(data_root / "llava" / "instruct_train.json", data_root)
-    train += load_conversations(grounding / "train.json", data_root)
-    val = load_conversations(data_root / "llava" / "instruct_val.json", data_root)
-    val += load_conversations(grounding / "val.json", data_root)
+    grounding, prepared = Path(inputs["grounding"]), data_root / "pubmedvision"
+    train = load_conversations(prepared / "instruct_train.jsonl", data_root)
+    train += load_conversations(grounding / "instruct_conversations" / "train.json", data_root)
+    val = load_conversations(prepared / "instruct_val.jsonl", data_root)
+    val += load_conversations(grounding / "conversations" / "val.json", data_root)
     data = make_language_data(config, model, tokenizer, train, val, taxonomy, stage.visual_cache_mb)
     result = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,

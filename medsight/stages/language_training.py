@@ -35,13 +35,11 @@ def apply_freezing(model: MedSight, stage: str) -> None:
 
 def load_conversations(path: Path, image_root: Path) -> list[Conversation]:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: conversation file missing; check the stage's data/grounding inputs")
+        raise FileNotFoundError(
+            f"{path}: conversation file missing; check the stage's data/grounding inputs (PubMedVision sets "
+            "come from `medsight data prepare pubmedvision SRC DATA`)"
+        )
     return read_conversations(Path(path), Path(image_root))
-
-def split_holdout(conversations: list[Conversation], fraction: float = 0.1) -> tuple[list, list]:
-    """For sources that ship only a train file (alignment captions): a fixed tail as validation."""
-    cut = max(1, int(len(conversations) * (1 - fraction)))
-    return conversations[:cut], conversations[cut:]
 
 
 @dataclass

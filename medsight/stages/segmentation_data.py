@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from medsight.data.biomedparse import SegmentationDataset, SegmentationRecord, read_biomedparse
+from medsight.data.biomedparse import SegmentationDataset, SegmentationRecord
+from medsight.data.prepared_index import index_path, read_split
 from medsight.data.taxonomy import Taxonomy
 from medsight.model.encoder import ImageEncoder
 
@@ -32,12 +33,21 @@ class SegmentationSplit:
         return self.images.shape[0]
 
 
-def load_split(data_dir: Path, split: str, image_size: int, max_masks: int, taxonomy: Taxonomy) -> SegmentationSplit:
-    records = read_biomedparse(Path(data_dir) / "biomedparse", split, taxonomy)
-    dataset = SegmentationDataset(records, image_size=image_size, max_masks=max_masks, on_too_many="error")
-    items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"load {split}", unit="img", leave=False)]
+def load_split(data_dir: Path, split: str, image_size: int, max_masks: int, taxonomy: Taxonomy,
+               only: set[str] | None = None) -> SegmentationSplit:
+    """A prepared split (``only``: just these image ids); images over ``max_masks`` are skipped."""
+    records = read_split(Path(data_dir), split, taxonomy, only)
+    if not records:
+        raise ValueError(f"{index_path(Path(data_dir), split)} has no images; prepare a release with a {split} split")
+    return split_from_records(records, image_size, max_masks, split)
+
+
+def split_from_records(records: list[SegmentationRecord], image_size: int, max_masks: int,
+                       name: str = "split") -> SegmentationSplit:
+    dataset = SegmentationDataset(records, image_size=image_size, max_masks=max_masks, on_too_many="skip")
+    items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"load {name}", unit="img", leave=False)]
     if not items:
-        raise ValueError(f"{data_dir}/biomedparse/{split}.json has no images")
+        raise ValueError(f"{name}: no image with at most {max_masks} masks")
     return SegmentationSplit(
         records=list(dataset.records),
         images=torch.stack([item["image"] for item in items]),

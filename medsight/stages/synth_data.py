@@ -1,4 +1,6 @@
-"""Stage 0 (tiny preset): write the synthetic dataset in the real on-disk formats."""
+"""Stage 0 (tiny preset): write the synthetic BiomedParse and PubMedVision releases in their
+published layouts, then prepare them with the same code as ``medsight data prepare`` (so the
+stage's output is a prepared dataset root, exactly what a real release gives)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
 
     if config.data.source != "synthetic":
         raise ValueError(
-            f"data.source={config.data.source!r}: real datasets are imported with `dvc import`/`dvc pull`, "
-            "not generated; pass them to the next stage with --input data=DIR"
+            f"data.source={config.data.source!r}: real releases are prepared with `medsight data prepare "
+            "biomedparse|pubmedvision SRC DEST`, not generated; pass DEST to the next stage with --input data=DEST"
         )
-    generate_dataset(output, config.data)
-    data = config.data
-    return {"train_images": float(data.train_images), "val_images": float(data.val_images),
-            "test_images": float(data.test_images)}
+    manifest = generate_dataset(output, config.data)
+    prepared = manifest["prepared"]
+    metrics = {f"{split}_images": float(n) for split, n in prepared["biomedparse"].items()}
+    metrics.update({f"{name}_rows": float(n) for name, n in prepared["pubmedvision"].items()})
+    return metrics

@@ -10,7 +10,6 @@ from medsight.model.factory import build_medsight
 from medsight.stages.language_training import (
     load_conversations,
     make_language_data,
-    split_holdout,
     train_language_stage,
     validate_language,
 )
@@ -26,8 +25,10 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     # rows initialised from P_v2t): the alignment captions are trained on the base vocabulary.
     taxonomy = stage_taxonomy(config, inputs)
     model, tokenizer, _ = build_medsight(config, inputs, taxonomy, region_tokens=False)
-    captions = load_conversations(Path(inputs["data"]) / "llava" / "alignment_train.json", inputs["data"])
-    train, val = split_holdout(captions)
+    # PubMedVision alignment as prepared by `medsight data prepare pubmedvision` (val carved there).
+    prepared = Path(inputs["data"]) / "pubmedvision"
+    train = load_conversations(prepared / "alignment_train.jsonl", inputs["data"])
+    val = load_conversations(prepared / "alignment_val.jsonl", inputs["data"])
     data = make_language_data(config, model, tokenizer, train, val, taxonomy, stage.visual_cache_mb)
     result = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,

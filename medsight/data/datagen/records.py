@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsight.data.biomedparse import read_biomedparse
+import os
+
+from medsight.data.prepared_index import SegmentationRecord, read_split
 from medsight.data.taxonomy import Taxonomy
 from medsight.io_utils import read_json
 
@@ -53,45 +55,40 @@ def _host_from_description(description: str, structures: set[str]) -> str | None
     return None
 
 
-def triples_from_biomedparse(
-    data_root: Path, split: str, taxonomy: Taxonomy, region_tokens: dict[str, str] | None = None
-) -> list[Triple]:
-    """Triples from ``data_root/biomedparse/{split}.json``; paths stay relative to ``data_root``.
+def _relative(path: Path, data_root: Path) -> str:
+    return os.path.relpath(path, data_root)
 
-    ``region_tokens`` maps a mask path (relative to ``data_root``) to the token the codebook
-    assigned to that region.
-    """
-    data_root = Path(data_root)
-    bmp_root = data_root / "biomedparse"
-    records = read_biomedparse(bmp_root, split, taxonomy)
-    tokens = region_tokens or {}
+
+def triples_from_records(
+    records: list[SegmentationRecord], data_root: Path, taxonomy: Taxonomy,
+    region_tokens: dict[str, str] | None = None, hosts: dict[str, str] | None = None,
+) -> list[Triple]:
+    """Triples of prepared records; paths relative to ``data_root``. ``region_tokens``/``hosts``
+    map a mask path (relative to ``data_root``) to its codebook token / host structure."""
+    tokens, hosts = region_tokens or {}, hosts or {}
     findings = tuple(name for name in taxonomy.region_classes if taxonomy.is_lesion(name))
     triples = []
     for record in records:
         structures = {r.class_name for r in record.regions if not taxonomy.is_lesion(r.class_name)}
         regions = []
         for region in record.regions:
-            mask_rel = str(region.mask_path.relative_to(data_root))
-            regions.append(
-                RegionInfo(
-                    class_name=region.class_name,
-                    description=region.sentence,
-                    mask_file=mask_rel,
-                    is_lesion=taxonomy.is_lesion(region.class_name),
-                    region_token=tokens.get(mask_rel),
-                    host=_host_from_description(region.sentence, structures) if taxonomy.is_lesion(region.class_name) else None,
-                )
-            )
-        triples.append(
-            Triple(
-                triple_id=record.image_id,
-                image=str(record.image_path.relative_to(data_root)),
-                modality=record.modality,
-                regions=tuple(regions),
-                findings=findings,
-            )
-        )
+            mask_rel = _relative(region.mask_path, data_root)
+            lesion = taxonomy.is_lesion(region.class_name)
+            regions.append(RegionInfo(
+                class_name=region.class_name, description=region.sentence, mask_file=mask_rel, is_lesion=lesion,
+                region_token=tokens.get(mask_rel),
+                host=hosts.get(mask_rel, _host_from_description(region.sentence, structures)) if lesion else None,
+            ))
+        triples.append(Triple(record.image_id, _relative(record.image_path, data_root), record.modality,
+                              tuple(regions), findings))
     return triples
+
+
+def triples_from_biomedparse(
+    data_root: Path, split: str, taxonomy: Taxonomy, region_tokens: dict[str, str] | None = None
+) -> list[Triple]:
+    """Triples of a prepared split (``data_root/biomedparse/{split}.jsonl``)."""
+    return triples_from_records(read_split(Path(data_root), split, taxonomy), Path(data_root), taxonomy, region_tokens)
 
 
 def triples_from_region_codes(codes_path: Path, data_root: Path, split: str, taxonomy: Taxonomy) -> list[Triple]:
@@ -109,15 +106,9 @@ def triples_from_region_codes(codes_path: Path, data_root: Path, split: str, tax
             tokens[str(region["mask_file"])] = str(region["token"])
             if region.get("host"):
                 hosts[str(region["mask_file"])] = str(region["host"])
-    triples = triples_from_biomedparse(data_root, split, taxonomy, tokens)
-    unmatched = [t.triple_id for t in triples if any(r.region_token is None for r in t.regions)]
-    if len(unmatched) == len(triples):
-        raise ValueError(f"{codes_path}: no mask_file matches the {split} split of {data_root}; wrong split or dataset?")
+    images = {str(entry.get("image")) for entry in entries}
+    records = [r for r in read_split(Path(data_root), split, taxonomy) if _relative(r.image_path, data_root) in images]
+    if not records:
+        raise ValueError(f"{codes_path}: no image matches the {split} split of {data_root}; wrong split or dataset?")
     # The stage decides hosts by mask overlap, which beats parsing descriptions.
-    return [
-        Triple(t.triple_id, t.image, t.modality, tuple(
-            RegionInfo(r.class_name, r.description, r.mask_file, r.is_lesion, r.region_token, hosts.get(r.mask_file, r.host))
-            for r in t.regions
-        ), t.findings)
-        for t in triples
-    ]
+    return triples_from_records(records, Path(data_root), taxonomy, tokens, hosts)

@@ -42,6 +42,10 @@ class EvalSample:
     mask_paths: list[Path] = field(default_factory=list)  # ground truth, in answer order
     boxes: list[Box] = field(default_factory=list)  # ground-truth boxes, normalised xyxy
     diagnosis: str = ""  # DiagSeg: the finding the answer must name
+    # Ground-truth regions made of several mask files (DiagSeg ``mask_ids`` entries that are lists):
+    # the number of consecutive ``mask_paths`` each region unites; empty = one file per region.
+    mask_groups: list[int] = field(default_factory=list)
+    num_images: int = 1  # images the question shows (several are tiled into image_bytes)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -203,3 +207,36 @@ def first_image(entry: dict[str, Any], path: Path, where: str, *keys: str) -> st
 def resolve(root: Path, relative: str) -> Path:
     candidate = Path(relative)
     return candidate if candidate.is_absolute() else Path(root) / candidate
+
+
+# ---------------------------------------------------------------------------- parquet releases
+
+
+def parquet_files(path: Path, split: str | None) -> list[Path]:
+    """A parquet file, or the files of ``split`` under a Hugging Face dataset folder
+    (``data/test-00000-of-00001-<hash>.parquet``, ``Clinical_Medicine/validation-00000-of-00001.parquet``)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else []
+    if split is not None:
+        files = [f for f in files if f.name.startswith(f"{split}-")]
+    if not files:
+        raise BenchmarkFormatError(f"{path}: no {split + '-*' if split else ''}.parquet file found")
+    return files
+
+
+def parquet_rows(file: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq  # only needed for parquet releases
+
+    try:
+        return pq.read_table(file).to_pylist()
+    except Exception as error:  # pyarrow raises several unrelated types for bad files
+        raise BenchmarkFormatError(f"{file}: cannot read parquet ({error})") from error
+
+
+def embedded_image(value: Any) -> bytes | None:
+    """The bytes of a Hugging Face ``Image`` cell (``{bytes, path}``), if any."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return bytes(value["bytes"])
+    return None

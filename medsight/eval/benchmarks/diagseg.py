@@ -5,8 +5,14 @@ Format (LLaVA conversation + masks, as the grounding data and the authors' files
 diagnosis?, modality}``; paths are relative to the dataset root. The gpt answer names the
 finding and carries region tokens; ``mask_files`` are the ground-truth masks in the order the
 answer's region tokens refer to them (``mask_orders`` reorders them when given).
-Scored by diagnosis recall (LLaVA-Med open recall of the answer text without region tokens)
-and Dice of the masks decoded from the region tokens the model generates.
+The authors' released DiagSeg (1,655 questions, 8 modalities) is a JSON list of ``{qa_id,
+question, answer ("... segment the lesion as <mask>."), short_answer ("Benign tumor"),
+image_file, mask_ids: [id | [ids]], masks: [[id, path], ...], answer_type, modality ("US")}``
+with absolute paths into the authors' BiomedParse copy: each path is rebased onto ``data_root``
+(``strip_prefix`` removed, or else the longest tail of the path that exists under ``data_root``).
+A ``mask_ids`` item that is a list is one region made of several masks (their union).
+Scored by diagnosis recall (LLaVA-Med open recall of ``short_answer``, or of the answer text
+without region tokens) and Dice of the masks decoded from the region tokens the model generates.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from medsight.eval.benchmarks.common import (
     first_exchange,
     first_image,
     load_json_entries,
+    require,
     resolve,
 )
 
@@ -53,12 +60,67 @@ def remove_inline_masks(text: str) -> tuple[str, list[str]]:
     return _INLINE_MASK.sub("", text).strip(), _INLINE_MASK.findall(text)
 
 
-def read_diagseg(path: Path, data_root: Path, benchmark: str = "diagseg") -> BenchmarkData:
+def rebase(raw: str, data_root: Path, strip_prefix: str = "") -> Path:
+    """A released (often absolute, foreign) path -> the file under ``data_root``."""
+    if strip_prefix and raw.startswith(strip_prefix):
+        return Path(data_root) / raw[len(strip_prefix):].lstrip("/")
+    candidate = Path(raw)
+    if not candidate.is_absolute():
+        return Path(data_root) / candidate
+    if candidate.is_file():
+        return candidate
+    parts = candidate.parts[1:]
+    for start in range(len(parts)):
+        tail = Path(data_root).joinpath(*parts[start:])
+        if tail.is_file():
+            return tail
+    return Path(data_root).joinpath(*parts[-3:]) if len(parts) >= 3 else Path(data_root) / candidate.name
+
+
+def _authors_entry(entry: dict[str, Any], path: Path, where: str, data_root: Path, strip_prefix: str,
+                   benchmark: str) -> EvalSample | SkippedEntry:
+    """One entry of the authors' released file (see the module docstring)."""
+    for key in ("question", "image_file", "mask_ids", "masks"):
+        require(entry, key, path, where)
+    try:
+        files = {str(mask_id): str(file) for mask_id, file in entry["masks"]}
+    except (TypeError, ValueError):
+        raise BenchmarkFormatError(f"{path}: entry {where}: 'masks' must be a list of [id, path] pairs") from None
+    groups, relative = [], []
+    for item in entry["mask_ids"]:
+        ids = item if isinstance(item, list) else [item]
+        unknown = [i for i in ids if str(i) not in files]
+        if unknown:
+            raise BenchmarkFormatError(f"{path}: entry {where}: mask_ids {unknown} not listed in 'masks'")
+        groups.append(len(ids))
+        relative += [files[str(i)] for i in ids]
+    if not relative:
+        raise BenchmarkFormatError(f"{path}: entry {where} has no mask_ids (DiagSeg needs the masks to score)")
+    image_path = rebase(str(entry["image_file"]), data_root, strip_prefix)
+    mask_paths = [rebase(mask, data_root, strip_prefix) for mask in relative]
+    missing = [str(p) for p in [image_path, *mask_paths] if not p.is_file()]
+    if missing:
+        return SkippedEntry(where, f"file missing: {', '.join(missing)}")
+    short = str(entry.get("short_answer") or "").strip()
+    answer = short or str(entry.get("answer", "")).replace("<mask>", "").strip()
+    modality_name = str(entry.get("modality", "unknown"))
+    return EvalSample(
+        benchmark=benchmark, sample_id=where, task="diagseg", question=clean_question(str(entry["question"])),
+        modality=canonical_modality(modality_name), image_path=image_path, source_modality=modality_name,
+        answer=answer, mask_paths=mask_paths, diagnosis=short, mask_groups=groups if any(g > 1 for g in groups) else [],
+    )
+
+
+def read_diagseg(path: Path, data_root: Path, benchmark: str = "diagseg", strip_prefix: str = "") -> BenchmarkData:
     path = Path(path)
     samples: list[EvalSample] = []
     skipped: list[SkippedEntry] = []
     for index, entry in enumerate(load_json_entries(path)):
-        sample_id = entry_id(entry, index)
+        sample_id = entry_id(entry, index, "qa_id")
+        if "mask_ids" in entry and "masks" in entry:  # the authors' release
+            result = _authors_entry(entry, path, sample_id, Path(data_root), strip_prefix, benchmark)
+            (samples if isinstance(result, EvalSample) else skipped).append(result)
+            continue
         question, answer = first_exchange(entry, path, sample_id)
         answer, inline = remove_inline_masks(answer)
         relative_masks = mask_list(entry, path, sample_id) or inline

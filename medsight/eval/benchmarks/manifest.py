@@ -3,10 +3,14 @@
 ``benchmarks.json``::
 
     {"benchmarks": [
-      {"name": "vqa_rad", "reader": "vqa", "path": "vqa_rad/test.json", "image_root": "vqa_rad"},
+      {"name": "vqa_rad", "reader": "vqa", "path": "vqa_rad/VQA_RAD Dataset Public.json",
+       "image_root": "vqa_rad/VQA_RAD Image Folder"},
+      {"name": "pathvqa", "reader": "vqa", "path": "path-vqa"},
+      {"name": "slake", "reader": "vqa", "path": "Slake1.0/test.json", "image_root": "Slake1.0/imgs"},
       {"name": "mmmu_med", "reader": "mmmu", "path": "mmmu"},
       {"name": "omnimedvqa", "reader": "omnimedvqa", "path": "OmniMedVQA"},
-      {"name": "diagseg", "reader": "diagseg", "path": "diagseg.json", "data_root": "."},
+      {"name": "diagseg", "reader": "diagseg", "path": "DiagSeg/SegVQA_Diagnostic_test_vqa.json",
+       "data_root": "BiomedParse", "strip_prefix": "/where/the/authors/kept/BiomedParse"},
       {"name": "mecovqa_g", "reader": "mecovqa_grounding", "path": "MeCoVQA_G.json", "image_root": "SAMed2D"},
       {"name": "schain", "reader": "schain", "path": "schain/English"},
       {"name": "medtrinity", "reader": "box_json", "path": "medtrinity.json", "image_root": "."}

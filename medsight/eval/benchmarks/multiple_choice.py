@@ -1,9 +1,13 @@
 """Multiple-choice benchmarks: MMMU-Med and OmniMedVQA.
 
-MMMU (Hugging Face release): one parquet per subject and split with columns ``id, question,
-options`` (a Python-list string), ``answer`` (a letter), ``image_1..image_7`` (``{bytes,
-path}`` structs), ``question_type``, ``subfield``. The same records as JSON/JSONL with image
-paths are accepted too. MMMU-Med = the medical subjects, validation split (as HealthGPT).
+MMMU (Hugging Face release): one parquet per subject and split (``<Subject>/{dev,validation,
+test}-00000-of-00001.parquet``) with columns ``id, question, options`` (a Python-list string),
+``answer`` (a letter), ``image_1..image_7`` (``{bytes, path}`` structs), ``question_type``,
+``subfield``. The same records as JSON/JSONL with image paths are accepted too. MMMU-Med = the
+validation split of the Health & Medicine subjects (as HealthGPT and the authors' evaluation);
+only ``split`` files and ids are read, never dev/test. A question with several images gets one
+picture holding all of them side by side (the model takes one image), and its ``<image N>``
+markers are rewritten to name their position.
 
 OmniMedVQA: ``QA information/{Open-access,Restricted-access}/<dataset>.json`` lists of
 ``{question_id, dataset, question_type, question, gt_answer, image_path, option_A..option_D,
@@ -14,6 +18,7 @@ the release root. The paper keeps HealthGPT's modality selection (``OMNIMED_MODA
 from __future__ import annotations
 
 import ast
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -24,8 +29,11 @@ from medsight.eval.benchmarks.common import (
     EvalSample,
     SkippedEntry,
     canonical_modality,
+    embedded_image,
     entry_id,
     load_json_entries,
+    parquet_files,
+    parquet_rows,
     require,
     resolve,
 )
@@ -53,24 +61,19 @@ def format_mc_prompt(question: str, options: list[str]) -> str:
 # ---------------------------------------------------------------------------- MMMU
 
 
-def _mmmu_records(path: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(source file, record) pairs from a parquet/JSON file or a directory of them."""
-    files = sorted(path.rglob("*.parquet")) + sorted(path.rglob("*.json*")) if path.is_dir() else [path]
-    if not files:
-        raise BenchmarkFormatError(f"{path}: no .parquet or .json files found for MMMU")
-    records: list[tuple[Path, dict[str, Any]]] = []
-    for file in files:
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq  # only needed for the parquet release
+MMMU_IMAGE_COLUMNS = tuple(f"image_{n}" for n in range(1, 8))
 
-            try:
-                rows = pq.read_table(file).to_pylist()
-            except Exception as error:  # pyarrow raises several unrelated types for bad files
-                raise BenchmarkFormatError(f"{file}: cannot read parquet ({error})") from error
-        else:
-            rows = load_json_entries(file)
-        records += [(file, row) for row in rows]
-    return records
+
+def _mmmu_records(path: Path, split: str) -> list[tuple[Path, dict[str, Any]]]:
+    """(source file, record) pairs of ``split`` from a parquet/JSON file or a release folder."""
+    if path.is_dir() and not any(path.rglob("*.parquet")):
+        files = sorted(path.rglob("*.json*"))
+        if not files:
+            raise BenchmarkFormatError(f"{path}: no .parquet or .json files found for MMMU")
+        return [(file, row) for file in files for row in load_json_entries(file)]
+    if path.is_file() and path.suffix != ".parquet":
+        return [(path, row) for row in load_json_entries(path)]
+    return [(file, row) for file in parquet_files(path, split) for row in parquet_rows(file)]
 
 
 def _mmmu_options(raw: Any, file: Path, where: str) -> list[str]:
@@ -85,26 +88,72 @@ def _mmmu_options(raw: Any, file: Path, where: str) -> list[str]:
     return [str(option) for option in parsed]
 
 
-def _mmmu_subject(sample_id: str) -> str:
-    match = re.match(r"^(?:dev|validation|test)_(.+)_\d+$", sample_id)
-    return match.group(1) if match else "unknown"
+def _mmmu_split_and_subject(sample_id: str) -> tuple[str, str]:
+    match = re.match(r"^(dev|validation|test)_(.+)_\d+$", sample_id)
+    return (match.group(1), match.group(2)) if match else ("unknown", "unknown")
 
 
-def mmmu_question_text(question: str) -> str:
-    """Drop MMMU's ``<image N>`` markers at the start/end; inline ones read as "the image"."""
+def mmmu_question_text(question: str, images: int = 1) -> str:
+    """Drop MMMU's ``<image N>`` markers at the start/end; inline ones read as "the image" (one
+    image) or "image N (N-th from the left)" (several, shown side by side)."""
     question = re.sub(r"^\s*(<image \d+>\s*)+|(\s*<image \d+>)+\s*$", "", question)
+    if images > 1:
+        return re.sub(r"<image (\d+)>", r"image \1 (number \1 from the left)", question).strip()
     return re.sub(r"<image \d+>", "the image", question).strip()
 
 
-def read_mmmu(path: Path, subjects: tuple[str, ...] | None = MMMU_MED_SUBJECTS) -> BenchmarkData:
+def side_by_side(images: list[bytes], where: str) -> bytes:
+    """Encoded images -> one PNG holding them left to right at a common height."""
+    from PIL import Image
+
+    decoded = []
+    for data in images:
+        try:
+            with Image.open(io.BytesIO(data)) as handle:
+                decoded.append(handle.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as error:
+            raise BenchmarkFormatError(f"{where}: cannot decode an embedded image ({error})") from error
+    height = max(image.height for image in decoded)
+    scaled = [image.resize((max(1, round(image.width * height / image.height)), height)) for image in decoded]
+    canvas = Image.new("RGB", (sum(image.width for image in scaled), height))
+    x = 0
+    for image in scaled:
+        canvas.paste(image, (x, 0))
+        x += image.width
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _mmmu_images(record: dict[str, Any], file: Path, sample_id: str) -> tuple[list[bytes], str | None]:
+    """The question's images, in column order, as bytes; or (_, reason) when one is missing."""
+    images: list[bytes] = []
+    for column in MMMU_IMAGE_COLUMNS:
+        value = record.get(column)
+        if value is None or value == "":
+            continue
+        data = embedded_image(value)
+        if data is None and isinstance(value, str):
+            image_path = resolve(file.parent, value)
+            if not image_path.is_file():
+                return [], f"image file missing: {image_path}"
+            data = image_path.read_bytes()
+        if data is None:
+            return [], f"{column} holds no image"
+        images.append(data)
+    return images, None if images else "no image_1"
+
+
+def read_mmmu(path: Path, subjects: tuple[str, ...] | None = MMMU_MED_SUBJECTS, split: str = "validation") -> BenchmarkData:
     """MMMU-Med from the HF parquet layout (or JSON records); per-"modality" = subject."""
     path = Path(path)
     samples: list[EvalSample] = []
     skipped: list[SkippedEntry] = []
-    for index, (file, record) in enumerate(_mmmu_records(path)):
+    subjects = tuple(subjects) if subjects is not None else None
+    for index, (file, record) in enumerate(_mmmu_records(path, split)):
         sample_id = entry_id(record, index)
-        subject = _mmmu_subject(sample_id)
-        if subjects is not None and subject not in subjects:
+        record_split, subject = _mmmu_split_and_subject(sample_id)
+        if record_split not in (split, "unknown") or (subjects is not None and subject not in subjects):
             continue
         if str(record.get("question_type", "multiple-choice")) != "multiple-choice":
             skipped.append(SkippedEntry(sample_id, "open question (MMMU-Med is scored on multiple choice)"))
@@ -113,19 +162,11 @@ def read_mmmu(path: Path, subjects: tuple[str, ...] | None = MMMU_MED_SUBJECTS) 
         letter = str(require(record, "answer", file, sample_id)).strip().upper()
         if len(letter) != 1 or not 0 <= ord(letter) - ord("A") < len(options):
             raise BenchmarkFormatError(f"{file}: entry {sample_id}: answer {letter!r} is not one of the option letters")
-        image = record.get("image_1")
-        image_bytes, image_path = None, None
-        if isinstance(image, dict) and image.get("bytes"):
-            image_bytes = bytes(image["bytes"])
-        elif isinstance(image, str) and image:
-            image_path = resolve(file.parent, image)
-            if not image_path.is_file():
-                skipped.append(SkippedEntry(sample_id, f"image file missing: {image_path}"))
-                continue
-        else:
-            skipped.append(SkippedEntry(sample_id, "no image_1"))
+        images, problem = _mmmu_images(record, file, sample_id)
+        if problem is not None:
+            skipped.append(SkippedEntry(sample_id, problem))
             continue
-        question = mmmu_question_text(str(require(record, "question", file, sample_id)))
+        question = mmmu_question_text(str(require(record, "question", file, sample_id)), len(images))
         samples.append(
             EvalSample(
                 benchmark="mmmu_med",
@@ -133,11 +174,11 @@ def read_mmmu(path: Path, subjects: tuple[str, ...] | None = MMMU_MED_SUBJECTS) 
                 task="mc",
                 question=format_mc_prompt(question, options),
                 modality=subject,
-                image_path=image_path,
-                image_bytes=image_bytes,
+                image_bytes=images[0] if len(images) == 1 else side_by_side(images, f"{file}: {sample_id}"),
                 answer=options[ord(letter) - ord("A")],
                 options=options,
                 answer_index=ord(letter) - ord("A"),
+                num_images=len(images),
             )
         )
     return BenchmarkData(name="mmmu_med", source=path, samples=samples, skipped=skipped)

@@ -1,0 +1,127 @@
+"""The prepared BiomedParse index: what stages 1, 2 and grounding-data read (torch-free).
+
+``medsight data prepare biomedparse`` writes ``<root>/biomedparse/{train,val,test}.jsonl``, one
+image per line; images are never copied, every path is relative to the dataset root::
+
+    {"id": "amos_0353_190_CT_abdomen", "subset": "amos22/CT", "image": "../BiomedParse/amos22/CT/train/...png",
+     "modality": "CT-Abdomen", "spelling": "CT", "site": "abdomen", "height": 1024, "width": 1024,
+     "regions": [{"mask": "...", "class": "liver", "sentences": ["liver in abdomen CT"], "bbox": [x, y, w, h],
+                  "area": 0.071}]}
+
+Lines are read one at a time, so a million-image split is never parsed as one document.
+Names: image files ``IMAGE_MODALITY_SITE.png``, masks ``IMAGE_MODALITY_SITE_TARGET.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medsight.data.errors import DataError
+from medsight.data.taxonomy import Taxonomy
+
+INDEX_DIR = "biomedparse"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    mask_path: Path
+    class_name: str
+    class_id: int  # index into Taxonomy.region_classes
+    sentence: str  # first referring sentence ("" when the annotation has none)
+    bbox: tuple[float, float, float, float] | None  # x, y, w, h in original pixels
+
+
+@dataclass(frozen=True)
+class SegmentationRecord:
+    image_path: Path
+    image_id: str  # file stem, e.g. "00042_CT_abdomen"
+    modality: str  # the taxonomy's name (file-name spellings are mapped at prepare time)
+    modality_id: int  # index into Taxonomy.modalities
+    regions: list[RegionRecord]
+
+
+def _stem(file_name: str) -> str:
+    """Path(name).stem without building a Path (called for every file of a release)."""
+    name = file_name.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+
+
+def parse_image_name(file_name: str) -> tuple[str, str, str]:
+    """'NAME_MODALITY_SITE.png' -> (name, modality, site); NAME may itself hold underscores."""
+    parts = _stem(file_name).rsplit("_", 2)
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"image name {file_name!r} is not IMAGE_MODALITY_SITE.png")
+    return parts[0], parts[1], parts[2]
+
+
+def target_from_mask_name(mask_file: str, image_file: str) -> str | None:
+    """'STEM_TARGET.png' -> 'target with spaces', or None when the mask is not named after
+    its image (the JSON category then decides)."""
+    image_stem, mask_stem = _stem(image_file), _stem(mask_file)
+    prefix = f"{image_stem}_"
+    if not mask_stem.startswith(prefix) or len(mask_stem) == len(prefix):
+        return None
+    return mask_stem[len(prefix):].replace("+", " ")
+
+
+def index_path(data_root: Path, split: str) -> Path:
+    return Path(data_root) / INDEX_DIR / f"{split}.jsonl"
+
+
+def iter_index(data_root: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, raw entry) per line of a split's index; a clear error when it was never prepared."""
+    path = index_path(data_root, split)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: prepared index does not exist; index a BiomedParse release first with "
+            f"`medsight data prepare biomedparse SRC {data_root}`"
+        )
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error})") from None
+
+
+def record_from_entry(entry: dict[str, Any], data_root: Path, taxonomy: Taxonomy, where: str) -> SegmentationRecord:
+    try:
+        modality = taxonomy.find_modality(entry["modality"])
+        if modality is None:
+            taxonomy.modality_index(entry["modality"], where)  # raises naming the known modalities
+        regions = []
+        for region in entry["regions"]:
+            class_name = region["class"]
+            box = region.get("bbox")
+            sentences = region.get("sentences") or [""]
+            regions.append(RegionRecord(
+                Path(data_root) / region["mask"], class_name, taxonomy.class_index(class_name, where),
+                sentences[0], tuple(box) if box else None,
+            ))
+        return SegmentationRecord(Path(data_root) / entry["image"], str(entry["id"]), modality,
+                                  taxonomy.modalities.index(modality), regions)
+    except KeyError as error:
+        raise DataError(f"{where}: index entry without key {error}") from None
+    except ValueError as error:
+        raise DataError(str(error)) from None
+
+
+def iter_split(data_root: Path, split: str, taxonomy: Taxonomy) -> Iterator[SegmentationRecord]:
+    for where, entry in iter_index(data_root, split):
+        yield record_from_entry(entry, data_root, taxonomy, where)
+
+
+def read_split(data_root: Path, split: str, taxonomy: Taxonomy, only: set[str] | None = None) -> list[SegmentationRecord]:
+    """The records of a split (``only``: keep just these image ids)."""
+    return [
+        record_from_entry(entry, data_root, taxonomy, where)
+        for where, entry in iter_index(data_root, split)
+        if only is None or str(entry.get("id")) in only
+    ]
