@@ -216,6 +216,9 @@ class DataConfig:
     # Label space (medsight/data/taxonomy.py): "" = <data root>/taxonomy.json if the dataset
     # ships one, else the synthetic one; otherwise a taxonomy JSON, relative to the data root.
     taxonomy: str = ""
+    # An image with more masks than a segmentation stage's max_masks_per_image: "error" stops
+    # the stage naming it; "skip" drops such images with one warning (the authors' behaviour).
+    too_many_masks: str = "error"
 
 
 @dataclass

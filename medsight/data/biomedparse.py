@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import Dataset
 
 from medsight.data.image_io import DataError, image_size, load_image, load_mask
+from medsight.data.safe_paths import resolve_under
 from medsight.data.taxonomy import Taxonomy
-from medsight.io_utils import read_json
+from medsight.io_utils import missing_reason, read_json
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ def _region(annotation: dict[str, Any], where: str, image_file: str, mask_dir: P
             categories: dict[int, str], taxonomy: Taxonomy) -> RegionRecord:
     """``where`` is 'JSON: annotations[i]'; every error below starts with it."""
     mask_file = str(_require(annotation, "mask_file", where))
-    mask_path = mask_dir / mask_file
+    mask_path = resolve_under(mask_dir, mask_file, f"{where}.mask_file")
     if not mask_path.is_file():
-        raise DataError(f"{where}: referenced mask file does not exist: {mask_path}")
+        raise DataError(f"{where}: referenced mask file {missing_reason(mask_path)}: {mask_path}")
     class_name = target_from_mask_name(mask_file, image_file)
     if class_name is None:
         category_id = _require(annotation, "category_id", where)
@@ -138,9 +139,9 @@ def read_biomedparse(root: Path, split: str, taxonomy: Taxonomy) -> list[Segment
         image_id, file_name = _require(image, "id", where), str(_require(image, "file_name", where))
         if image_id in files:
             raise DataError(f"{where}: duplicate image id {image_id!r}")
-        if not (image_dir / file_name).is_file():
-            missing = image_dir / file_name
-            raise DataError(f"{where}: referenced image file does not exist: {missing}")
+        image_path = resolve_under(image_dir, file_name, f"{where}.file_name")
+        if not image_path.is_file():
+            raise DataError(f"{where}: referenced image file {missing_reason(image_path)}: {image_path}")
         files[image_id] = file_name
         # Before the masks: an unlisted modality is the root problem, not its class names.
         modalities[image_id] = _modality_of(file_name, json_path, taxonomy)
@@ -180,8 +181,9 @@ class SegmentationDataset(Dataset):
             elif on_too_many == "skip":
                 skipped.append(record.image_id)
             else:
-                raise DataError(f"{record.image_path}: {len(record.regions)} masks, more than "
-                                f"max_masks={max_masks} (use on_too_many='skip' to drop it)")
+                raise DataError(f"{record.image_path}: {len(record.regions)} masks, more than the stage's "
+                                f"max_masks_per_image={max_masks}; raise that, or drop such images "
+                                "with --set data.too_many_masks=skip")
         if skipped:
             warnings.warn(f"skipped {len(skipped)} image(s) with more than {max_masks} masks: "
                           f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}",

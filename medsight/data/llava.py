@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from medsight.data.image_io import DataError
-from medsight.io_utils import atomic_write_json, read_json
+from medsight.data.safe_paths import resolve_under
+from medsight.io_utils import atomic_write_json, missing_reason, read_json
 
 HUMAN, GPT = "human", "gpt"
 # Other spellings of the two roles seen in public conversation files.
@@ -30,6 +31,8 @@ class Conversation:
     answer_type: str | None = None  # as written in the file ("closed"/"CLOSED"/"open"...)
     modality: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The file it was read from, for messages; not written back and not part of equality.
+    source: Path | None = field(default=None, compare=False)
 
 
 def _role(raw: Any, where: str) -> str:
@@ -72,7 +75,7 @@ def _optional_str(entry: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-def _parse_entry(entry: Any, where: str, image_root: Path) -> Conversation:
+def _parse_entry(entry: Any, where: str, image_root: Path, source: Path | None = None) -> Conversation:
     if not isinstance(entry, dict):
         raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
     if "id" not in entry:
@@ -83,12 +86,13 @@ def _parse_entry(entry: Any, where: str, image_root: Path) -> Conversation:
     masks = _path_list(entry["mask_files"], f"{where}.mask_files") if "mask_files" in entry else []
     return Conversation(
         id=str(entry["id"]),
-        image_paths=[image_root / image for image in images],
+        image_paths=[resolve_under(image_root, image, f"{where}.image") for image in images],
         turns=_turns(entry["conversations"], f"{where}.conversations"),
-        mask_paths=[image_root / mask for mask in masks],
+        mask_paths=[resolve_under(image_root, mask, f"{where}.mask_files") for mask in masks],
         answer_type=_optional_str(entry, "answer_type", where),
         modality=_optional_str(entry, "modality", where),
         extra={key: value for key, value in entry.items() if key not in _KNOWN_KEYS},
+        source=source,
     )
 
 
@@ -97,7 +101,7 @@ def _missing_file(conversation: Conversation, where: str) -> str | None:
     for key, paths in references:
         for path in paths:
             if not path.is_file():
-                return f"{where}.{key}: referenced file does not exist: {path}"
+                return f"{where}.{key}: referenced file {missing_reason(path)}: {path}"
     return None
 
 
@@ -118,7 +122,7 @@ def read_conversations(json_path: Path, image_root: Path,
     dropped: list[str] = []
     for index, entry in enumerate(entries):
         where = f"{json_path}: entry {index}"
-        conversation = _parse_entry(entry, where, image_root)
+        conversation = _parse_entry(entry, where, image_root, json_path)
         problem = _missing_file(conversation, where)
         if problem is None:
             conversations.append(conversation)

@@ -193,7 +193,8 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     vocabulary = RegionVocabulary(config.model.codebook.num_modalities, config.model.codebook.codes_per_modality, config.model.grounding)
     metrics: dict[str, float] = {}
     for split_name in SPLITS:
-        split = load_split(data_root, split_name, config.model.encoder.image_size, config.codebook_pretrain.max_masks_per_image, taxonomy)
+        split = load_split(data_root, split_name, config.model.encoder.image_size, config.codebook_pretrain.max_masks_per_image, taxonomy,
+                           config.data.too_many_masks)
         encode_split(split, encoder)
         tokens = extract_region_tokens(split, perceiver, codebook, matcher, vocabulary)
         conversations, codes = [], []

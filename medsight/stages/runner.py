@@ -24,7 +24,7 @@ import medsight
 from medsight.config.access import outside, recorded_reads
 from medsight.config.io import save_config
 from medsight.config.schema import ExperimentConfig
-from medsight.io_utils import atomic_write_json, replace_directory
+from medsight.io_utils import atomic_write_json, missing_reason, replace_directory
 from medsight.stages.cache_key import CacheKey, stage_key
 from medsight.stages.content_hash import input_hashes
 from medsight.stages.registry import StageSpec, get_stage
@@ -85,7 +85,7 @@ def validate_inputs(spec: StageSpec, inputs: dict[str, Path]) -> None:
     for name, path in inputs.items():
         path = Path(path)
         if not path.is_dir():
-            what = "is not a directory" if path.exists() else "does not exist"
+            what = "is not a directory" if path.exists() else missing_reason(path)
             raise StageError(f"stage {spec.name}: input {name}={path} {what}")
         if (path / CONFIG_FILE).is_file() and not (path / STAGE_FILE).is_file():
             # A stage output without stage.json is one that crashed or is still running.

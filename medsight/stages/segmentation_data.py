@@ -32,9 +32,11 @@ class SegmentationSplit:
         return self.images.shape[0]
 
 
-def load_split(data_dir: Path, split: str, image_size: int, max_masks: int, taxonomy: Taxonomy) -> SegmentationSplit:
+def load_split(data_dir: Path, split: str, image_size: int, max_masks: int, taxonomy: Taxonomy,
+               on_too_many: str = "error") -> SegmentationSplit:
+    """``on_too_many``: ``data.too_many_masks`` ("error" or "skip" images over ``max_masks``)."""
     records = read_biomedparse(Path(data_dir) / "biomedparse", split, taxonomy)
-    dataset = SegmentationDataset(records, image_size=image_size, max_masks=max_masks, on_too_many="error")
+    dataset = SegmentationDataset(records, image_size=image_size, max_masks=max_masks, on_too_many=on_too_many)
     items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"load {split}", unit="img", leave=False)]
     if not items:
         raise ValueError(f"{data_dir}/biomedparse/{split}.json has no images")

@@ -118,7 +118,7 @@ def read_mmmu(path: Path, subjects: tuple[str, ...] | None = MMMU_MED_SUBJECTS) 
         if isinstance(image, dict) and image.get("bytes"):
             image_bytes = bytes(image["bytes"])
         elif isinstance(image, str) and image:
-            image_path = resolve(file.parent, image)
+            image_path = resolve(file.parent, image, f"{file}: entry {sample_id}")
             if not image_path.is_file():
                 skipped.append(SkippedEntry(sample_id, f"image file missing: {image_path}"))
                 continue
@@ -178,7 +178,7 @@ def read_omnimedvqa(root: Path, modalities: frozenset[str] | None = OMNIMED_MODA
             if not matches:
                 skipped.append(SkippedEntry(sample_id, f"gt_answer {truth!r} matches no option"))
                 continue
-            image_path = resolve(root, str(require(entry, "image_path", file, sample_id)))
+            image_path = resolve(root, str(require(entry, "image_path", file, sample_id)), f"{file}: entry {sample_id}")
             if not image_path.is_file():
                 skipped.append(SkippedEntry(sample_id, f"image file missing: {image_path}"))
                 continue

@@ -77,7 +77,7 @@ def read_vqa(
         if not normalize_answer(answer):
             skipped.append(SkippedEntry(sample_id, "empty ground-truth answer"))
             continue
-        image_path = resolve(image_root, first_image(entry, path, sample_id))
+        image_path = resolve(image_root, first_image(entry, path, sample_id), f"{path}: entry {sample_id}")
         if not image_path.is_file():
             skipped.append(SkippedEntry(sample_id, f"image file missing: {image_path}"))
             continue
