@@ -140,10 +140,10 @@ def safe_name(name: str, fallback: str = "item", limit: int = 80) -> str:
     """``name`` (a benchmark, sample id or token from a data file) as ONE safe path component.
 
     Separators, ``..`` and anything outside ``[A-Za-z0-9_.-]`` are replaced by ``_``; leading
-    dots are dropped so the result is never ``.``, ``..`` or a hidden file. A data file can
+    dots (and the underscores left of a ``../``) are dropped: never ``.``, ``..`` or a hidden file. A data file can
     therefore never make a writer leave its output folder.
     """
-    cleaned = _UNSAFE_NAME.sub("_", str(name)).lstrip(".")[:limit].rstrip(".")
+    cleaned = _UNSAFE_NAME.sub("_", str(name)).lstrip("._")[:limit].rstrip(".")
     return cleaned or fallback
 
 
