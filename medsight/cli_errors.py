@@ -51,8 +51,19 @@ def _is_usage(error: BaseException) -> bool:
     return isinstance(getattr(error, "exit_code", None), int) and callable(getattr(error, "format_message", None))
 
 
+def _close_progress_bars() -> None:
+    """A progress bar cut short by the error would share its line; close (clear) it first."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
+
+
 def report(error: BaseException) -> int:
     """Print ``error`` as one line on stderr; return the exit code."""
+    _close_progress_bars()
     if _is_usage(error):
         if type(error).__name__ == "NoArgsIsHelpError":
             return error.exit_code  # typer has printed the help already

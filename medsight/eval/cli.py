@@ -132,12 +132,13 @@ def run_command(
     device: str = "cpu",
 ) -> None:
     """Evaluate a checkpoint on the benchmarks of a manifest (real releases or synthetic)."""
-    from medsight.eval.benchmarks.manifest import read_manifest
+    from medsight.eval.benchmarks.manifest import load_manifest
     from medsight.eval.stage import evaluate_model, headline_metrics
     from medsight.io_utils import ensure_writable_dir
 
     ensure_writable_dir(out, "--out")
-    read_manifest(benchmarks)  # a broken manifest is named before the model loads
+    _check_checkpoint(checkpoint)
+    load_manifest(benchmarks)  # a broken manifest or benchmark file is named before the model loads
     model = _load_model(checkpoint, base, device)
     config = model.config
     config.evaluate.batch_size = batch_size
