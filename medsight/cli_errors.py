@@ -85,10 +85,11 @@ def report(error: BaseException) -> int:
     return FAILURE
 
 
-def run_app(app: Any, prog_name: str) -> int:
-    """Run a typer app; return its exit code after reporting any failure in one line."""
+def run_app(app: Any, prog_name: str, args: list[str] | None = None) -> int:
+    """Run a typer app (on ``args``, default ``sys.argv[1:]``); return its exit code after
+    reporting any failure in one line."""
     try:
-        code = app(prog_name=prog_name, standalone_mode=False)
+        code = app(args=args, prog_name=prog_name, standalone_mode=False)
     except SystemExit as exit_:  # typer.Exit inside a callback, or sys.exit in a command
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else FAILURE)
     except KeyboardInterrupt:

@@ -250,3 +250,15 @@ def test_bad_input(case_file: Path, prepared: dict[str, Path], tmp_path: Path) -
         after = {k: v for k, v in after.items() if k != "out" and not k.startswith("out/")}
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert changed == [], f"changed outside a fresh --out: {changed[:8]}"
+
+
+def test_the_too_many_masks_advice_works_from_the_cli(prepared: dict[str, Path], tmp_path: Path) -> None:
+    """The error's advice (``--set data.too_many_masks=skip``) is a setting that exists and works."""
+    command = [sys.executable, "-m", "medsight.cli", "stage", "run", "perceiver-pretrain", "--out", str(tmp_path / "out"),
+               "--input", f"data={prepared['data']}", "--input", f"base={prepared['base']}",
+               *sum((["--set", s] for s in [*SMALL, "perceiver_pretrain.max_masks_per_image=2"]), [])]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "--set data.too_many_masks=skip" in refused.stderr
+    skipped = subprocess.run([*command, "--set", "data.too_many_masks=skip"], capture_output=True, text=True, timeout=300)
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert "skipped 1 image(s) with more than 2 masks" in skipped.stderr
