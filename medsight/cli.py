@@ -111,7 +111,7 @@ def stage_run(
     if not store and out is None:
         _fail("give --out DIR (or --store to write to the S3 store)", code=2)
     _known_stage(name)
-    _known_inputs(name, parsed)
+    _known_inputs(name, parsed, required=not use_existing)
     config = _usage_config(preset, config_file, overrides)
     if store:
         outcome = _run_stage_in_store(name, config, parsed, workdir, use_existing)
@@ -142,7 +142,8 @@ def _known_stage(name: str) -> None:
         _fail(f"unknown stage {name!r}; stages: {', '.join(names)} (see `medsight stage list`)", code=2)
 
 
-def _known_inputs(name: str, inputs: dict[str, str]) -> None:
+def _known_inputs(name: str, inputs: dict[str, str], required: bool = True) -> None:
+    """Input names the stage does not take, or required ones left out, are usage errors."""
     from medsight.stages.registry import get_stage
 
     spec = get_stage(name)
@@ -151,7 +152,7 @@ def _known_inputs(name: str, inputs: dict[str, str]) -> None:
         _fail(f"stage {name}: unknown input {unknown[0]!r}; it takes {', '.join(spec.input_names) or 'no inputs'}",
               code=2)
     missing = [input_name for input_name in spec.required_inputs if input_name not in inputs]
-    if missing:
+    if missing and required:
         _fail(f"stage {name}: missing input {missing[0]!r} (pass --input {missing[0]}=DIR)", code=2)
 
 
