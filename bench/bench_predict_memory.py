@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [(mode, peak_gib(mode, args.size, args.masks, Path(tmp) / mode)) for mode in ("per-mask", "all-at-once")]
-    print(f"| masks resized | image | region tokens | peak RSS (GiB) |\n|---|---|---|---|")
+    print("| masks resized | image | region tokens | peak RSS (GiB) |\n|---|---|---|---|")
     for mode, gib in rows:
         print(f"| {mode} | {args.size} x {args.size} | {args.masks} | {gib:.2f} |")
 
