@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +27,16 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Dotted override
 def resolve_config(preset: str, config_file: Path | None, overrides: list[str] | None):
     config = load_config(config_file) if config_file else get_preset(preset)
     return apply_overrides(config, overrides or [])
+
+
+def _usage_config(preset: str, config_file: Path | None, overrides: list[str] | None):
+    """The resolved config; a bad preset, config file, key or value is a usage error (exit 2)."""
+    from medsight.cli_errors import error_message
+
+    try:
+        return resolve_config(preset, config_file, overrides)
+    except (ConfigError, KeyError) as error:
+        _fail(error_message(error), code=2)
 
 
 def _fail(message: str, hint: str = "", code: int = 1) -> None:
@@ -100,22 +109,19 @@ def stage_run(
     parsed = _parse_inputs(inputs)
     if not store and out is None:
         _fail("give --out DIR (or --store to write to the S3 store)", code=2)
-    try:
-        config = resolve_config(preset, config_file, overrides)
-    except (ConfigError, KeyError) as error:
-        _fail(str(error).strip("'\""), code=2)
+    _known_stage(name)
+    config = _usage_config(preset, config_file, overrides)
+    _known_inputs(name, parsed, required=not use_existing)
     if store:
         outcome = _run_stage_in_store(name, config, parsed, workdir, use_existing)
         metrics, state = outcome["metrics"], "restored from the run-cache" if outcome["cached"] else "done"
         where = outcome["ref"]["md5"]
     else:
-        from medsight.stages.runner import StageError, run_stage
+        from medsight.stages.runner import run_stage
 
-        try:
-            tracker = make_tracker(name, config)
-            run = run_stage(name, config, {k: Path(v) for k, v in parsed.items()}, out, tracker, reuse=not force)
-        except (StageError, ValueError, FileNotFoundError) as error:
-            _fail(str(error).strip("'\""), "Fix the input above and rerun; completed work is kept.")
+        # Failures (bad input, unsafe --out, a failed step) reach main()'s handler: one line, exit 1.
+        tracker = make_tracker(name, config)
+        run = run_stage(name, config, {k: Path(v) for k, v in parsed.items()}, out, tracker, reuse=not force)
         metrics, state, where = run.metrics, "up to date (reused)" if run.reused else "done", str(out)
         outcome = {"stage": name, "cached": run.reused, "metrics": metrics, "cache_key": run.key.key,
                    "output": str(out)}
@@ -127,18 +133,40 @@ def stage_run(
         atomic_write_json(result, outcome)
 
 
+def _known_stage(name: str) -> None:
+    from medsight.stages.registry import STAGES
+
+    names = [spec.name for spec in STAGES]
+    if name not in names:
+        _fail(f"unknown stage {name!r}; stages: {', '.join(names)} (see `medsight stage list`)", code=2)
+
+
+def _known_inputs(name: str, inputs: dict[str, str], required: bool = True) -> None:
+    """Input names the stage does not take, or required ones left out, are usage errors."""
+    from medsight.stages.registry import get_stage
+
+    spec = get_stage(name)
+    unknown = sorted(set(inputs) - set(spec.input_names))
+    if unknown:
+        _fail(f"stage {name}: unknown input {unknown[0]!r}; it takes {', '.join(spec.input_names) or 'no inputs'}",
+              code=2)
+    missing = [input_name for input_name in spec.required_inputs if input_name not in inputs]
+    if missing and required:
+        _fail(f"stage {name}: missing input {missing[0]!r} (pass --input {missing[0]}=DIR)", code=2)
+
+
 def _run_stage_in_store(name: str, config, inputs: dict[str, str], workdir: Path | None, use_existing: str) -> dict:
+    from medsight.cli_errors import error_message
     from medsight.platform.artifacts import ArtifactStoreError
     from medsight.platform.cli import store_env
     from medsight.platform.component_runtime import execute_stage
     from medsight.platform.storage import StorageError
-    from medsight.stages.runner import StageError
 
     with store_env(workdir):
         try:
             outcome = execute_stage(name, inputs, config, use_existing=use_existing)
-        except (ArtifactStoreError, StorageError, StageError, ValueError, FileNotFoundError) as error:
-            _fail(f"{name}: {str(error).strip(chr(39) + chr(34))}")
+        except (ArtifactStoreError, StorageError, ValueError, OSError) as error:
+            _fail(f"{name}: {error_message(error)}")
     return {"stage": name, "ref": json.loads(outcome.ref.to_json()), "cached": outcome.cached,
             "metrics": outcome.metrics, "seconds": outcome.seconds, "cache_key": outcome.cache_key,
             "inputs": outcome.inputs}
@@ -154,24 +182,24 @@ def chain(
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage")] = None,
 ) -> None:
     """Run every stage in-process (no orchestrator); unchanged stages are reused."""
+    from medsight.cli_errors import error_message
     from medsight.stages.chain import run_chain
-    from medsight.stages.registry import GraphError
-    from medsight.stages.runner import StageError
+    from medsight.stages.registry import get_variant
 
     try:
-        config = resolve_config(preset, config_file, overrides)
-    except (ConfigError, KeyError) as error:
-        _fail(str(error).strip("'\""), code=2)
+        get_variant(variant)
+    except KeyError as error:
+        _fail(error_message(error), code=2)
+    if until is not None:
+        _known_stage(until)
+    config = _usage_config(preset, config_file, overrides)
 
     def report(record) -> None:
         flag = "reused" if record.reused else f"{record.seconds:6.1f}s"
         shown = {k: round(v, 4) for k, v in list(record.metrics.items())[:4]}
         typer.echo(f"  {record.name:20s} {flag:>8s}  {shown}")
 
-    try:
-        result = run_chain(config, workdir, variant, lambda s: make_tracker(s, config), until, on_stage=report)
-    except (ConfigError, GraphError, StageError, KeyError, ValueError, FileNotFoundError) as error:
-        _fail(str(error).strip("'\""))
+    result = run_chain(config, workdir, variant, lambda s: make_tracker(s, config), until, on_stage=report)
     last = list(result.stages.values())[-1]
     typer.echo(f"\nDone. Last output: {last.output}")
     if "evaluate" in result.stages:
@@ -214,10 +242,7 @@ def config_show(preset: PresetOpt = "tiny", config_file: ConfigOpt = None, overr
     """Print the resolved config as YAML."""
     import yaml
 
-    try:
-        config = resolve_config(preset, config_file, overrides)
-    except (ConfigError, KeyError) as error:
-        _fail(str(error).strip("'\""), code=2)
+    config = _usage_config(preset, config_file, overrides)
     typer.echo(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
@@ -242,9 +267,13 @@ def _mount_optional_apps() -> None:
 
 
 def main() -> None:
+    """Every failure ends as one ``error:`` line and exit code 1 (runtime/data) or 2 (usage);
+    ``MEDSIGHT_DEBUG=1`` shows the traceback (``medsight/cli_errors.py``)."""
+    from medsight.cli_errors import main_for
+
     _mount_optional_apps()
-    app(prog_name="medsight")
+    main_for(app, "medsight")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

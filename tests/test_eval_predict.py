@@ -104,7 +104,8 @@ def test_predict_writes_answer_masks_overlays_boxes(tmp_path):
     image = load_input_image(source)
     prediction = predict_image(FakeModel(), image, "Please segment the tumor.")
     assert prediction.region_tokens == ["[C0_1]"] and prediction.ignored_tokens == ["[C9_9]"]
-    assert prediction.masks.shape == (1, 40, 60)  # back at the image's own resolution
+    # Kept at the model's resolution (bounded memory); written at the image's own resolution below.
+    assert prediction.masks.shape == (1, 32, 32)
     summary = write_prediction(tmp_path / "out", image, "Please segment the tumor.", prediction, source)
     out = tmp_path / "out"
     assert (out / "answer.txt").read_text().startswith("There is a tumor")
@@ -129,4 +130,5 @@ def test_predict_cli(tmp_path, monkeypatch):
     junk = tmp_path / "bad.dcm"
     junk.write_bytes(b"nope")
     result = runner.invoke(cli.eval_app, ["predict", "--checkpoint", str(tmp_path), "--image", str(junk), "--question", "q"])
-    assert result.exit_code == 2 and "not a readable DICOM" in result.output
+    assert result.exit_code == 1 and isinstance(result.exception, DataError)  # bad data: exit 1 via main()
+    assert "not a readable DICOM" in str(result.exception)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,7 +97,8 @@ def test_lineage_resolves_run_references(store_env: dict) -> None:
         ArtifactRef.parse("not-a-hash")
 
 
-def test_server_killed_mid_push_then_rerun_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_killed_mid_push_then_rerun_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
     from platform_fixtures import make_credentials
 
     server = SeaweedS3Server(tmp_path / "s3", credentials=make_credentials())
@@ -135,6 +137,10 @@ def test_server_killed_mid_push_then_rerun_completes(tmp_path: Path, monkeypatch
         assert server.endpoint in message and "rerun the same command" in message
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in message
         assert outcome["seconds"] < 120
+        # DVC's one error line per object is condensed: a count and one example, not a flood.
+        printed = capfd.readouterr().err
+        assert "failed to transfer '" not in printed, printed[:2000]
+        assert re.search(r"\d+ object\(s\) failed to transfer \(first: failed to transfer '[0-9a-f]{32}'", message), message
 
         server.start()  # same directory, same port
         keys = store.storage.list_keys("crash", prefix)

@@ -19,6 +19,12 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key (and file, if any)."""
 
 
+def check_ranges(config: ExperimentConfig, error: type[Exception]) -> None:
+    from medsight.config.ranges import check_ranges as check
+
+    check(config, error)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     def convert(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
@@ -125,7 +131,9 @@ def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> Experimen
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ConfigError(f"unknown config key {dotted}")
         node[parts[-1]] = _parse_scalar(raw)
-    return from_dict(ExperimentConfig, data)
+    config = from_dict(ExperimentConfig, data)
+    check_ranges(config, ConfigError)
+    return config
 
 
 def save_config(config: ExperimentConfig, path: Path) -> None:
@@ -143,6 +151,8 @@ def load_config(path: Path) -> ExperimentConfig:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     try:
-        return from_dict(ExperimentConfig, data)
+        config = from_dict(ExperimentConfig, data)
+        check_ranges(config, ConfigError)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
+    return config

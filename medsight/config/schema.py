@@ -226,6 +226,10 @@ class DataConfig:
     # Label space (medsight/data/taxonomy.py): "" = <data root>/taxonomy.json if the dataset
     # ships one, else the synthetic one; otherwise a taxonomy JSON, relative to the data root.
     taxonomy: str = ""
+    # An image with more masks than a segmentation stage's max_masks_per_image: "skip" drops it
+    # with one warning (the authors' behaviour; `data prepare` already leaves such images out),
+    # "error" stops the stage naming it.
+    too_many_masks: str = "skip"
 
 
 @dataclass

@@ -46,8 +46,9 @@ class SegmentationDataset(Dataset):
             elif on_too_many == "skip":
                 skipped.append(record.image_id)
             else:
-                raise DataError(f"{record.image_path}: {len(record.regions)} masks, more than "
-                                f"max_masks={max_masks} (use on_too_many='skip' to drop it)")
+                raise DataError(f"{record.image_path}: {len(record.regions)} masks, more than the stage's "
+                                f"max_masks_per_image={max_masks}; raise that, or drop such images "
+                                "with --set data.too_many_masks=skip")
         if skipped:
             warnings.warn(f"skipped {len(skipped)} image(s) with more than {max_masks} masks: "
                           f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}",

@@ -6,7 +6,8 @@ placeholder count is exact by construction and answers are the only supervised t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,58 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from medsight.data import image_io
-from medsight.data.llava import Conversation
+from medsight.data.errors import DataError
+from medsight.data.llava import GPT, Conversation
+from medsight.data.region_tokens import find_region_tokens
 from medsight.data.taxonomy import Taxonomy
 from medsight.data.tokenizer import ASSISTANT_TOKEN, IMAGE_TOKEN, USER_TOKEN
 
+logger = logging.getLogger(__name__)
+
 # Label of prompt and padding positions: the LM loss skips them (torch's cross-entropy default).
 IGNORE_INDEX = -100
+
+
+def region_token_problem(conversation: Conversation, vocabulary: set[str]) -> str | None:
+    """Why the conversation's answers cannot supervise its masks, or None when they can.
+
+    A region token the model does not have is tokenised as plain text, so its mask would have no
+    token to decode from; with every token of a batch unknown the segmentation loss used to be
+    a silent 0.0. Each answer token must be known and pair with one of ``mask_files``.
+    """
+    tokens = [t for role, text in conversation.turns if role == GPT for t in find_region_tokens(text)]
+    unknown = sorted({t for t in tokens if t not in vocabulary})
+    where = f"{conversation.source or 'conversations'}: conversation {conversation.id}"
+    if unknown:
+        example = next(iter(sorted(vocabulary)), "none")
+        return (f"{where}: region token(s) {', '.join(unknown[:5])} are not in the model's vocabulary "
+                f"({len(vocabulary)} tokens, e.g. {example}); was the grounding data built for another codebook?")
+    if len(tokens) != len(conversation.mask_paths):
+        return (f"{where}: {len(tokens)} region token(s) in the answers but {len(conversation.mask_paths)} "
+                "mask_files; list one mask per region token, in order")
+    return None
+
+
+def check_region_tokens(conversations: list[Conversation], vocabulary: Iterable[str]) -> list[Conversation]:
+    """The conversations whose region tokens the model knows and whose masks pair with them.
+
+    A few bad entries are dropped with one warning; when no conversation with masks is left (a
+    vocabulary mismatch, not a stray typo) it is an error naming the file and conversation id.
+    An empty vocabulary (stage 3: no region tokens by design) checks nothing.
+    """
+    vocabulary = set(vocabulary)
+    if not vocabulary:
+        return conversations
+    kept, problems = [], []
+    for conversation in conversations:
+        problem = region_token_problem(conversation, vocabulary)
+        (problems if problem else kept).append(problem or conversation)
+    if problems and not any(c.mask_paths for c in kept):
+        raise DataError(problems[0] + (f" (and {len(problems) - 1} more like it)" if len(problems) > 1 else ""))
+    if problems:
+        logger.warning("dropped %d conversation(s) whose region tokens do not fit the model; first: %s",
+                       len(problems), problems[0])
+    return kept
 
 
 @dataclass(frozen=True)
@@ -119,7 +166,12 @@ class ConversationDataset(Dataset):
         max_length: int,
         taxonomy: Taxonomy,
         decoded_cache_bytes: int = 0,
+        region_tokens: Iterable[str] | None = None,
     ):
+        """``region_tokens``: the model's region-token names; given, every conversation is checked
+        against them (``check_region_tokens``) before any training step."""
+        if region_tokens is not None:
+            conversations = check_region_tokens(conversations, region_tokens)
         self.conversations = conversations
         self.taxonomy = taxonomy
         self.tokenizer = tokenizer

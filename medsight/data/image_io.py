@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from medsight.data.errors import DataError  # noqa: F401  (re-exported: readers raise it)
+from medsight.io_utils import missing_reason
 
 # PIL modes holding one intensity channel; 16/32-bit ones are rescaled from their integer range.
 _GRAY_MODES = ("1", "L", "I;16", "I;16B", "I;16L", "I")
@@ -25,7 +26,7 @@ def open_image(path: Path) -> Image.Image:
     """Open and fully decode ``path``; PIL decodes lazily, so truncation shows only on load."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file does not exist")
+        raise DataError(f"{path}: file {missing_reason(path)}")
     try:
         with Image.open(path) as handle:
             handle.load()
@@ -58,7 +59,7 @@ def image_size(path: Path) -> tuple[int, int]:
     """(height, width) of an image file, read from its header only."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file does not exist")
+        raise DataError(f"{path}: file {missing_reason(path)}")
     try:
         with Image.open(path) as handle:
             width, height = handle.size

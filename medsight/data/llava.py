@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from medsight.data.image_io import DataError
-from medsight.io_utils import atomic_write_json, read_json
+from medsight.data.safe_paths import prepared_roots, resolve_under
+from medsight.io_utils import atomic_write_json, missing_reason, read_json
 
 HUMAN, GPT = "human", "gpt"
 # Other spellings of the two roles seen in public conversation files.
@@ -34,6 +35,8 @@ class Conversation:
     answer_type: str | None = None  # as written in the file ("closed"/"CLOSED"/"open"...)
     modality: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The file it was read from, for messages; not written back and not part of equality.
+    source: Path | None = field(default=None, compare=False)
 
 
 def _role(raw: Any, where: str) -> str:
@@ -76,7 +79,8 @@ def _optional_str(entry: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-def _parse_entry(entry: Any, where: str, image_root: Path) -> Conversation:
+def _parse_entry(entry: Any, where: str, image_root: Path, source: Path | None = None,
+                 allowed: tuple[Path, ...] = ()) -> Conversation:
     if not isinstance(entry, dict):
         raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
     if "id" not in entry:
@@ -87,12 +91,13 @@ def _parse_entry(entry: Any, where: str, image_root: Path) -> Conversation:
     masks = _path_list(entry["mask_files"], f"{where}.mask_files") if "mask_files" in entry else []
     return Conversation(
         id=str(entry["id"]),
-        image_paths=[image_root / image for image in images],
+        image_paths=[resolve_under(image_root, image, f"{where}.image", allowed) for image in images],
         turns=_turns(entry["conversations"], f"{where}.conversations"),
-        mask_paths=[image_root / mask for mask in masks],
+        mask_paths=[resolve_under(image_root, mask, f"{where}.mask_files", allowed) for mask in masks],
         answer_type=_optional_str(entry, "answer_type", where),
         modality=_optional_str(entry, "modality", where),
         extra={key: value for key, value in entry.items() if key not in _KNOWN_KEYS},
+        source=source,
     )
 
 
@@ -101,13 +106,14 @@ def _missing_file(conversation: Conversation, where: str) -> str | None:
     for key, paths in references:
         for path in paths:
             if not path.is_file():
-                return f"{where}.{key}: referenced file does not exist: {path}"
+                return f"{where}.{key}: referenced file {missing_reason(path)}: {path}"
     return None
 
 
 def read_conversations(json_path: Path, image_root: Path,
                        on_missing: str = "error") -> list[Conversation]:
-    """Parse and validate a conversation file; image/mask paths are resolved under image_root.
+    """Parse and validate a conversation file; image/mask paths are resolved under image_root
+    (or the release folders a prepared dataset there indexes in place).
 
     A referenced file that does not exist raises (``on_missing="error"``) or drops that entry
     with one warning (``"skip"``; MeCoVQA-G references some masks that were never released).
@@ -115,11 +121,12 @@ def read_conversations(json_path: Path, image_root: Path,
     if on_missing not in ("error", "skip"):
         raise ValueError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
     json_path, image_root = Path(json_path), Path(image_root)
+    allowed = prepared_roots(image_root)
     conversations: list[Conversation] = []
     dropped: list[str] = []
     for index, entry in _entries(json_path):
         where = f"{json_path}: entry {index}"
-        conversation = _parse_entry(entry, where, image_root)
+        conversation = _parse_entry(entry, where, image_root, json_path, allowed)
         problem = _missing_file(conversation, where)
         if problem is None:
             conversations.append(conversation)

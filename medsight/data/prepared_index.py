@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medsight.data.errors import DataError
+from medsight.data.safe_paths import prepared_roots, resolve_under
 from medsight.data.taxonomy import Taxonomy
 
 INDEX_DIR = "biomedparse"
@@ -91,7 +92,10 @@ def iter_index(data_root: Path, split: str) -> Iterator[tuple[str, dict[str, Any
                 raise DataError(f"{path}:{number}: not valid JSON ({error})") from None
 
 
-def record_from_entry(entry: dict[str, Any], data_root: Path, taxonomy: Taxonomy, where: str) -> SegmentationRecord:
+def record_from_entry(
+    entry: dict[str, Any], data_root: Path, taxonomy: Taxonomy, where: str, roots: tuple[Path, ...] = ()
+) -> SegmentationRecord:
+    """``roots``: the release folders the index may point into (``safe_paths.prepared_roots``)."""
     try:
         modality = taxonomy.find_modality(entry["modality"])
         if modality is None:
@@ -102,11 +106,11 @@ def record_from_entry(entry: dict[str, Any], data_root: Path, taxonomy: Taxonomy
             box = region.get("bbox")
             sentences = region.get("sentences") or [""]
             regions.append(RegionRecord(
-                Path(data_root) / region["mask"], class_name, taxonomy.class_index(class_name, where),
-                sentences[0], tuple(box) if box else None,
+                resolve_under(data_root, region["mask"], f"{where}: regions.mask", roots), class_name,
+                taxonomy.class_index(class_name, where), sentences[0], tuple(box) if box else None,
             ))
-        return SegmentationRecord(Path(data_root) / entry["image"], str(entry["id"]), modality,
-                                  taxonomy.modalities.index(modality), regions)
+        return SegmentationRecord(resolve_under(data_root, entry["image"], f"{where}: image", roots),
+                                  str(entry["id"]), modality, taxonomy.modalities.index(modality), regions)
     except KeyError as error:
         raise DataError(f"{where}: index entry without key {error}") from None
     except ValueError as error:
@@ -114,14 +118,16 @@ def record_from_entry(entry: dict[str, Any], data_root: Path, taxonomy: Taxonomy
 
 
 def iter_split(data_root: Path, split: str, taxonomy: Taxonomy) -> Iterator[SegmentationRecord]:
+    roots = prepared_roots(data_root)
     for where, entry in iter_index(data_root, split):
-        yield record_from_entry(entry, data_root, taxonomy, where)
+        yield record_from_entry(entry, data_root, taxonomy, where, roots)
 
 
 def read_split(data_root: Path, split: str, taxonomy: Taxonomy, only: set[str] | None = None) -> list[SegmentationRecord]:
     """The records of a split (``only``: keep just these image ids)."""
+    roots = prepared_roots(data_root)
     return [
-        record_from_entry(entry, data_root, taxonomy, where)
+        record_from_entry(entry, data_root, taxonomy, where, roots)
         for where, entry in iter_index(data_root, split)
         if only is None or str(entry.get("id")) in only
     ]

@@ -2,47 +2,84 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medsight.data.errors import DataError
+from medsight.model.input_limits import DEFAULT_MAX_PIXELS
 
 eval_app = typer.Typer(help="Evaluate checkpoints, predict on images, build reports, generate data.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)  # soft wrap: paths in messages stay copyable
 
 
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}")
+def _fail(message: str, code: int = 1) -> None:
+    """One line; exit 1 for bad data or a failure, 2 for a usage error. Errors raised instead
+    reach ``medsight.cli_errors`` (one line, exit 1) through main()."""
+    console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
+
+
+def _recorded_base(checkpoint: Path) -> Path | None:
+    """The base-models input recorded in the checkpoint's stage.json (a damaged one is named)."""
+    from medsight.io_utils import read_json
+
+    stage_file = checkpoint / "stage.json"
+    if not stage_file.is_file():
+        return None
+    record = read_json(stage_file, DataError, "stage record missing")
+    inputs = record.get("inputs") if isinstance(record, dict) else None
+    if not isinstance(inputs, dict):
+        raise DataError(f"{stage_file}: not a stage record (no 'inputs' mapping); pass --base DIR")
+    recorded = inputs.get("base")
+    path = recorded.get("path") if isinstance(recorded, dict) else recorded
+    return Path(path) if isinstance(path, str) and Path(path).is_dir() else None
 
 
 def _base_for(checkpoint: Path, base: Path | None) -> Path:
     """--base, else the base-models input recorded in the checkpoint's stage.json."""
     if base is not None:
         return base
-    stage_file = checkpoint / "stage.json"
-    if stage_file.is_file():
-        recorded = json.loads(stage_file.read_text()).get("inputs", {}).get("base")
-        if recorded and Path(recorded).is_dir():
-            return Path(recorded)
-    _fail(f"{checkpoint}: cannot tell where its base models are; pass --base DIR (the base-models stage output)")
-    raise AssertionError  # unreachable: _fail exits
+    recorded = _recorded_base(checkpoint)
+    if recorded is None:
+        _fail(f"{checkpoint}: cannot tell where its base models are; pass --base DIR (the base-models stage output)", code=2)
+    return recorded
+
+
+def _check_checkpoint(checkpoint: Path) -> None:
+    if not checkpoint.is_dir():
+        _fail(f"{checkpoint}: checkpoint folder not found (an instruct-tune or t2v-align stage output)", code=2)
 
 
 def _load_model(checkpoint: Path, base: Path | None, device: str):
+    """Errors (a tampered config.yaml, corrupt weights, shapes that disagree) name their file."""
     from medsight.model.inference import MedSightInference
 
-    if not checkpoint.is_dir():
-        _fail(f"{checkpoint}: checkpoint folder not found (an instruct-tune or t2v-align stage output)")
-    try:
-        return MedSightInference.load(checkpoint, _base_for(checkpoint, base), device=device)
-    except (FileNotFoundError, ValueError) as error:
-        _fail(str(error))
+    _check_checkpoint(checkpoint)
+    return MedSightInference.load(checkpoint, _base_for(checkpoint, base), device=device)
+
+
+def _check_question(checkpoint: Path, base: Path | None, question: str, max_new_tokens: int) -> None:
+    """Before the model loads (minutes at full scale): does the question fit the context?"""
+    from medsight.config.io import load_config
+    from medsight.data.tokenizer import load_tokenizer
+    from medsight.eval.predict import check_question_fits
+    from medsight.model.bundle import find_dir
+
+    config_file = checkpoint / "config.yaml"
+    if not config_file.is_file():
+        return  # loading the model reports it
+    config = load_config(config_file).model
+    tokenizer_dir = find_dir({"model": checkpoint, "base": _base_for(checkpoint, base)}, "tokenizer")
+    if tokenizer_dir is None:
+        return
+    visual = config.num_patch_tokens + (config.perceiver.num_queries if config.region_embeddings else 0)
+    check_question_fits(load_tokenizer(tokenizer_dir), question, config.llm.max_position_embeddings, visual,
+                        max_new_tokens)
 
 
 def predict_command(
@@ -52,24 +89,27 @@ def predict_command(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: predictions/<image name>).")] = None,
     base: Annotated[Path | None, typer.Option(help="base-models output (default: read from the checkpoint's stage.json).")] = None,
     modality: Annotated[str | None, typer.Option(help="Modality name (e.g. CT) to pick the sub-codebook; default: predicted.")] = None,
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 48,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     device: str = "cpu",
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image accepted, in pixels (width x height).")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Answer a question about one image; write the answer, a mask and an overlay per region token, and boxes."""
     from medsight.eval.predict import load_input_image, predict_image, write_prediction
+    from medsight.io_utils import ensure_writable_dir
 
-    try:
-        pixels = load_input_image(image)
-    except DataError as error:
-        _fail(str(error))
+    # Everything that can be wrong with the request is found before the model loads.
+    target = out or Path("predictions") / image.stem
+    ensure_writable_dir(target, "--out")
+    pixels = load_input_image(image, max_pixels)
+    _check_checkpoint(checkpoint)
+    _check_question(checkpoint, base, question, max_new_tokens)
     model = _load_model(checkpoint, base, device)
     try:
         prediction = predict_image(model, pixels, question, modality, max_new_tokens, temperature,
                                    taxonomy=getattr(model, "taxonomy", None))
     except ValueError as error:  # e.g. an unknown --modality
-        _fail(str(error))
-    target = out or Path("predictions") / image.stem
+        _fail(str(error), code=2)
     summary = write_prediction(target, pixels, question, prediction, image)
     console.print(f"[bold]answer:[/bold] {summary['answer']}")
     for region in summary["regions"]:
@@ -92,8 +132,13 @@ def run_command(
     device: str = "cpu",
 ) -> None:
     """Evaluate a checkpoint on the benchmarks of a manifest (real releases or synthetic)."""
+    from medsight.eval.benchmarks.manifest import load_manifest
     from medsight.eval.stage import evaluate_model, headline_metrics
+    from medsight.io_utils import ensure_writable_dir
 
+    ensure_writable_dir(out, "--out")
+    _check_checkpoint(checkpoint)
+    load_manifest(benchmarks)  # a broken manifest or benchmark file is named before the model loads
     model = _load_model(checkpoint, base, device)
     config = model.config
     config.evaluate.batch_size = batch_size
@@ -113,6 +158,8 @@ def report_command(
     from medsight.eval.curves import collect_curves
     from medsight.eval.report import build_report
 
+    if not (eval_dir / "results.json").is_file():  # not an evaluation folder: a usage error
+        _fail(f"{eval_dir}: no results.json here; run `medsight stage run evaluate` (or `medsight chain`) first", code=2)
     try:
         path = build_report(eval_dir, curves=collect_curves(list(curves_from or [])), output=out)
     except (FileNotFoundError, ValueError) as error:
@@ -143,7 +190,7 @@ def gen_data_command(
     from medsight.data.datagen.templates import TemplateGenerator
 
     if kind not in ("diagseg", "grounding") or generator not in ("template", "llm"):
-        _fail("--kind must be diagseg or grounding, --generator template or llm")
+        _fail("--kind must be diagseg or grounding, --generator template or llm", code=2)
     template = TemplateGenerator(seed)
     try:
         text_generator = template if generator == "template" else LLMGenerator(ChatClient.from_env(), max_attempts, template if fallback else None)
@@ -151,19 +198,21 @@ def gen_data_command(
         if region_codes is not None:
             triples = triples_from_region_codes(region_codes, data, split, label_space)
         elif kind == "grounding":
-            _fail("grounding conversations need region tokens: pass --region-codes GROUNDING_DIR/region_codes/<split>.json")
+            _fail("grounding conversations need region tokens: pass --region-codes GROUNDING_DIR/region_codes/<split>.json", code=2)
         else:
             triples = triples_from_biomedparse(data, split, label_space)
         build = build_diagseg if kind == "diagseg" else build_grounding_conversations
         report = build(triples, text_generator, out)
     except (LLMError, DataError, ValueError) as error:
-        _fail(f"{error}\n(progress is kept in {out.with_suffix('.work')}; rerun the same command to resume)")
+        _fail(f"{error} (progress is kept in {out.with_suffix('.work')}; rerun the same command to resume)")
     console.print(f"wrote {report.written} items to {report.output} ({report.generated_now} new, {report.rejected} rejected)")
 
 
 def main() -> None:  # pragma: no cover - `python -m medsight.eval.cli`
+    from medsight.cli_errors import main_for
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    eval_app()
+    main_for(eval_app, "medsight-eval")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,10 +47,14 @@ def lineage(directories: list[Path]) -> list[Path]:
         stage_file = directory / "stage.json"
         if stage_file.is_file():
             try:
-                inputs = json.loads(stage_file.read_text()).get("inputs", {})
-            except json.JSONDecodeError:
-                inputs = {}
-            queue += [Path(entry["path"] if isinstance(entry, dict) else entry) for entry in inputs.values()]
+                record = json.loads(stage_file.read_text())
+            except (OSError, ValueError):
+                record = {}  # curves are optional: a damaged record only loses its lineage
+            inputs = record.get("inputs") if isinstance(record, dict) else None
+            for entry in (inputs.values() if isinstance(inputs, dict) else ()):
+                path = entry.get("path") if isinstance(entry, dict) else entry
+                if isinstance(path, str):
+                    queue.append(Path(path))
     return seen
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from medsight.data.image_io import DataError
+from medsight.io_utils import missing_reason
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def read_dicom(path: Path) -> torch.Tensor:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file does not exist")
+        raise DataError(f"{path}: file {missing_reason(path)}")
     try:
         dataset = pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, OSError, ValueError) as error:

@@ -6,22 +6,40 @@ report``) and lets MLflow keep the overlays as artifacts.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medsight.eval.metrics import Box, box_from_mask
+from medsight.eval.metrics import Box, box_from_mask, resize_probabilities
 from medsight.eval.runner import BenchmarkResult
 from medsight.eval.visuals import GT_COLOR, PALETTE, mask_to_pil, overlay, png_bytes
-from medsight.io_utils import atomic_path, atomic_write_json
+from medsight.io_utils import atomic_path, atomic_write_json, safe_name
 
 EXAMPLES_FILE = "examples.json"
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80] or "sample"
+    return safe_name(name, fallback="sample")
+
+
+def benchmark_folders(names: list[str]) -> dict[str, str]:
+    """Benchmark name (from a manifest or a dataset file) -> one safe folder name each.
+
+    A name like ``../../x`` must never become a path; two names that sanitise alike get
+    numbered folders instead of overwriting each other's overlays.
+    """
+    folders: dict[str, str] = {}
+    used: set[str] = set()
+    for name in names:
+        base = safe_name(name, fallback="benchmark")
+        folder, count = base, 1
+        while folder in used:
+            count += 1
+            folder = f"{base}-{count}"
+        used.add(folder)
+        folders[name] = folder
+    return folders
 
 
 def _write_png(path: Path, picture) -> None:
@@ -33,12 +51,13 @@ def write_examples(results: list[BenchmarkResult], output: Path) -> list[dict[st
     """Overlays under ``output/overlays/<benchmark>/`` and their index in ``examples.json``."""
     output = Path(output)
     records: list[dict[str, Any]] = []
+    folders = benchmark_folders([result.name for result in results])
     for result in results:
         for item in result.results:
             if item.example is None:
                 continue
             sample, example = item.sample, item.example
-            folder = output / "overlays" / result.name
+            folder = output / "overlays" / folders[result.name]
             stem = _safe(sample.sample_id)
             gt_boxes = list(sample.boxes) or [b for b in (box_from_mask(m) for m in example.gt_masks) if b]
             pictures = {
@@ -82,11 +101,14 @@ def write_prediction_files(
 ) -> list[dict[str, Any]]:
     """``medsight predict`` outputs: per region token one mask PNG and one overlay PNG.
 
-    image [3, H, W]; masks [K, H, W] probabilities at the image resolution.
+    image [3, H, W]; masks [K, h, w] probabilities at any resolution (the model's): each is
+    resized to H x W only while it is written, so memory holds one full-size mask at a time.
     """
     output = Path(output)
     entries = []
-    for index, (token, mask) in enumerate(zip(tokens, masks)):
+    size = tuple(image.shape[-2:])
+    for index, (token, small) in enumerate(zip(tokens, masks)):
+        mask = resize_probabilities(small[None], size)[0]  # [H, W]
         color = PALETTE[index % len(PALETTE)]
         name = f"{stem}{index:02d}_{_safe(token.strip('[]'))}"
         mask_path, overlay_path = output / f"{name}_mask.png", output / f"{name}_overlay.png"

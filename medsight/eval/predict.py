@@ -3,6 +3,11 @@
 Writes into the output folder: ``answer.txt``, ``prediction.json`` (answer, region tokens,
 files, boxes), ``boxes.json``, and per region token ``regionNN_<token>_mask.png`` (binary mask at
 the image's own resolution) and ``regionNN_<token>_overlay.png``.
+
+Memory stays bounded by the image, not by the image times the number of region tokens: masks are
+kept at the model's resolution and each is resized to the image only while it is written. The
+image's pixel count and the question's token count are capped (``model/input_limits.py``) before
+anything large is decoded or generated.
 """
 
 from __future__ import annotations
@@ -12,30 +17,62 @@ from pathlib import Path
 
 import torch
 
-from medsight.data.image_io import load_image
+from medsight.data.image_io import DataError, image_size, load_image
+from medsight.data.region_tokens import known_token_masks
 from medsight.data.taxonomy import Taxonomy
 from medsight.eval.dicom_io import is_dicom, read_dicom
 from medsight.eval.examples import write_prediction_files
-from medsight.eval.metrics import Box, box_from_mask, resize_probabilities
-from medsight.data.region_tokens import known_token_masks
+from medsight.eval.metrics import Box, box_from_mask
 from medsight.eval.runner import GroundedModel
 from medsight.eval.visuals import resize_image
-from medsight.io_utils import atomic_write_json, atomic_write_text
+from medsight.io_utils import atomic_write_json, atomic_write_text, missing_reason
+from medsight.model.input_limits import DEFAULT_MAX_PIXELS, check_image_size, check_question_tokens, question_token_limit
 
 
 @dataclass
 class Prediction:
     text: str
     region_tokens: list[str]
-    masks: torch.Tensor  # [K, H, W] probabilities at the input image's resolution
+    masks: torch.Tensor  # [K, S, S] probabilities at the model's resolution (resized when written)
     boxes: list[Box | None]  # normalised xyxy per region token (None for an empty mask)
     ignored_tokens: list[str]
 
 
-def load_input_image(path: Path) -> torch.Tensor:
-    """PNG/JPEG/... or DICOM -> [3, H, W] float in [0, 1]; bad files raise DataError."""
+def input_image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding its pixels."""
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file {missing_reason(path)}")
+    if is_dicom(path):
+        import pydicom
+
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as error:  # pydicom raises many types for a damaged header
+            raise DataError(f"{path}: not a readable DICOM file ({error})") from error
+        return int(header.get("Columns", 0) or 0), int(header.get("Rows", 0) or 0)
+    height, width = image_size(path)
+    return width, height
+
+
+def load_input_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """PNG/JPEG/... or DICOM -> [3, H, W] float in [0, 1]; bad files raise DataError, images over
+    ``max_pixels`` raise InputTooLargeError before they are decoded."""
+    path = Path(path)
+    width, height = input_image_size(path)
+    if width and height:  # a DICOM without Rows/Columns: its reader says what is wrong
+        check_image_size(width, height, max_pixels, where=str(path))
     return read_dicom(path) if is_dicom(path) else load_image(path)
+
+
+def check_question_fits(tokenizer, question: str, max_positions: int, visual_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a question whose prompt, with the image tokens and the answer, overflows the context."""
+    from medsight.data.conversation_dataset import PromptFormat, encode_prompt
+
+    prompt = encode_prompt(tokenizer, PromptFormat.from_tokenizer(tokenizer), question, visual_tokens)
+    question_tokens = len(prompt) - visual_tokens - 2  # minus the user and assistant markers
+    limit = question_token_limit(max_positions, visual_tokens, 2, max_new_tokens)
+    check_question_tokens(question_tokens, limit, where="--question")
 
 
 def predict_image(
@@ -65,7 +102,7 @@ def predict_image(
             repetition_penalty=repetition_penalty,
         )[0]
     tokens, masks, dropped = known_token_masks(answer.region_tokens, answer.masks.detach().float().cpu(), model.region_token_names(), "predict")
-    masks = resize_probabilities(masks, tuple(image.shape[-2:]))  # [K, H, W]
+    # [K, S, S]: normalised boxes need no resize; each mask is resized only as it is written.
     return Prediction(answer.text, tokens, masks, [box_from_mask(m) for m in masks], dropped)
 
 

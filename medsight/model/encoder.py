@@ -12,7 +12,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from medsight.config.schema import EncoderConfig
@@ -122,11 +122,11 @@ class ImageEncoder(nn.Module):
         weights = Path(directory) / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: encoder weights missing (run the base-models stage)")
+        from medsight.model.weights import load_weights
+
         encoder = cls.random_init(config)
-        state = load_file(str(weights))
-        missing, unexpected = encoder.visual.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{weights}: encoder weights do not fit model.encoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        # Names the file when it is corrupt or its shapes disagree with model.encoder.
+        load_weights(encoder.visual, weights)
         return encoder
 
     def save(self, directory: Path) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from medsight.config.schema import LLMConfig
+from medsight.model.weights import WeightsError
 
 _BACKBONES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
@@ -52,7 +54,12 @@ def load_llm(directory: Path, config: LLMConfig, dtype: torch.dtype = torch.floa
             f"{directory}: no LLM here (config.json missing); set model.llm.weights_path or run base-models"
         )
     _, model_cls = _backbone(config.backbone)
-    model = model_cls.from_pretrained(str(directory), dtype=dtype, use_safetensors=True)
+    try:
+        model = model_cls.from_pretrained(str(directory), dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        # A truncated shard, a config.json that is not JSON, shapes that disagree with the config.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"{directory}: cannot load the LLM ({first}); rerun base-models or pull it again") from None
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -30,6 +31,8 @@ import yaml
 
 from medsight.platform.storage import ENDPOINT_ENV, S3Settings, S3Storage, StorageError, parse_s3_url
 
+
+logger = logging.getLogger(__name__)
 
 STORE_ENV = "MEDSIGHT_STORE_URL"
 DEFAULT_STORE_URL = "s3://medsight/store"
@@ -137,17 +140,70 @@ def quiet() -> Iterator[None]:
         yield
 
 
+# The loggers DVC reports each object that failed to move on (one ERROR line per file).
+_TRANSFER_LOGGERS = ("dvc_data.hashfile.transfer", "dvc_objects.fs.generic", "dvc_data.index.fetch",
+                     "dvc_data.index.push", "dvc_data.index.checkout")
+
+
+class TransferErrors(logging.Filter):
+    """Holds back DVC's per-object "failed to transfer" errors and counts them: during an outage
+    one line per file floods the terminal; the user needs the count and one example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.first = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(("failed to transfer", "failed to create")):
+            return True
+        self.count += 1
+        if not self.first:
+            cause = record.exc_info[1] if record.exc_info and record.exc_info[1] else None
+            self.first = f"{message} - {cause}" if cause else message
+        return False
+
+    def summary(self) -> str:
+        return f"{self.count} object(s) failed to transfer (first: {self.first})" if self.count else ""
+
+
+@contextlib.contextmanager
+def condensed_transfer_errors() -> Iterator[TransferErrors]:
+    errors = TransferErrors()
+    loggers = [logging.getLogger(name) for name in _TRANSFER_LOGGERS]
+    for each in loggers:
+        each.addFilter(errors)
+    try:
+        yield errors
+    finally:
+        for each in loggers:
+            each.removeFilter(errors)
+
+
 def _retry(what: str, attempts: int, fn: Any) -> Any:
     last: Exception | None = None
+    summary = ""
     for attempt in range(1, attempts + 1):
-        try:
-            with quiet():
-                return fn()
-        except Exception as error:  # DvcException, botocore/aiohttp connection errors, OSError
-            last = error
-            if attempt < attempts:
-                time.sleep(min(2.0 * attempt, 6.0))
-    raise ArtifactStoreError(f"{what} failed after {attempts} attempts: {last}") from last
+        with condensed_transfer_errors() as transfer_errors:
+            try:
+                with quiet():
+                    return fn()
+            except Exception as error:  # DvcException, botocore/aiohttp connection errors, OSError
+                last = error
+        # Later attempts may fail before any transfer (server still down): keep the count seen.
+        summary = transfer_errors.summary() or summary
+        if attempt < attempts:
+            pause = min(2.0 * attempt, 6.0)
+            logger.warning("%s: attempt %d/%d failed (%s); retrying in %.0f s", what.split(" (")[0], attempt,
+                           attempts, transfer_errors.summary() or _one_line(last), pause)
+            time.sleep(pause)
+    detail = f"{summary}; last error: {_one_line(last)}" if summary else _one_line(last)
+    raise ArtifactStoreError(f"{what} failed after {attempts} attempts: {detail}") from last
+
+
+def _one_line(error: BaseException | None) -> str:
+    return " ".join(str(error).split()) if error is not None else "unknown error"
 
 
 class DvcWorkspace:

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from medsight.cli_errors import error_message
+
 platform_app = typer.Typer(
     help="Pipelines (KFP), artifacts (DVC on S3), tracking (MLflow).", no_args_is_help=True
 )
@@ -85,7 +87,7 @@ def run_local_command(
             request.stage_inputs = dict(pair.split("=", 1) for pair in inputs or [] if "=" in pair)
         result = run_local(request)
     except (LocalRunError, ValueError, KeyError) as error:
-        _fail(str(error).strip("'\""))
+        _fail(error_message(error))
     typer.echo("")
     typer.echo(format_summary(result.stages))
     if result.ablation_table:
@@ -210,7 +212,7 @@ def dvc_files_command(
         files = {root / "dvc.yaml": render_dvc_yaml(variant),
                  root / PARAMS_FILE: render_params_yaml(preset, overrides, variant)}
     except (KeyError, ValueError) as error:
-        _fail(str(error).strip("'\""))
+        _fail(error_message(error))
     if check:
         stale = [str(p) for p, text in files.items() if not p.is_file() or p.read_text() != text]
         if stale:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from medsight.cli_errors import error_message
 from medsight.platform.artifacts import CACHE_ENV, STORE_ENV, ArtifactStore
 from medsight.platform.component_runtime import EVENTS_ENV, FORCE_ENV, WORK_DIR_ENV
 from medsight.platform.run_repo import RunRepo, client_env_file
@@ -200,7 +201,7 @@ def _validate(request: LocalRunRequest) -> None:
         for name in request.variants if request.variants is not None else [request.variant]:
             variant_plan(name, request.preset, list(request.overrides))
     except (KeyError, ValueError) as error:
-        raise LocalRunError(str(error).strip("'\"")) from error
+        raise LocalRunError(error_message(error)) from error
 
 
 @contextlib.contextmanager

@@ -61,7 +61,8 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain")
     perceiver.requires_grad_(False).eval()
     size = config.model.encoder.image_size
-    splits = {name: load_split(inputs["data"], name, size, stage.max_masks_per_image, taxonomy) for name in ("train", "val", "test")}
+    splits = {name: load_split(inputs["data"], name, size, stage.max_masks_per_image, taxonomy,
+                                 on_too_many=config.data.too_many_masks) for name in ("train", "val", "test")}
     for split in splits.values():
         encode_split(split, encoder)
     train = splits["train"]

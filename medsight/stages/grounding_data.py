@@ -28,6 +28,7 @@ from medsight.data.biomedparse import SegmentationRecord
 from medsight.data.phrasing import stable_choice
 from medsight.data.prepare.sampling import chunked, smallest_ranked
 from medsight.data.prepared_index import iter_index, record_from_entry
+from medsight.data.safe_paths import prepared_roots
 from medsight.data.taxonomy import Taxonomy
 from medsight.io_utils import atomic_write_json
 from medsight.model.matcher import HungarianMatcher
@@ -240,7 +241,8 @@ def _drawn_records(data_root: Path, split: str, taxonomy: Taxonomy, draws: dict[
     ranked = {name: smallest_ranked(((str(e["id"]), str(e["id"])) for _, e in iter_index(data_root, split)), count, seed, salt)
               for name, (count, salt) in draws.items()}
     wanted = {image_id for ids in ranked.values() for image_id in ids}
-    records = {str(e["id"]): record_from_entry(e, data_root, taxonomy, where)
+    roots = prepared_roots(data_root)
+    records = {str(e["id"]): record_from_entry(e, data_root, taxonomy, where, roots)
                for where, e in iter_index(data_root, split) if str(e["id"]) in wanted}
     return {name: [records[i] for i in ids] for name, ids in ranked.items()}
 

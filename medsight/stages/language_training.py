@@ -28,6 +28,14 @@ TRAINABLE_MODULES: dict[str, tuple[str, ...]] = {
     "instruct-tune": ("llm", "region_tokens", "v2t", "t2v"),
 }
 
+# The loss terms each stage must see non-zero (loss_watch.py): stage 3 has no region tokens.
+EXPECTED_LOSSES: dict[str, tuple[str, ...]] = {
+    "v2t-align": ("loss", "lm"),
+    "t2v-align": ("loss", "lm", "seg"),
+    "instruct-tune": ("loss", "lm", "seg"),
+}
+
+
 def apply_freezing(model: MedSight, stage: str) -> None:
     model.requires_grad_(False)
     for name in TRAINABLE_MODULES[stage]:
@@ -69,6 +77,7 @@ def make_language_data(
             max_length=config.model.llm.max_position_embeddings,
             taxonomy=taxonomy,
             decoded_cache_bytes=cache_mb * 1024 * 1024,
+            region_tokens=model.vocabulary.names,
         )
 
     return LanguageData(dataset(train), dataset(val), PromptFormat.from_tokenizer(tokenizer).pad_id)
@@ -129,6 +138,7 @@ def train_language_stage(
         config=train_config,
         workdir=output,
         tracker=tracker,
+        expected_losses=EXPECTED_LOSSES[stage],
     )
 
 

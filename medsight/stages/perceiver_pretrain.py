@@ -59,9 +59,8 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     check_model_matches(config, taxonomy)  # before minutes of data loading, not after
     encoder = load_encoder(config, inputs)
     size = config.model.encoder.image_size
-    train = load_split(inputs["data"], "train", size, stage.max_masks_per_image, taxonomy)
-    val = load_split(inputs["data"], "val", size, stage.max_masks_per_image, taxonomy)
-    test = load_split(inputs["data"], "test", size, stage.max_masks_per_image, taxonomy)
+    train, val, test = (load_split(inputs["data"], name, size, stage.max_masks_per_image, taxonomy,
+                                   on_too_many=config.data.too_many_masks) for name in ("train", "val", "test"))
     for split in (train, val, test):
         encode_split(split, encoder)
 

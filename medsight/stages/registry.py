@@ -122,7 +122,9 @@ STAGES: tuple[StageSpec, ...] = (
         name="synth-data",
         entrypoint="medsight.stages.synth_data:run",
         description="Generate the synthetic BiomedParse/PubMedVision-format dataset (tiny preset)",
-        reads=("data",),
+        # Leaves, not the section: data.too_many_masks is read by the segmentation stages only.
+        reads=("data.source", "data.image_size", "data.train_images", "data.val_images", "data.test_images",
+               "data.seed"),
         output="dataset",
     ),
     StageSpec(
@@ -138,7 +140,7 @@ STAGES: tuple[StageSpec, ...] = (
         description="Stage 1: Region Perceiver pre-training (Hungarian BCE+Dice+CE)",
         inputs=_inputs(data="synth-data", base="base-models"),
         # num_modalities: the stage refuses a config whose counts disagree with the data.
-        reads=(*_VISION, "model.loss", "model.codebook.num_modalities", "perceiver_pretrain"),
+        reads=(*_VISION, "model.loss", "model.codebook.num_modalities", "perceiver_pretrain", "data.too_many_masks"),
         resources="gpu",
         metrics=("val_dice",),
     ),
@@ -147,7 +149,7 @@ STAGES: tuple[StageSpec, ...] = (
         entrypoint="medsight.stages.codebook_pretrain:run",
         description="Stage 2: modality-aware VQ codebook (VQ + L2 + grounding loss)",
         inputs=_inputs(data="synth-data", base="base-models", perceiver="perceiver-pretrain"),
-        reads=(*_VISION, "model.loss", "model.codebook", "codebook_pretrain"),
+        reads=(*_VISION, "model.loss", "model.codebook", "codebook_pretrain", "data.too_many_masks"),
         resources="gpu",
         metrics=("val_dice_quantized", "dice_retention", "min_codes_used_per_modality"),
     ),
@@ -167,7 +169,7 @@ STAGES: tuple[StageSpec, ...] = (
         description="Ground-truth regions -> region tokens (Hungarian to quantized queries) -> grounding conversations",
         inputs=_inputs(data="synth-data", base="base-models", codebook="codebook-pretrain"),
         reads=(*_VISION, "model.codebook", "model.grounding", *_MATCHING, "grounding_data",
-               "codebook_pretrain.max_masks_per_image"),
+               "codebook_pretrain.max_masks_per_image", "data.too_many_masks"),
         output="dataset",
     ),
     StageSpec(

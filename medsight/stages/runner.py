@@ -24,7 +24,7 @@ import medsight
 from medsight.config.access import outside, recorded_reads
 from medsight.config.io import save_config
 from medsight.config.schema import ExperimentConfig
-from medsight.io_utils import atomic_write_json, replace_directory
+from medsight.io_utils import atomic_write_json, ensure_writable_dir, missing_reason, replace_directory
 from medsight.stages.cache_key import CacheKey, stage_key
 from medsight.stages.content_hash import input_hashes
 from medsight.stages.registry import StageSpec, get_stage
@@ -85,7 +85,7 @@ def validate_inputs(spec: StageSpec, inputs: dict[str, Path]) -> None:
     for name, path in inputs.items():
         path = Path(path)
         if not path.is_dir():
-            what = "is not a directory" if path.exists() else "does not exist"
+            what = "is not a directory" if path.exists() else missing_reason(path)
             raise StageError(f"stage {spec.name}: input {name}={path} {what}")
         if (path / CONFIG_FILE).is_file() and not (path / STAGE_FILE).is_file():
             # A stage output without stage.json is one that crashed or is still running.
@@ -167,12 +167,26 @@ def run_stage(
     plan = plan or plan_stage(name, config, inputs)
     output = Path(output)
     previous = check_output(plan, output)
+    ensure_writable_dir(output, "--out")  # below a file, read-only: said now, not after the work
     if reuse and previous is not None and previous["key"] == plan.key.key and previous.get("cacheable", True):
         metrics = json.loads((output / METRICS_FILE).read_text())
         return StageRun(metrics, True, plan.key, output)
 
     work = _work_dir(output, plan.key)
-    work.mkdir(parents=True, exist_ok=True)
+    resuming = work.exists()
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        return _compute(plan, config, output, work, tracker, name)
+    except BaseException:
+        # Keep a working folder with checkpoints (the rerun resumes there); one that holds nothing
+        # to resume from (bad data found while loading, say) would only be clutter beside --out.
+        if not resuming and not (work / CHECKPOINTS_DIR).exists() and not (work / STAGE_FILE).exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _compute(plan: StagePlan, config: ExperimentConfig, output: Path, work: Path, tracker: Tracker | None,
+             name: str) -> StageRun:
     save_config(config, work / CONFIG_FILE)
     # Curves land beside the checkpoint too, so the report works without an MLflow server.
     tracker = HistoryRecorder(tracker or NullTracker(), work)

@@ -34,17 +34,18 @@ class SegmentationSplit:
 
 
 def load_split(data_dir: Path, split: str, image_size: int, max_masks: int, taxonomy: Taxonomy,
-               only: set[str] | None = None) -> SegmentationSplit:
-    """A prepared split (``only``: just these image ids); images over ``max_masks`` are skipped."""
+               only: set[str] | None = None, on_too_many: str = "skip") -> SegmentationSplit:
+    """A prepared split (``only``: just these image ids). ``on_too_many`` (``data.too_many_masks``):
+    images over ``max_masks`` are skipped, as the authors do, or stop the stage ("error")."""
     records = read_split(Path(data_dir), split, taxonomy, only)
     if not records:
         raise ValueError(f"{index_path(Path(data_dir), split)} has no images; prepare a release with a {split} split")
-    return split_from_records(records, image_size, max_masks, split)
+    return split_from_records(records, image_size, max_masks, split, on_too_many)
 
 
 def split_from_records(records: list[SegmentationRecord], image_size: int, max_masks: int,
-                       name: str = "split") -> SegmentationSplit:
-    dataset = SegmentationDataset(records, image_size=image_size, max_masks=max_masks, on_too_many="skip")
+                       name: str = "split", on_too_many: str = "skip") -> SegmentationSplit:
+    dataset = SegmentationDataset(records, image_size=image_size, max_masks=max_masks, on_too_many=on_too_many)
     items = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"load {name}", unit="img", leave=False)]
     if not items:
         raise ValueError(f"{name}: no image with at most {max_masks} masks")

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from medsight.config.schema import TrainConfig
 from medsight.train.checkpoint import TrainProgress, load_resume_state, save_resume_state
 from medsight.train.engine import Engine, lr_at
+from medsight.train.loss_watch import ZeroLossWatch
 from medsight.train.tracker import Tracker
 
 
@@ -45,12 +46,14 @@ def run_training(
     workdir: Path,
     tracker: Tracker,
     on_checkpoint: Callable[[], None] | None = None,
+    expected_losses: Iterable[str] | None = None,
 ) -> LoopResult:
     """Train ``module`` through ``engine``.
 
     ``make_batches(epoch)`` yields that epoch's batches in a seed-determined order, so a resumed
     run skips exactly the batches it already consumed. ``step_fn(batch)`` returns named losses,
-    ``"loss"`` being the one optimised.
+    ``"loss"`` being the one optimised. ``expected_losses``: the terms that must not stay exactly
+    zero (default: all); a stage lists fewer where a term is zero by design (``loss_watch.py``).
     """
     total = total_steps(config, steps_per_epoch)
     progress = load_resume_state(workdir, module, engine.optimizer) or TrainProgress()
@@ -59,6 +62,7 @@ def run_training(
         tqdm.write(f"[{name}] resuming from step {resumed_from}/{total} ({workdir}/checkpoints/latest)")
     module.train()
     last: dict[str, float] = {}
+    zero_watch = ZeroLossWatch(name, tracker, expected_losses)
     bar = tqdm(total=total, initial=progress.step, desc=name, unit="step", dynamic_ncols=True)
     try:
         while progress.step < total:
@@ -81,6 +85,7 @@ def run_training(
                 progress.step += 1
                 progress.step_in_epoch = batch_index + 1
                 last = {key: float(value.detach()) for key, value in losses.items()}
+                zero_watch.update(progress.step, last)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
                 if progress.step % config.log_every == 0 or progress.step == total:
@@ -94,6 +99,7 @@ def run_training(
                 progress.step_in_epoch = 0
     finally:
         bar.close()
+    zero_watch.finish(progress.step)
     return LoopResult(steps=progress.step, resumed_from=resumed_from, last_losses=last)
 
 

@@ -145,7 +145,7 @@ def read_box_json(
         if raw is None:
             raise BenchmarkFormatError(f"{path}: entry {sample_id} has no 'bbox'/'boxes' key")
         boxes = parse_box_numbers(raw, f"{path}: entry {sample_id}")
-        image_path = resolve(image_root, first_image(entry, path, sample_id))
+        image_path = resolve(image_root, first_image(entry, path, sample_id), f"{path}: entry {sample_id}")
         if not image_path.is_file():
             skipped.append(SkippedEntry(sample_id, f"image file missing: {image_path}"))
             continue

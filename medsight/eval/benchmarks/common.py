@@ -204,9 +204,15 @@ def first_image(entry: dict[str, Any], path: Path, where: str, *keys: str) -> st
     raise BenchmarkFormatError(f"{path}: entry {where} names no image (looked for {', '.join((*keys, 'image', 'image_path', 'img_name', 'image_name'))})")
 
 
-def resolve(root: Path, relative: str) -> Path:
-    candidate = Path(relative)
-    return candidate if candidate.is_absolute() else Path(root) / candidate
+def resolve(root: Path, relative: str, where: str = "") -> Path:
+    """``root / relative``, refused (naming ``where``, the file and entry) when it would read
+    outside ``root``: an absolute path, a ``..`` escape or a symlink leading elsewhere."""
+    from medsight.data.safe_paths import UnsafePathError, resolve_under
+
+    try:
+        return resolve_under(Path(root), relative, where or f"benchmark path under {root}")
+    except UnsafePathError as error:
+        raise BenchmarkFormatError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------- parquet releases

@@ -126,8 +126,8 @@ def read_diagseg(path: Path, data_root: Path, benchmark: str = "diagseg", strip_
         relative_masks = mask_list(entry, path, sample_id) or inline
         if not relative_masks:
             raise BenchmarkFormatError(f"{path}: entry {sample_id} has no mask_files (DiagSeg needs the masks to score)")
-        image_path = resolve(data_root, first_image(entry, path, sample_id))
-        mask_paths = [resolve(data_root, mask) for mask in relative_masks]
+        image_path = resolve(data_root, first_image(entry, path, sample_id), f"{path}: entry {sample_id}")
+        mask_paths = [resolve(data_root, mask, f"{path}: entry {sample_id} mask_files") for mask in relative_masks]
         missing = [str(p) for p in [image_path, *mask_paths] if not p.is_file()]
         if missing:
             skipped.append(SkippedEntry(sample_id, f"file missing: {', '.join(missing)}"))

@@ -71,11 +71,11 @@ def read_mecovqa_grounding(path: Path, image_root: Path, mask_root: Path | None 
             skipped.append(SkippedEntry(sample_id, "answer names no mask"))
             continue
         image_name = first_image(entry, path, sample_id)
-        image_path = resolve(image_root, image_name)
+        image_path = resolve(image_root, image_name, f"{path}: entry {sample_id}")
         if not image_path.is_file():
             skipped.append(SkippedEntry(sample_id, f"image file missing: {image_path}"))
             continue
-        mask_paths = [resolve(mask_root, mask) for mask in relative_masks]
+        mask_paths = [resolve(mask_root, mask, f"{path}: entry {sample_id} masks") for mask in relative_masks]
         problems = [p for p in (mask_problem(m, image_path) for m in mask_paths) if p]
         if problems:
             skipped.append(SkippedEntry(sample_id, "; ".join(problems)))

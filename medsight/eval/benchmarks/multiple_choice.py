@@ -134,7 +134,7 @@ def _mmmu_images(record: dict[str, Any], file: Path, sample_id: str) -> tuple[li
             continue
         data = embedded_image(value)
         if data is None and isinstance(value, str):
-            image_path = resolve(file.parent, value)
+            image_path = resolve(file.parent, value, f"{file}: entry {sample_id}")
             if not image_path.is_file():
                 return [], f"image file missing: {image_path}"
             data = image_path.read_bytes()
@@ -219,7 +219,7 @@ def read_omnimedvqa(root: Path, modalities: frozenset[str] | None = OMNIMED_MODA
             if not matches:
                 skipped.append(SkippedEntry(sample_id, f"gt_answer {truth!r} matches no option"))
                 continue
-            image_path = resolve(root, str(require(entry, "image_path", file, sample_id)))
+            image_path = resolve(root, str(require(entry, "image_path", file, sample_id)), f"{file}: entry {sample_id}")
             if not image_path.is_file():
                 skipped.append(SkippedEntry(sample_id, f"image file missing: {image_path}"))
                 continue

@@ -103,7 +103,8 @@ def read_vqa(
             continue
         image_bytes, image_path = embedded_image(entry.get("image")), None
         if image_bytes is None:
-            image_path = resolve(Path(image_root) if image_root else file.parent, first_image(entry, file, sample_id))
+            image_path = resolve(Path(image_root) if image_root else file.parent, first_image(entry, file, sample_id),
+                                 f"{file}: entry {sample_id}")
             if not image_path.is_file():
                 skipped.append(SkippedEntry(sample_id, f"image file missing: {image_path}"))
                 continue
