@@ -30,12 +30,59 @@ class Prediction:
     masks: torch.Tensor  # [K, H, W] probabilities at the input image's resolution
     boxes: list[Box | None]  # normalised xyxy per region token (None for an empty mask)
     ignored_tokens: list[str]
+    class_probs: torch.Tensor | None = None  # [K, C+1] per kept region token (last = no-object)
+    generated_tokens: int = 0
 
 
 def load_input_image(path: Path) -> torch.Tensor:
     """PNG/JPEG/... or DICOM -> [3, H, W] float in [0, 1]; bad files raise DataError."""
     path = Path(path)
     return read_dicom(path) if is_dicom(path) else load_image(path)
+
+
+def predict_images(
+    model: GroundedModel,
+    images: list[torch.Tensor],
+    questions: list[str],
+    modality: str | None = None,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    repetition_penalty: float = 1.2,
+    taxonomy: Taxonomy | None = None,
+) -> list[Prediction]:
+    """Each image [3, H_i, W_i] in [0, 1] with its question, answered in one batch; masks come
+    back at each image's own resolution. ``modality`` (a name of the model's ``taxonomy``) picks
+    the sub-codebook for every image, else the model predicts it."""
+    modality_tensor = None
+    if modality is not None:
+        if taxonomy is None:
+            raise ValueError(f"--modality {modality!r} needs the model's taxonomy to look it up")
+        modality_tensor = torch.tensor([taxonomy.modality_index(modality, "--modality")] * len(images))
+    batch = torch.stack([resize_image(image, model.image_size) for image in images])  # [B, 3, S, S]
+    with torch.inference_mode():
+        answers = model.answer(
+            batch,
+            questions,
+            modality=modality_tensor,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            repetition_penalty=repetition_penalty,
+        )
+    predictions = []
+    for image, answer in zip(images, answers):
+        masks = answer.masks.detach().float().cpu()
+        tokens, masks, dropped = known_token_masks(answer.region_tokens, masks, model.region_token_names(), "predict")
+        masks = resize_probabilities(masks, tuple(image.shape[-2:]))  # [K, H, W]
+        class_probs = getattr(answer, "class_probs", None)
+        if class_probs is not None:
+            vocabulary = set(model.region_token_names())
+            kept = [i for i, token in enumerate(answer.region_tokens[: class_probs.shape[0]]) if token in vocabulary]
+            class_probs = class_probs[kept]
+        predictions.append(
+            Prediction(answer.text, tokens, masks, [box_from_mask(m) for m in masks], dropped,
+                       class_probs, getattr(answer, "generated_tokens", 0))
+        )
+    return predictions
 
 
 def predict_image(
@@ -48,25 +95,8 @@ def predict_image(
     repetition_penalty: float = 1.2,
     taxonomy: Taxonomy | None = None,
 ) -> Prediction:
-    """image [3, H, W] in [0, 1]; ``modality`` (a name of the model's ``taxonomy``) picks the
-    sub-codebook, else the model predicts it."""
-    modality_tensor = None
-    if modality is not None:
-        if taxonomy is None:
-            raise ValueError(f"--modality {modality!r} needs the model's taxonomy to look it up")
-        modality_tensor = torch.tensor([taxonomy.modality_index(modality, "--modality")])
-    with torch.inference_mode():
-        answer = model.answer(
-            resize_image(image, model.image_size)[None],
-            [question],
-            modality=modality_tensor,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            repetition_penalty=repetition_penalty,
-        )[0]
-    tokens, masks, dropped = known_token_masks(answer.region_tokens, answer.masks.detach().float().cpu(), model.region_token_names(), "predict")
-    masks = resize_probabilities(masks, tuple(image.shape[-2:]))  # [K, H, W]
-    return Prediction(answer.text, tokens, masks, [box_from_mask(m) for m in masks], dropped)
+    """image [3, H, W] in [0, 1]: one image through ``predict_images``."""
+    return predict_images(model, [image], [question], modality, max_new_tokens, temperature, repetition_penalty, taxonomy)[0]
 
 
 def write_prediction(output: Path, image: torch.Tensor, question: str, prediction: Prediction, image_path: Path) -> dict:
