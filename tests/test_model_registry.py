@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from trained_model import MULTI_REGION_QUESTION, ROOT, python_env, registry, trained_chain  # noqa: F401
+from trained_model import MULTI_REGION_QUESTION, ROOT, python_env
 
 pytestmark = pytest.mark.slow
 STAGES = ("synth-data", "base-models", "perceiver-pretrain", "codebook-pretrain", "v2t-align", "grounding-data",

@@ -17,15 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trained_model import (  # noqa: F401 - fixtures
-    MULTI_REGION_QUESTION,
-    NO_REGION_QUESTION,
-    model_server,
-    multi_region_image,
-    registry,
-    run_predict,
-    trained_chain,
-)
+from trained_model import MULTI_REGION_QUESTION, NO_REGION_QUESTION, run_predict
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.slow

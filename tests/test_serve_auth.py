@@ -7,7 +7,7 @@ import secrets
 
 import pytest
 
-from trained_model import NO_REGION_QUESTION, SERVER_TOKEN_ENV, ServerProcess, python_env, trained_chain  # noqa: F401
+from trained_model import NO_REGION_QUESTION, SERVER_TOKEN_ENV, ServerProcess, python_env
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def test_only_health_answers_without_the_token(token_server, trained_chain):
         ("GET", "/no/such/path", None),
     ]
     for method, path, body in protected:
-        for headers in ({}, {"authorization": "Bearer wrong-token-0123456789"}, {"authorization": f"Basic {token}"},
+        for headers in ({}, {"authorization": f"Bearer {secrets.token_hex(12)}"}, {"authorization": f"Basic {token}"},
                         {"cookie": "medsight_token=nope"}):
             response = httpx.request(method, server.url + path, json=body, headers=headers, timeout=60)
             assert response.status_code == 401, f"{method} {path} with {headers}: {response.status_code}"

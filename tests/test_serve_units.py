@@ -270,6 +270,7 @@ def test_endpoint_labels_are_bounded():
     assert endpoint_label("/v1/chat/completions") == "chat_completions"
     assert endpoint_label("/static/app.js") == "page"
     assert endpoint_label("/v2/health/ready") == "health"
+    assert endpoint_label("/v2/models") == endpoint_label("/v2/models/medsight") == "metadata"
     assert endpoint_label("/random/" + "x" * 50) == "other"
 
 
@@ -330,3 +331,21 @@ def test_registry_thresholds_uris_and_aliases():
         kserve_storage_uri("mlflow-artifacts:/1/models/m-1/artifacts")
     with pytest.raises(RegistryError, match="KServe cannot download"):
         kserve_storage_uri("file:///tmp/x")
+
+
+def test_serve_command_refuses_bad_input_with_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from medsight.cli import _mount_optional_apps, app
+
+    _mount_optional_apps()
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--model", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "missing: no such directory" in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["serve", "--model", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "not a model package" in result.output
+    monkeypatch.setenv("MEDSIGHT_SERVE_TOKEN", "short")
+    result = runner.invoke(app, ["serve", "--model", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "at least 16 characters" in result.output
+    assert "Traceback" not in result.output

@@ -3,7 +3,9 @@
 - ``trained_chain``: the tiny chain with shortened schedules (perceiver 3 epochs, codebook 1,
   instruct 2; about 2 minutes on 2 free cores), run once per session in a fresh process (the
   v2t stage initialises a process-wide DeepSpeed group). Set MEDSIGHT_TEST_CHAIN_DIR to keep
-  the outputs between sessions: unchanged stages are reused.
+  the outputs between sessions (unchanged stages are reused; any change under medsight/
+  retrains), or MEDSIGHT_TEST_EVALUATE_DIR to an evaluate output of such a chain to use that
+  model as it is while iterating on serving code.
 - ``registry``: a real MLflow sqlite registry whose artifacts live in a real S3 server
   (SeaweedFS on loopback), with the trained model registered through the gate and promoted.
 - ``model_server``: ``medsight serve --model models:/medsight@production`` on 127.0.0.1,
@@ -53,6 +55,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def trained_chain(tmp_path_factory) -> SimpleNamespace:
+    if os.environ.get("MEDSIGHT_TEST_EVALUATE_DIR"):
+        return _chain_of(Path(os.environ["MEDSIGHT_TEST_EVALUATE_DIR"]))
     workdir = Path(os.environ.get("MEDSIGHT_TEST_CHAIN_DIR") or tmp_path_factory.mktemp("chain"))
     command = [sys.executable, "-m", "medsight.cli", "chain", "--preset", "tiny", "--workdir", str(workdir)]
     for override in CHAIN_OVERRIDES:
@@ -63,8 +67,12 @@ def trained_chain(tmp_path_factory) -> SimpleNamespace:
     assert done.returncode == 0, f"tiny chain failed; see {log}"
     # The chain prints its last output (evaluate); its stage.json names the model it evaluated.
     lines = [line for line in log.read_text().splitlines() if line.startswith("Done. Last output: ")]
-    evaluate_dir = Path(lines[-1].removeprefix("Done. Last output: ").strip())
+    return _chain_of(Path(lines[-1].removeprefix("Done. Last output: ").strip()))
+
+
+def _chain_of(evaluate_dir: Path) -> SimpleNamespace:
     record = json.loads((evaluate_dir / "stage.json").read_text())
+    workdir = evaluate_dir.parent.parent
     test_images = sorted(Path(record["inputs"]["data"]).glob("biomedparse/test/*.png"))
     return SimpleNamespace(
         workdir=workdir,
@@ -90,13 +98,12 @@ def multi_region_image(trained_chain, tmp_path_factory) -> tuple[Path, dict, Pat
     """A held-out image for which ``medsight predict`` gives >= 2 region tokens for
     MULTI_REGION_QUESTION: (image, its prediction.json, predict's output folder)."""
     from medsight.data.image_io import load_image
-    from medsight.eval.predict import predict_images
+    from medsight.eval.predict import predict_image
     from medsight.model.inference import MedSightInference
 
     model = MedSightInference.load(trained_chain.model, trained_chain.base)
     candidates = trained_chain.test_images[:16]
-    predictions = predict_images(model, [load_image(p) for p in candidates], [MULTI_REGION_QUESTION] * len(candidates))
-    chosen = next((p for p, pred in zip(candidates, predictions) if len(pred.region_tokens) >= 2), None)
+    chosen = next((p for p in candidates if len(predict_image(model, load_image(p), MULTI_REGION_QUESTION).region_tokens) >= 2), None)
     assert chosen is not None, f"the trained model named < 2 regions on all of {len(candidates)} test images: training failed"
     out = tmp_path_factory.mktemp("predict-multi")
     return chosen, run_predict(trained_chain, chosen, MULTI_REGION_QUESTION, out), out

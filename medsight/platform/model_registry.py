@@ -361,10 +361,14 @@ def list_versions(name: str | None = None, *, tracking_uri: str | None = None) -
     names = [name] if name else [m.name for m in mlflow_client.search_registered_models()]
     found = []
     for model in names:
-        versions = mlflow_client.search_model_versions(f"name = '{model}'")
-        if name and not versions:
-            _registered_model(mlflow_client, model)  # raises with the known names
-        found += [_info(v) for v in versions]
+        registered = _registered_model(mlflow_client, model)  # raises with the known names
+        # Version search results carry no aliases; the registered model holds them.
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (getattr(registered, "aliases", None) or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in mlflow_client.search_model_versions(f"name = '{model}'"):
+            info = _info(version)
+            found.append(VersionInfo(**{**info.__dict__, "aliases": sorted(set(info.aliases) | set(aliases.get(info.version, [])))}))
     return sorted(found, key=lambda v: (v.name, -int(v.version)))
 
 

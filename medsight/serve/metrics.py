@@ -15,7 +15,9 @@ _ENDPOINTS = (
     (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$"), "infer"),
     (re.compile(r"^/v1/chat/completions$"), "chat_completions"),
     (re.compile(r"^/v1/models/[^/]+:predict$"), "v1_predict"),
-    (re.compile(r"^/v2/health/(live|ready)$"), "health"),
+    (re.compile(r"^/v2/health/(live|ready)$|^/v2/models/[^/]+/ready$"), "health"),
+    (re.compile(r"^/v2(/models(/[^/]+)?)?/?$"), "metadata"),
+    (re.compile(r"^/metrics$"), "metrics"),
     (re.compile(r"^/(static/.*)?$"), "page"),
 )
 # Seconds: a tiny model on CPU answers in ~0.1-1 s, the 8B one on a GPU in a few seconds.

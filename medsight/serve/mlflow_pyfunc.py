@@ -10,14 +10,14 @@ downloads the same package and loads it directly.
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlflow.pyfunc
 
 PACKAGE_ARTIFACT = "package"
 
 
 class MedSightPyfunc(mlflow.pyfunc.PythonModel):
+    # No type hints on predict() on purpose: MLflow would convert and validate inputs itself
+    # (it says so once per process, a UserWarning), while the engine checks every field.
     def load_context(self, context) -> None:
         from medsight.model.input_limits import InputLimits
         from medsight.serve.engine import GroundingEngine
@@ -25,7 +25,7 @@ class MedSightPyfunc(mlflow.pyfunc.PythonModel):
 
         self.engine = GroundingEngine(load_package(context.artifacts[PACKAGE_ARTIFACT]), InputLimits())
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def predict(self, context, model_input, params=None):  # -> list[dict[str, Any]], one per row
         from medsight.serve.image_input import decode_base64
 
         params = params or {}

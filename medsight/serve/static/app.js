@@ -5,7 +5,7 @@
 const TOKEN_RE = /\[C\d+_\d+\]|\[SEG\]/g;
 const MAX_VIEW = 640; // overlay drawing resolution (the longer side), in canvas pixels
 
-const state = { model: null, file: null, dataUrl: null, result: null, layers: [], scale: 1, width: 0, height: 0 };
+const state = { model: null, file: null, dataUrl: null, result: null, layers: [], focus: null };
 const $ = (id) => document.getElementById(id);
 
 function setStatus(text, kind) {
@@ -85,9 +85,10 @@ function drawOverlay() {
   ctx.imageSmoothingEnabled = false;
   const opacity = Number($("opacity").value) / 100;
   let drawn = 0;
-  for (const layer of state.layers) {
-    if (!layer.visible) continue;
-    ctx.globalAlpha = opacity;
+  state.layers.forEach((layer, index) => {
+    if (!layer.visible) return;
+    // Hovering a token or a row brings its mask forward and dims the others.
+    ctx.globalAlpha = state.focus === null ? opacity : state.focus === index ? Math.max(opacity, 0.75) : opacity * 0.25;
     ctx.drawImage(layer.canvas, 0, 0, overlay.width, overlay.height);
     drawn += 1;
     const box = layer.region.box;
@@ -98,12 +99,20 @@ function drawOverlay() {
       ctx.lineWidth = 2;
       ctx.strokeRect(x1 * overlay.width + 1, y1 * overlay.height + 1, (x2 - x1) * overlay.width - 2, (y2 - y1) * overlay.height - 2);
     }
-  }
+  });
   ctx.globalAlpha = 1;
   overlay.dataset.masksDrawn = String(drawn);
   document.querySelectorAll(".token[data-index]").forEach((el) => {
-    el.classList.toggle("off", !state.layers[Number(el.dataset.index)].visible);
+    const index = Number(el.dataset.index);
+    el.classList.toggle("off", !state.layers[index].visible);
+    el.classList.toggle("hover", state.focus === index);
   });
+  document.querySelectorAll("#regions tr").forEach((row, index) => row.classList.toggle("focus", state.focus === index));
+}
+
+function setFocus(index) {
+  state.focus = index;
+  drawOverlay();
 }
 
 function setVisible(index, visible) {
@@ -129,8 +138,8 @@ function renderAnswer(text, regions) {
       span.style.background = regions[index].color;
       span.title = `${regions[index].class || "region"} · click to show or hide its mask`;
       span.addEventListener("click", () => setVisible(index, !state.layers[index].visible));
-      span.addEventListener("mouseenter", () => span.classList.add("hover"));
-      span.addEventListener("mouseleave", () => span.classList.remove("hover"));
+      span.addEventListener("mouseenter", () => setFocus(index));
+      span.addEventListener("mouseleave", () => setFocus(null));
     }
     el.append(span);
     last = match.index + match[0].length;
@@ -150,6 +159,8 @@ function renderRegions(regions) {
   body.replaceChildren();
   regions.forEach((region, index) => {
     const row = document.createElement("tr");
+    row.addEventListener("mouseenter", () => setFocus(index));
+    row.addEventListener("mouseleave", () => setFocus(null));
     const toggle = document.createElement("input");
     toggle.type = "checkbox";
     toggle.checked = true;
@@ -196,6 +207,7 @@ async function render(result, question) {
   ctx.drawImage(image, 0, 0, width * scale, height * scale);
   $("placeholder").hidden = true;
   state.layers = [];
+  state.focus = null;
   for (const region of regions) {
     const { canvas, count } = await colourMask(region.mask.data, region.color, width, height);
     state.layers.push({ region, canvas, count, visible: true });
@@ -203,7 +215,7 @@ async function render(result, question) {
   state.result = { question, answer: message.content, regions };
   renderAnswer(message.content, regions);
   const usage = result.usage;
-  $("meta").textContent = `${regions.length} region${regions.length === 1 ? "" : "s"} · ${usage.completion_tokens} tokens generated` +
+  $("meta").textContent = `${width} × ${height} px · ${regions.length} region${regions.length === 1 ? "" : "s"} · ${usage.completion_tokens} tokens generated` +
     (result.choices[0].finish_reason === "length" ? " · answer cut at the token limit" : "");
   $("answer-box").hidden = false;
   renderRegions(regions);
