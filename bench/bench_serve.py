@@ -7,7 +7,7 @@ server's peak RSS during the level, and checks that every request id came back e
 A control run at the highest level with ``--max-batch-size 1`` shows what batching buys.
 
 Usage: python bench/bench_serve.py --package PKG | --chain CHAIN_WORKDIR
-       [--levels 1,4,16] [--requests 48] [--max-batch-size 16] [--json OUT] [--no-control]
+       [--levels 1,4,16] [--requests 96] [--max-batch-size 16] [--max-wait-ms 5] [--json OUT] [--no-control]
 (--chain: the newest instruct-tune/base-models outputs of `medsight chain --workdir DIR`.)
 """
 
@@ -53,7 +53,7 @@ def package_from_chain(chain: Path, out: Path) -> tuple[Path, list[Path]]:
 
 
 class Server:
-    def __init__(self, package: Path, max_batch_size: int, log: Path) -> None:
+    def __init__(self, package: Path, max_batch_size: int, log: Path, max_wait_ms: float) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -61,7 +61,7 @@ class Server:
         self.log = log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "medsight.cli", "serve", "--model", str(package), "--port", str(self.port),
-             "--max-batch-size", str(max_batch_size)],
+             "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
 
@@ -96,6 +96,18 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+def batch_counters(server: Server) -> tuple[float, float]:
+    """(requests answered, model calls) so far, from the server's Prometheus metrics."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(("medsight_batch_size_sum ", "medsight_batch_size_count ")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values.get("medsight_batch_size_sum", 0.0), values.get("medsight_batch_size_count", 0.0)
 
 
 def run_level(server: Server, images: list[bytes], clients: int, per_client: int) -> dict:
@@ -142,6 +154,7 @@ def run_level(server: Server, images: list[bytes], clients: int, per_client: int
                     latencies.append(elapsed)
                     received.append(answer_id)
 
+    answered_before, calls_before = batch_counters(server)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -154,6 +167,7 @@ def run_level(server: Server, images: list[bytes], clients: int, per_client: int
     wall = time.perf_counter() - began
     stop_sampling.set()
     sampler.join()
+    answered_after, calls_after = batch_counters(server)
     duplicates = len(received) - len(set(received))
     lost = sorted(set(sent) - set(received))
     foreign = sorted(set(received) - set(sent))
@@ -171,12 +185,14 @@ def run_level(server: Server, images: list[bytes], clients: int, per_client: int
         "p50_ms": round(1000 * statistics.median(ordered), 1) if ordered else None,
         "p95_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 1) if ordered else None,
         "peak_rss_mib": round(peak[0] / 2**20, 1),
+        "mean_batch_size": round((answered_after - answered_before) / max(1.0, calls_after - calls_before), 2),
     }
 
 
-def benchmark(package: Path, image_files: list[Path], levels: list[int], requests: int, max_batch_size: int, workdir: Path, label: str) -> list[dict]:
+def benchmark(package: Path, image_files: list[Path], levels: list[int], requests: int, max_batch_size: int,
+              max_wait_ms: float, workdir: Path, label: str) -> list[dict]:
     images = [base64.b64encode(p.read_bytes()).decode() for p in image_files]
-    server = Server(package, max_batch_size, workdir / f"server-{label}.log")
+    server = Server(package, max_batch_size, workdir / f"server-{label}.log", max_wait_ms)
     try:
         server.wait()
         run_level(server, images, 2, 4)  # warm-up (first-call allocations), not reported
@@ -199,8 +215,9 @@ def main() -> None:
     source.add_argument("--chain", type=Path, help="A trained chain workdir (a package is built from it).")
     parser.add_argument("--images", type=Path, help="Folder of PNGs to send (default: the chain's test split).")
     parser.add_argument("--levels", default="1,4,16")
-    parser.add_argument("--requests", type=int, default=48, help="Requests per level (split among its clients).")
+    parser.add_argument("--requests", type=int, default=96, help="Requests per level (split among its clients).")
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--no-control", action="store_true", help="Skip the --max-batch-size 1 run.")
     parser.add_argument("--json", type=Path, help="Write all results here.")
     args = parser.parse_args()
@@ -215,9 +232,9 @@ def main() -> None:
             images = sorted(args.images.glob("*.png"))
         if not images:
             raise SystemExit("no images to send: pass --images DIR or --chain")
-        results = {"batched": benchmark(package, images, levels, args.requests, args.max_batch_size, workdir, "batched")}
+        results = {"batched": benchmark(package, images, levels, args.requests, args.max_batch_size, args.max_wait_ms, workdir, "batched")}
         if not args.no_control:
-            results["unbatched"] = benchmark(package, images, [max(levels)], args.requests, 1, workdir, "unbatched")
+            results["unbatched"] = benchmark(package, images, [max(levels)], args.requests, 1, 0.0, workdir, "unbatched")
     one, many = results["batched"][0], results["batched"][-1]
     summary = {
         "speedup_requests_per_s": round(many["requests_per_s"] / one["requests_per_s"], 2),

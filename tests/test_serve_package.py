@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +107,19 @@ def test_engine_checks_requests_before_the_model_runs(stage_outputs, tmp_path):
         engine.settings(None, -1)
     with pytest.raises(DataError, match="question: must be a string"):
         engine.prepare(image, 42)
+
+
+def test_serve_loads_a_package_or_a_stage_output(stage_outputs, tmp_path):
+    import json
+
+    from medsight.serve.package import PackageError, build_package
+    from medsight.serve.server import load_model
+
+    trained, base = stage_outputs
+    package = build_package(trained, base, tmp_path / "package")
+    assert load_model(str(tmp_path)).config.model.llm.hidden_size == 32  # a folder holding one package
+    with pytest.raises(PackageError, match="base-models input is unknown"):
+        load_model(str(trained))
+    (trained / "stage.json").write_text(json.dumps({"stage": "instruct-tune", "inputs": {"base": str(base)}}))
+    assert load_model(str(trained)).taxonomy is not None  # base read from its stage.json
+    assert load_model(str(package)).image_size == 64

@@ -94,7 +94,7 @@ def build_package(
         if (model_dir / "metrics.json").is_file():
             shutil.copyfile(model_dir / "metrics.json", tmp / "metrics.json")
         (tmp / MODULES_DIR).mkdir()
-        for module, path in modules.items():
+        for path in modules.values():
             shutil.copyfile(path, tmp / MODULES_DIR / path.name)
         taxonomy.save(taxonomy_file(tmp))
         for label, directory in directories.items():

@@ -9,6 +9,7 @@ metrics, optional bearer auth and the body-size cap.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -132,8 +133,6 @@ def load_model(source: str, device: str = "cpu", cache: Path | None = None):
         return load_package(root, device)
     from medsight.model.inference import MedSightInference
 
-    import json
-
     stage = path / "stage.json"
     base = json.loads(stage.read_text()).get("inputs", {}).get("base") if stage.is_file() else None
     if not base or not Path(base).is_dir():
@@ -214,7 +213,7 @@ def _server_class():
     return _LoopbackModelServer
 
 
-def LoopbackModelServer(host: str, **kwargs):  # noqa: N802 - a class built lazily (kserve import)
+def LoopbackModelServer(host: str, **kwargs):  # noqa: N802 - builds the class on first use: kserve imports late
     return _server_class()(host, **kwargs)
 
 
