@@ -6,8 +6,9 @@ Request (``POST /v2/models/<name>/infer``)::
                 {"name": "question", "datatype": "BYTES", "shape": [1], "data": ["Segment all visible structures."]}],
      "parameters": {"mask_format": "png" | "rle", "max_new_tokens": 48, "temperature": 0.0, "return_image": false}}
 
-With the binary tensor extension the image may also be sent as raw bytes. One image per request;
-concurrent requests are batched by the server. Response outputs, K = number of region tokens:
+The image travels as base64 text (KServe 0.21's REST decoder cannot pass non-UTF-8 bytes through
+the binary tensor extension). One image per request; concurrent requests are batched by the
+server. Response outputs, K = number of region tokens:
 
     answer [1] BYTES            the answer text, region tokens kept in it
     region_tokens [K] BYTES     e.g. "[C0_3]", in answer order
