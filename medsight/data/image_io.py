@@ -53,7 +53,7 @@ def _to_unit_array(image: Image.Image, path: Path) -> np.ndarray:
     )
 
 
-def decode_image_bytes(data: bytes, where: str, max_pixels: int | None = None) -> torch.Tensor:
+def load_image_bytes(data: bytes, where: str, max_pixels: int | None = None) -> torch.Tensor:
     """Encoded PNG/JPEG/... bytes (an upload) -> [3, H, W] float in [0, 1], converted exactly as
     ``load_image`` converts a file. ``max_pixels`` is checked from the header, before decoding."""
     import io

@@ -1,6 +1,6 @@
 """Uploaded images -> model input: base64 / data URLs, PNG/JPEG or DICOM, with the input caps.
 
-Decoding goes through the same functions as ``medsight predict`` (``decode_image_bytes`` and
+Decoding goes through the same functions as ``medsight predict`` (``load_image_bytes`` and
 ``dicom_to_tensor``), so a file gives the same pixels whichever way it arrives; DICOM gets its
 stored windowing applied. Every failure is a ``DataError`` naming the request field.
 """
@@ -14,7 +14,7 @@ import re
 import torch
 
 from medsight.data.errors import DataError
-from medsight.data.image_io import decode_image_bytes
+from medsight.data.image_io import load_image_bytes
 from medsight.eval.dicom_io import read_dicom_bytes
 from medsight.model.input_limits import InputLimits
 
@@ -50,4 +50,4 @@ def decode_upload(data: bytes, where: str, limits: InputLimits, mime: str | None
         raise DataError(f"{where}: empty image")
     if (mime or "") in DICOM_MIMES or looks_like_dicom(data):
         return read_dicom_bytes(data, where, limits.max_image_pixels)
-    return decode_image_bytes(data, where, limits.max_image_pixels)
+    return load_image_bytes(data, where, limits.max_image_pixels)
