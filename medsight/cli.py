@@ -264,6 +264,18 @@ def _mount_optional_apps() -> None:
         app.command("predict")(predict_command)
     except ImportError:
         pass
+    try:
+        from medsight.serve.cli import serve_command
+
+        app.command("serve")(serve_command)
+    except ImportError:
+        pass
+    try:
+        from medsight.platform.registry_cli import registry_app
+
+        app.add_typer(registry_app, name="registry", help="MLflow model registry: package, register, list, show, promote, deploy.")
+    except ImportError:
+        pass
 
 
 def main() -> None:

@@ -66,3 +66,8 @@ def build_tiny_model(config, tokenizer_dir):
 @pytest.fixture()
 def tiny_model(tiny_config, tiny_tokenizer_dir):
     return build_tiny_model(tiny_config, tiny_tokenizer_dir)
+
+
+# Session fixtures of the serving tests (a tiny model trained once, registered, served). Defined
+# here, not imported by each test module, so every module shares the one session instance.
+from trained_model import model_server, multi_region_image, registry, trained_chain  # noqa: E402,F401

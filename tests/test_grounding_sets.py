@@ -61,7 +61,7 @@ def test_two_sets_with_their_own_sizes(trained, tmp_path):
 
 def test_bad_sizes_and_inputs_are_usage_errors(trained, tmp_path):
     bad = _build(trained, tmp_path / "g", "--t2v-samples", "0")
-    assert bad.exit_code == 2 and "t2v_samples must be >= 1" in bad.output
+    assert bad.exit_code == 2 and "t2v_samples=0 is out of range: must be >= 1" in bad.output
     missing = CliRunner().invoke(data_app, ["prepare", "grounding", "--data", str(tmp_path / "none"), "--base", str(trained / "base"),
                                             "--codebook", str(trained / "codebook"), "--out", str(tmp_path / "x"), "--preset", "tiny"])
     assert missing.exit_code in (1, 2) and "Traceback" not in missing.output

@@ -11,24 +11,20 @@ from PIL import Image
 from eval_fakes import FakeModel
 from medsight.eval import examples
 from medsight.eval.predict import check_question_fits, load_input_image, predict_image, write_prediction
-from medsight.model.input_limits import (
-    InputTooLargeError,
-    check_image_size,
-    check_question_tokens,
-    question_token_limit,
-)
+from medsight.model.input_limits import InputLimitError, InputLimits, question_token_limit
 
 
 def test_limits_are_pure_and_name_the_input():
-    check_image_size(5000, 5000, 25_000_000, "scan.png")
-    with pytest.raises(InputTooLargeError, match=r"scan\.png: image is 8000 x 8000 = 64\.0 megapixels, over the cap of 25\.0"):
-        check_image_size(8000, 8000, 25_000_000, "scan.png")
+    limits = InputLimits(max_image_pixels=25_000_000)
+    limits.check_image(5000, 5000, "scan.png")
+    with pytest.raises(InputLimitError, match=r"scan\.png: 8000 x 8000 image = 64,000,000 pixels exceeds the limit of 25,000,000"):
+        limits.check_image(8000, 8000, "scan.png")
     assert question_token_limit(512, 36, 2, 48) == 426
-    check_question_tokens(426, 426)
-    with pytest.raises(InputTooLargeError, match=r"--question: 32000 tokens, but the model has room for 426"):
-        check_question_tokens(32000, 426, "--question")
-    with pytest.raises(InputTooLargeError, match="no room for a question"):
-        check_question_tokens(1, question_token_limit(512, 500, 2, 48))
+    assert limits.check_question("q", lambda _: 426, "--question", room=426) == 426
+    with pytest.raises(InputLimitError, match=r"--question: 32,000 tokens exceeds the limit of 426"):
+        limits.check_question("q", lambda _: 32_000, "--question", room=426)
+    with pytest.raises(InputLimitError, match="no room for a question"):
+        limits.check_question("q", lambda _: 1, room=question_token_limit(512, 500, 2, 48))
 
 
 def test_a_huge_image_is_refused_from_its_header(tmp_path, monkeypatch):
@@ -36,7 +32,7 @@ def test_a_huge_image_is_refused_from_its_header(tmp_path, monkeypatch):
     Image.new("L", (8000, 8000)).save(path)  # ~60 KB on disk, 768 MB as a float image
     decoded = []
     monkeypatch.setattr("medsight.eval.predict.load_image", lambda *a, **k: decoded.append(a) or None)
-    with pytest.raises(InputTooLargeError, match=rf"{path}: image is 8000 x 8000"):
+    with pytest.raises(InputLimitError, match=rf"{path}: 8000 x 8000 image"):
         load_input_image(path)
     assert decoded == []  # refused before decoding
     load_input_image(path, max_pixels=64_000_000)
@@ -60,7 +56,7 @@ def test_masks_stay_at_model_resolution_and_are_resized_one_at_a_time(tmp_path, 
 
     monkeypatch.setattr(examples, "resize_probabilities", spy)
     many = type(prediction)(prediction.text, ["[C0_1]"] * 5, prediction.masks.repeat(5, 1, 1),
-                            prediction.boxes * 5, [])
+                            prediction.boxes * 5, [], prediction.image_size)
     summary = write_prediction(tmp_path / "out", image, "q", many, source)
     assert resized == [(1, 32, 32)] * 5  # never all K masks at full size at once
     with Image.open(tmp_path / "out" / summary["regions"][0]["mask"]) as mask:
@@ -72,5 +68,5 @@ def test_a_huge_question_is_refused_with_its_token_count(tiny_tokenizer_dir):
 
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     check_question_fits(tokenizer, "Is there a lesion?", 512, 36, 48)
-    with pytest.raises(InputTooLargeError, match=r"--question: \d{4,} tokens, but the model has room for 426"):
+    with pytest.raises(InputLimitError, match=r"--question: [\d,]{5,} tokens exceeds the limit of 426"):
         check_question_fits(tokenizer, "lesion " * 20_000, 512, 36, 48)

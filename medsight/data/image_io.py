@@ -55,6 +55,27 @@ def _to_unit_array(image: Image.Image, path: Path) -> np.ndarray:
     )
 
 
+def load_image_bytes(data: bytes, where: str, max_pixels: int | None = None) -> torch.Tensor:
+    """Encoded PNG/JPEG/... bytes (an upload) -> [3, H, W] float in [0, 1], converted exactly as
+    ``load_image`` converts a file. ``max_pixels`` is checked from the header, before decoding."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as handle:
+            if max_pixels is not None:
+                from medsight.model.input_limits import InputLimits
+
+                InputLimits(max_image_pixels=max_pixels).check_image(handle.size[1], handle.size[0], where)
+            handle.load()
+            image = handle.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{where}: cannot decode image ({error})") from error
+    array = _to_unit_array(image, Path(where))
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) of an image file, read from its header only."""
     path = Path(path)

@@ -47,7 +47,7 @@ def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((values.astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
-def window_grayscale(dataset, pixels: np.ndarray, path: Path) -> np.ndarray:
+def window_grayscale(dataset, pixels: np.ndarray, path: Path | str) -> np.ndarray:
     """Raw stored values [H, W] -> [H, W] float in [0, 1] after modality LUT + stored VOI."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -72,16 +72,38 @@ def window_grayscale(dataset, pixels: np.ndarray, path: Path) -> np.ndarray:
 
 def read_dicom(path: Path) -> torch.Tensor:
     """DICOM file -> [3, H, W] float in [0, 1] (grayscale replicated to three channels)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file {missing_reason(path)}")
+    return dicom_to_tensor(_parse(path, str(path)), str(path))
+
+
+def read_dicom_bytes(data: bytes, where: str, max_pixels: int | None = None) -> torch.Tensor:
+    """An uploaded DICOM (bytes) -> [3, H, W]; ``max_pixels`` is checked from the header, before
+    the pixel data is decoded."""
+    import io
+
+    dataset = _parse(io.BytesIO(data), where)
+    if max_pixels is not None and "PixelData" in dataset:
+        from medsight.model.input_limits import InputLimits
+
+        InputLimits(max_image_pixels=max_pixels).check_image(int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0)), where)
+    return dicom_to_tensor(dataset, where)
+
+
+def _parse(source, where: str):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     try:
-        dataset = pydicom.dcmread(path)
-    except (InvalidDicomError, EOFError, OSError, ValueError) as error:
-        raise DataError(f"{path}: not a readable DICOM file ({error})") from error
+        return pydicom.dcmread(source)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{where}: not a readable DICOM file ({error})") from error
+
+
+def dicom_to_tensor(dataset, where: str) -> torch.Tensor:
+    """A parsed DICOM dataset -> [3, H, W] float in [0, 1]; ``where`` names it in errors."""
+    path = where
     if "PixelData" not in dataset:
         kind = dataset.get("Modality", "unknown modality")
         raise DataError(f"{path}: DICOM has no pixel data (modality {kind}; a report or structured document?)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,10 @@ class GroundedAnswer:
     text: str  # decoded answer; region tokens kept in the text, e.g. "a tumor in the liver [C0_3]."
     region_tokens: list[str]  # in order of appearance
     masks: torch.Tensor  # [K, H, W] probabilities at the image resolution, K = len(region_tokens)
+    # [K, C+1] class probabilities of each region token (last = no-object): the perceiver's class
+    # head applied to the token's hidden state after P_t2v, the same query the mask decodes from.
+    class_probs: torch.Tensor | None = field(default=None, repr=False)
+    generated_tokens: int = 0  # tokens generated (eos excluded), for serving metrics
 
 
 class MedSightInference:
@@ -92,13 +96,17 @@ class MedSightInference:
                 masks = torch.sigmoid(
                     F.interpolate(logits[None], size=images.shape[-2:], mode="bilinear", align_corners=False)[0]
                 ).cpu()
+                class_probs = self.model.classify_region_tokens(hidden[positions]).softmax(-1).float().cpu()
             else:
                 masks = torch.zeros(0, *images.shape[-2:])
+                class_probs = torch.zeros(0, self.config.model.perceiver.num_classes + 1)
             answers.append(
                 GroundedAnswer(
                     text=self.tokenizer.decode(tokens, skip_special_tokens=False).strip(),
                     region_tokens=self.tokenizer.convert_ids_to_tokens(token_tensor[positions].tolist()),
                     masks=masks,
+                    class_probs=class_probs,
+                    generated_tokens=len(tokens),
                 )
             )
         return answers

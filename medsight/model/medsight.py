@@ -157,6 +157,12 @@ class MedSight(nn.Module):
         queries = self.t2v(hidden).to(pixel_features.dtype)
         return self.perceiver.decode_masks(queries.unsqueeze(0), pixel_features.unsqueeze(0))[0]
 
+    def classify_region_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [K, H] of emitted region tokens -> class logits [K, C+1] (last = no-object),
+        read from the same P_t2v query that ``decode_region_masks`` decodes."""
+        queries = self.t2v(hidden)
+        return self.perceiver.classify(queries.unsqueeze(0).to(self.perceiver.class_head.weight.dtype))[0]
+
     # ----------------------------------------------------------------- training
     def forward(
         self,

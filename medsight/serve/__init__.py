@@ -1,0 +1,1 @@
+"""Serving: model packages, the KServe model server, its API routes and the web page."""

@@ -1,0 +1,208 @@
+"""Session fixtures for serving tests: a tiny model trained once, registered, and served.
+
+- ``trained_chain``: the tiny chain with shortened schedules (perceiver 3 epochs, codebook 1,
+  instruct 2; about 2 minutes on 2 free cores), run once per session in a fresh process (the
+  v2t stage initialises a process-wide DeepSpeed group). Set MEDSIGHT_TEST_CHAIN_DIR to keep
+  the outputs between sessions (unchanged stages are reused; any change under medsight/
+  retrains), or MEDSIGHT_TEST_EVALUATE_DIR to an evaluate output of such a chain to use that
+  model as it is while iterating on serving code.
+- ``registry``: a real MLflow sqlite registry whose artifacts live in a real S3 server
+  (SeaweedFS on loopback), with the trained model registered through the gate and promoted.
+- ``model_server``: ``medsight serve --model models:/medsight@production`` on 127.0.0.1,
+  started from another working directory while the chain's outputs are moved away, so what it
+  serves comes from the registry alone.
+
+The shortened chain's answers are not good (wrong organ names on some images), but its grammar
+is learned: "Segment all visible structures." gets one region token per structure named. Tests
+that need several region tokens pick a held-out image for which ``medsight predict`` itself
+gives at least two (``multi_region_image``), so they check the server, not the luck of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAIN_OVERRIDES = ("perceiver_pretrain.epochs=3", "codebook_pretrain.epochs=1", "instruct_tune.epochs=2")
+MULTI_REGION_QUESTION = "Segment all visible structures."
+NO_REGION_QUESTION = "Is there a lesion in this image?"
+SERVER_TOKEN_ENV = "MEDSIGHT_SERVE_TOKEN"
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment for child processes: this checkout first on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop(SERVER_TOKEN_ENV, None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def trained_chain(tmp_path_factory) -> SimpleNamespace:
+    if os.environ.get("MEDSIGHT_TEST_EVALUATE_DIR"):
+        return _chain_of(Path(os.environ["MEDSIGHT_TEST_EVALUATE_DIR"]))
+    workdir = Path(os.environ.get("MEDSIGHT_TEST_CHAIN_DIR") or tmp_path_factory.mktemp("chain"))
+    command = [sys.executable, "-m", "medsight.cli", "chain", "--preset", "tiny", "--workdir", str(workdir)]
+    for override in CHAIN_OVERRIDES:
+        command += ["--set", override]
+    log = workdir.parent / f"{workdir.name}.log"
+    with log.open("w") as handle:
+        done = subprocess.run(command, env=python_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=3600)
+    assert done.returncode == 0, f"tiny chain failed; see {log}"
+    # The chain prints its last output (evaluate); its stage.json names the model it evaluated.
+    lines = [line for line in log.read_text().splitlines() if line.startswith("Done. Last output: ")]
+    return _chain_of(Path(lines[-1].removeprefix("Done. Last output: ").strip()))
+
+
+def _chain_of(evaluate_dir: Path) -> SimpleNamespace:
+    record = json.loads((evaluate_dir / "stage.json").read_text())
+    workdir = evaluate_dir.parent.parent
+    test_images = sorted(Path(record["inputs"]["data"]).glob("biomedparse/test/*.png"))
+    return SimpleNamespace(
+        workdir=workdir,
+        evaluate=evaluate_dir,
+        model=Path(record["inputs"]["model"]),
+        base=Path(record["inputs"]["base"]),
+        metrics=json.loads((evaluate_dir / "metrics.json").read_text()),
+        test_images=test_images,
+    )
+
+
+def run_predict(chain: SimpleNamespace, image: Path, question: str, out: Path) -> dict:
+    """``medsight predict`` as a user runs it (its own process); returns its prediction.json."""
+    command = [sys.executable, "-m", "medsight.cli", "predict", "--checkpoint", str(chain.model), "--base", str(chain.base),
+               "--image", str(image), "--question", question, "--out", str(out)]
+    done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads((out / "prediction.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def multi_region_image(trained_chain, tmp_path_factory) -> tuple[Path, dict, Path]:
+    """A held-out image for which ``medsight predict`` gives >= 2 region tokens for
+    MULTI_REGION_QUESTION: (image, its prediction.json, predict's output folder)."""
+    from medsight.data.image_io import load_image
+    from medsight.eval.predict import predict_image
+    from medsight.model.inference import MedSightInference
+
+    model = MedSightInference.load(trained_chain.model, trained_chain.base)
+    candidates = trained_chain.test_images[:16]
+    chosen = next((p for p in candidates if len(predict_image(model, load_image(p), MULTI_REGION_QUESTION).region_tokens) >= 2), None)
+    assert chosen is not None, f"the trained model named < 2 regions on all of {len(candidates)} test images: training failed"
+    out = tmp_path_factory.mktemp("predict-multi")
+    return chosen, run_predict(trained_chain, chosen, MULTI_REGION_QUESTION, out), out
+
+
+@pytest.fixture(scope="session")
+def registry(trained_chain, tmp_path_factory) -> SimpleNamespace:
+    """Sqlite registry + S3 (SeaweedFS) artifacts, the trained model registered and promoted."""
+    from mlflow import MlflowClient
+
+    from medsight.platform.model_registry import promote, register_from_evaluation
+    from medsight.platform.s3_server import S3Credentials, SeaweedS3Server
+    from medsight.platform.storage import S3Settings, S3Storage
+
+    root = tmp_path_factory.mktemp("registry")
+    server = SeaweedS3Server(root / "s3", credentials=S3Credentials("t" + secrets.token_hex(6), secrets.token_urlsafe(24)))
+    server.start()
+    try:
+        S3Storage(S3Settings.from_env(server.env())).ensure_bucket("medsight-mlflow")
+        env = {
+            **server.env(),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "MLFLOW_S3_ENDPOINT_URL": server.endpoint,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment("medsight", artifact_location="s3://medsight-mlflow/artifacts")
+            metrics = trained_chain.metrics
+            # Thresholds just below what this training run reached: the gate must let it through.
+            thresholds = {"mecovqa_dice": round(metrics["mecovqa_dice"] - 0.05, 3), "open_recall": round(metrics["open_recall"] - 0.05, 3)}
+            registration = register_from_evaluation(
+                trained_chain.evaluate, trained_chain.model, trained_chain.base, thresholds,
+                {"kfp_run_id": "test-run-123"}, name="medsight", workdir=root,
+            )
+            assert registration.registered, registration.gate.failures
+            promote("medsight", registration.version, "production")
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        yield SimpleNamespace(env=env, registration=registration, thresholds=thresholds, root=root, s3=server)
+    finally:
+        server.stop()
+
+
+class ServerProcess:
+    """``medsight serve`` in its own process on loopback; always stopped."""
+
+    def __init__(self, source: str, workdir: Path, env: dict[str, str], *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"serve-{self.port}.log"
+        command = [sys.executable, "-m", "medsight.cli", "serve", "--model", source, "--host", "127.0.0.1",
+                   "--port", str(self.port), "--cache", str(workdir / "models"), *extra]
+        self.handle = self.log.open("w")
+        self.process = subprocess.Popen(command, cwd=workdir, env=env, stdout=self.handle, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"server not ready after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.handle.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def model_server(trained_chain, registry, tmp_path_factory) -> ServerProcess:
+    """Serves the registered version from the registry, with no stage output on disk."""
+    workdir = tmp_path_factory.mktemp("serve")
+    hidden = trained_chain.workdir.with_name(trained_chain.workdir.name + ".hidden")
+    trained_chain.workdir.rename(hidden)  # nothing may read the training outputs
+    try:
+        server = ServerProcess("models:/medsight@production", workdir, python_env(**registry.env), "--max-image-pixels", "1000000",
+                               "--max-body-mb", "4")
+        server.wait_ready()
+    finally:
+        hidden.rename(trained_chain.workdir)
+    yield server
+    server.stop()
