@@ -25,6 +25,23 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config (e
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. --set perceiver_pretrain.epochs=2")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        import medsight
+        from medsight.stages.lineage import git_commit
+
+        typer.echo(f"medsight {medsight.__version__} (git {git_commit()[:12]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and the code's git commit, then exit")] = False,
+) -> None:
+    """MedSIGHT: train, evaluate and serve grounded medical VLMs."""
+
+
 def resolve_config(preset: str, config_file: Path | None, overrides: list[str] | None):
     config = load_config(config_file) if config_file else get_preset(preset)
     return apply_overrides(config, overrides or [])

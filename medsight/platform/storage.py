@@ -40,8 +40,9 @@ class S3Settings:
         if missing:
             raise StorageError(
                 f"S3 storage is not configured: set {', '.join(missing)} "
-                "(locally `medsight platform run-local` or `medsight platform s3-serve` does this; "
-                "on the cluster they come from the medsight-s3 Secret)"
+                "(locally: pass --workdir to the medsight command, or `source runs/platform/s3/client.env` "
+                "while `medsight platform s3-serve` runs; on the cluster they come from the ConfigMap "
+                "medsight-platform and the Secret medsight-s3-credentials)"
             )
         if not urlparse(endpoint).scheme:
             endpoint = "http://" + endpoint
