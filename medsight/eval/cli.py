@@ -22,15 +22,16 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _base_for(checkpoint: Path, base: Path | None) -> Path:
-    """--base, else the base-models input recorded in the checkpoint's stage.json."""
+    """--base, else the base-models input the checkpoint records (by DVC hash): found locally or
+    fetched from the store (``medsight/platform/resolve.py``)."""
     if base is not None:
         return base
-    stage_file = checkpoint / "stage.json"
-    if stage_file.is_file():
-        recorded = json.loads(stage_file.read_text()).get("inputs", {}).get("base")
-        if recorded and Path(recorded).is_dir():
-            return Path(recorded)
-    _fail(f"{checkpoint}: cannot tell where its base models are; pass --base DIR (the base-models stage output)")
+    from medsight.platform.resolve import ResolveError, resolve_input
+
+    try:
+        return resolve_input(checkpoint, "base")
+    except ResolveError as error:
+        _fail(f"{error}; or pass --base DIR (the base-models stage output)", code=1)
     raise AssertionError  # unreachable: _fail exits
 
 

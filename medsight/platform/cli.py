@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from medsight.platform.resolve import DEFAULT_WORKDIR
 from medsight.platform.submit import submit_command
 
 platform_app = typer.Typer(
@@ -28,7 +29,6 @@ platform_app = typer.Typer(
 WorkdirOpt = Annotated[
     Path, typer.Option("--workdir", help="Local platform directory (S3 data, DVC cache, MLflow, run repo)")
 ]
-DEFAULT_WORKDIR = Path("runs/platform")
 
 
 USAGE, FAILURE = 2, 1
@@ -63,9 +63,8 @@ def store_env(workdir: Path | None) -> Iterator[None]:
     ``runs/platform``): the server already serving it (``s3-serve``), else one started here."""
     import os
 
-    from medsight.platform.artifacts import CACHE_ENV, STORE_ENV
-    from medsight.platform.local_run import LOCAL_STORE_URL, patched_env
-    from medsight.platform.s3_server import S3ServerError, SeaweedS3Server
+    from medsight.platform.resolve import ResolveError, open_store
+    from medsight.platform.s3_server import S3ServerError
 
     if os.environ.get("MEDSIGHT_S3_ENDPOINT"):
         yield
@@ -76,25 +75,14 @@ def store_env(workdir: Path | None) -> Iterator[None]:
               f"Pass --workdir DIR (where `medsight platform run-local` ran; default {DEFAULT_WORKDIR}), "
               "or `source DIR/s3/client.env`, or set MEDSIGHT_S3_ENDPOINT, AWS_ACCESS_KEY_ID and "
               "AWS_SECRET_ACCESS_KEY for a remote store.", code=USAGE)
-    chosen = chosen.resolve()
     if not (chosen / "s3").is_dir():
-        _fail(f"{chosen} has no local store (s3/)", "Run `medsight platform run-local` first, or set MEDSIGHT_S3_ENDPOINT.",
-              code=USAGE)
-    server = SeaweedS3Server(chosen / "s3")
-    port = server.running_elsewhere()
+        _fail(f"{chosen.resolve()} has no local store (s3/)",
+              "Run `medsight platform run-local` first, or set MEDSIGHT_S3_ENDPOINT.", code=USAGE)
     try:
-        if port is not None:
-            typer.echo(f"using the S3 server already serving {chosen / 's3'} (port {port})", err=True)
-            context = contextlib.nullcontext(server.attach(port))
-        else:
-            typer.echo(f"starting the local S3 server of {chosen} ...", err=True)
-            context = server
-        with context as running:
-            env = {**running.env(), STORE_ENV: LOCAL_STORE_URL, CACHE_ENV: str(chosen / "dvc-cache"), "DVC_NO_ANALYTICS": "1"}
-            with patched_env(env):
-                yield
-    except S3ServerError as error:
-        _fail(str(error))
+        with open_store(chosen):
+            yield
+    except (S3ServerError, ResolveError) as error:
+        _fail(_message(error))
 
 
 @platform_app.command("run-local")
