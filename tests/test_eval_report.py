@@ -140,7 +140,7 @@ def chromium_binary() -> str | None:
     return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
 
 
-def render_in_chromium(report: Path, tmp_path: Path) -> None:
+def render_in_chromium(report: Path, tmp_path: Path, name: str = "eval_report.png") -> None:
     binary = chromium_binary()
     if binary is None:
         pytest.skip("chromium not installed (CI: apt-get install -y chromium)")
@@ -156,7 +156,7 @@ def render_in_chromium(report: Path, tmp_path: Path) -> None:
     assert loaded.group(1) == loaded.group(2) and int(loaded.group(2)) > 0, f"images loaded: {loaded.group(0)}"
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / ".gitignore").write_text("*\n")  # screenshots are test artifacts, never committed
-    screenshot = ARTIFACTS / "eval_report.png"
+    screenshot = ARTIFACTS / name
     subprocess.run([*flags, f"--screenshot={screenshot}", "--window-size=1280,2400", report.as_uri()], capture_output=True, timeout=180, check=True)
     with Image.open(screenshot) as shot:
         assert shot.size == (1280, 2400)

@@ -3,7 +3,7 @@
 One chart per training stage: its loss terms as lines against the training step (left axis), its
 validation values as markers at the step they were measured. A validation value that matches a
 training series (``val_lm_loss`` and ``lm``) is drawn on that series' axis in its colour; the
-others (Dice scores, accuracies) get a right-hand axis of their own.
+others (Dice scores, accuracies, losses without a training counterpart) get a right-hand axis.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def stage_chart(stage: str, series: dict[str, Points], width: int = 440, height:
                          f'<text x="{axis_x + 6}" y="{sy(tick, r0, r1) + 3:.1f}" font-size="10">{tick:.3g}</text>')
         mid = top + plot_h / 2
         parts.append(f'<text x="{width - 8}" y="{mid:.0f}" font-size="11" text-anchor="middle" '
-                     f'transform="rotate(90 {width - 8} {mid:.0f})">validation score</text>')
+                     f'transform="rotate(90 {width - 8} {mid:.0f})">validation value</text>')
     for name, points in sorted(train.items()):
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
         parts.append(f'<polyline fill="none" stroke="{colors[name]}" stroke-width="1.5" points="{path}">'

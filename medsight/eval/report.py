@@ -103,6 +103,18 @@ def _case_html(example: dict[str, Any], folder: Path) -> str:
     )
 
 
+def _shown_source(source: str, eval_dir: Path) -> str:
+    """A benchmark written into the evaluation folder is shown relative to it (the absolute path
+    is the stage's temporary work folder); a release elsewhere keeps its own path."""
+    try:
+        return Path(source).relative_to(eval_dir.resolve()).as_posix()
+    except ValueError:
+        try:
+            return Path(source).relative_to(eval_dir).as_posix()
+        except ValueError:
+            return source
+
+
 def run_label(lineage: dict[str, Any]) -> str:
     """The table row's name: the variant and the run that produced the evaluation."""
     run = lineage.get("run", {})
@@ -160,7 +172,7 @@ def build_report(eval_dir: Path, curves: Curves | None = None, title: str = "Med
         marker = " \u2020" if name in untrained else ""
         parts.append(
             f"<tr><td>{html.escape(BENCHMARK_TITLES.get(name, name) + marker)}</td><td>{entry['n']}</td><td>{len(entry['skipped'])}</td>"
-            f"<td>{entry['samples_per_second']:.2f}</td><td>{html.escape(entry['source'])}</td></tr>"
+            f"<td>{entry['samples_per_second']:.2f}</td><td>{html.escape(_shown_source(entry['source'], eval_dir))}</td></tr>"
         )
     parts.append("</table>")
     if untrained:

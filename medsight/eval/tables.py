@@ -95,7 +95,7 @@ def comprehension_table(summaries: Summaries, label: str = "model", untrained: t
     if marked:
         names = ", ".join(c[0] for c in marked)
         note += (f". \u2020 {names}: a question format the model was not trained to answer (no such questions in its "
-                 f"instruction data); {'included in' if include_untrained else 'left out of'} Avg.")
+                 f"instruction data); {'included in' if include_untrained else 'left out of'} Avg")
     return Table(
         title="Table 2 - Medical visual comprehension",
         first_column="Model",
