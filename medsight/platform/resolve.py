@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,10 @@ def open_store(workdir: Path | None = None) -> Iterator[None]:
         raise ResolveError(f"{root} has no local store (s3/) and MEDSIGHT_S3_ENDPOINT is not set")
     server = SeaweedS3Server(root / "s3")
     port = server.running_elsewhere()
+    if port is not None:
+        print(f"using the S3 server already serving {root / 's3'} (port {port})", file=sys.stderr)
+    else:
+        print(f"starting the local S3 server of {root} ...", file=sys.stderr)
     context = contextlib.nullcontext(server.attach(port)) if port is not None else server
     with context as running:
         env = {**running.env(), STORE_ENV: LOCAL_STORE_URL, CACHE_ENV: str(root / "dvc-cache"), "DVC_NO_ANALYTICS": "1"}
