@@ -185,6 +185,15 @@ def chain(
         shown = {k: round(v, 4) for k, v in list(record.metrics.items())[:4]}
         typer.echo(f"  {record.name:20s} {flag:>8s}  {shown}")
 
+    # One run id and the variant for every stage of this chain: recorded in each output's lineage,
+    # naming the report's row, and grouping the stages' MLflow runs under one parent run.
+    import secrets
+    import time
+
+    from medsight.stages.lineage import CHAIN_RUN_ID_ENV, VARIANT_ENV
+
+    os.environ.setdefault(CHAIN_RUN_ID_ENV, time.strftime("chain-%Y%m%d-%H%M%S-") + secrets.token_hex(2))
+    os.environ[VARIANT_ENV] = variant
     try:
         result = run_chain(config, workdir, variant, lambda s: make_tracker(s, config), until, on_stage=report)
     except (ConfigError, GraphError, StageError, KeyError, ValueError, FileNotFoundError) as error:

@@ -108,14 +108,16 @@ def run_command(
 def report_command(
     eval_dir: Annotated[Path, typer.Argument(help="An evaluate stage output (holds results.json).")],
     out: Annotated[Path | None, typer.Option(help="Report file (default: EVAL_DIR/report.html).")] = None,
-    curves_from: Annotated[list[Path] | None, typer.Option(help="Stage outputs to read training curves from (lineage is followed).")] = None,
+    curves_from: Annotated[list[Path] | None, typer.Option(help="Stage outputs to read training curves from (default: the evaluation's own lineage.json, which carries every upstream stage's).")] = None,
+    include_untrained: Annotated[bool, typer.Option(help="Average in benchmarks whose question format the model was never trained on (they are marked either way).")] = False,
 ) -> None:
     """Rebuild the self-contained HTML report of an evaluation folder."""
     from medsight.eval.curves import collect_curves
     from medsight.eval.report import build_report
 
     try:
-        path = build_report(eval_dir, curves=collect_curves(list(curves_from or [])), output=out)
+        path = build_report(eval_dir, curves=collect_curves(list(curves_from or [eval_dir])), output=out,
+                            include_untrained=include_untrained)
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     console.print(f"report written: {path}")

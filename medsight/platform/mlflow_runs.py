@@ -4,8 +4,9 @@
   opens on Runs, not in its GenAI mode where runs are filed under "Evaluations".
 - One parent run per pipeline run, with a nested child run per stage (``mlflow.parentRunId``).
   The local runner creates the parent and hands its id to the components
-  (``MEDSIGHT_MLFLOW_PARENT_RUN_ID``); on a cluster each component finds the parent by its KFP
-  run id (``kfp.run_id`` tag) or creates it, and concurrent creators agree on the oldest.
+  (``MEDSIGHT_MLFLOW_PARENT_RUN_ID``) or lets each stage find the parent by its pipeline run id
+  (``medsight.run_id`` tag: the KFP run id, or an in-process chain's ``MEDSIGHT_RUN_ID``) or
+  create it; concurrent creators agree on the oldest.
 - The standard ``mlflow.source.*`` tags (git commit, source name and type) and ``mlflow.user``.
 - Every stage input logged as a dataset input whose source is its DVC object in the store.
 - A sqlite store is created with its default artifact root beside the database, and its
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medsight.stages.lineage import RUN_ID_ENV, git_commit, user_name
+from medsight.stages.lineage import RUN_ID_ENV, git_commit, pipeline_run_id, user_name
 
 PARENT_ENV = "MEDSIGHT_MLFLOW_PARENT_RUN_ID"
 # "1": a runner (the local one) opened the parent run and finishes it; stages leave its status alone.
@@ -29,6 +30,7 @@ REPO_URL_ENV = "MEDSIGHT_GIT_REPO_URL"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 ROLE_TAG = "medsight.role"
+RUN_TAG = "medsight.run_id"  # the pipeline run (KFP run or chain) a run belongs to
 PIPELINE_ROLE = "pipeline"
 STAGE_ROLE = "stage"
 DVC_SOURCE_TYPE = "dvc"
@@ -77,7 +79,7 @@ def mark_model_training(client: Any, experiment_id: str) -> None:
 def _pipeline_runs(client: Any, experiment_id: str, kfp_run_id: str) -> list[Any]:
     runs = client.search_runs(
         [experiment_id],
-        f"tags.`{ROLE_TAG}` = '{PIPELINE_ROLE}' and tags.`kfp.run_id` = '{kfp_run_id}'",
+        f"tags.`{ROLE_TAG}` = '{PIPELINE_ROLE}' and tags.`{RUN_TAG}` = '{kfp_run_id}'",
         max_results=20,
     )
     return sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
@@ -93,7 +95,7 @@ def find_or_create_parent(client: Any, experiment_id: str, kfp_run_id: str, tags
     if found:
         return found[0].info.run_id
     created = client.create_run(experiment_id, run_name=f"pipeline {kfp_run_id}", tags={
-        **tags, ROLE_TAG: PIPELINE_ROLE, "kfp.run_id": kfp_run_id, "mlflow.runName": f"pipeline {kfp_run_id}"})
+        **tags, ROLE_TAG: PIPELINE_ROLE, RUN_TAG: kfp_run_id, "mlflow.runName": f"pipeline {kfp_run_id}"})
     oldest = _pipeline_runs(client, experiment_id, kfp_run_id)[0].info.run_id
     if oldest != created.info.run_id:
         client.delete_run(created.info.run_id)
@@ -104,8 +106,8 @@ def parent_run_id(client: Any, experiment_id: str, tags: Mapping[str, str]) -> s
     """The parent for a stage run: the runner's (env), else the pipeline run's (cluster), else none."""
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    if os.environ.get(RUN_ID_ENV):
-        return find_or_create_parent(client, experiment_id, os.environ[RUN_ID_ENV], tags)
+    if pipeline_run_id():
+        return find_or_create_parent(client, experiment_id, pipeline_run_id(), tags)
     return None
 
 
@@ -153,6 +155,7 @@ def log_restored_stage(client: Any, experiment_id: str, parent_id: str, record: 
         "mlflow.parentRunId": parent_id, ROLE_TAG: STAGE_ROLE, "medsight.stage": stage, "medsight.cache_hit": "true",
         "medsight.source_mlflow_run_id": str(record.get("mlflow_run_id") or ""), "dvc.output": record["ref"]["md5"],
         "medsight.cache_key": record.get("cache_key", ""), "kfp.run_id": record.get("run_id", ""),
+        RUN_TAG: record.get("run_id", ""),
         **{f"dvc.{name}": md5 for name, md5 in record.get("inputs", {}).items()},
         **source_tags(f"medsight stage run {stage}"),
     }

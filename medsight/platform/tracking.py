@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import medsight
 from medsight.platform import mlflow_runs
-from medsight.stages.lineage import git_commit  # noqa: F401  (re-exported: the code version)
+from medsight.stages.lineage import git_commit, pipeline_run_id  # git_commit re-exported: the code version
 
 # MLflow 3 reports usage to a remote endpoint by default, and its DNS lookup can stall a
 # sandboxed or air-gapped pod for minutes. Off unless the user explicitly turns it on; this runs
@@ -87,6 +87,8 @@ def _default_tags(stage: str) -> dict[str, str]:
     }
     if os.environ.get("KFP_RUN_ID"):
         tags["kfp.run_id"] = os.environ["KFP_RUN_ID"]
+    if pipeline_run_id():
+        tags[mlflow_runs.RUN_TAG] = pipeline_run_id()
     return tags
 
 

@@ -2,7 +2,8 @@
 
 Each stage output carries ``lineage.json``, written by the runner before the stage computes:
 
-- ``run``: the pipeline run id (``KFP_RUN_ID``), the code version (git commit), the ablation
+- ``run``: the pipeline run id (``KFP_RUN_ID``, or ``MEDSIGHT_RUN_ID`` of an in-process chain),
+  the code version (git commit), the ablation
   variant and the MLflow run id of the stage;
 - ``inputs``: ``{name: {md5, stage, store_uri?}}``: DVC content hashes, never a temporary path;
 - ``upstream``: ``{md5: {stage, run, inputs, metrics, history}}`` for every output upstream of
@@ -29,7 +30,8 @@ from typing import Any
 import medsight
 
 LINEAGE_FILE = "lineage.json"
-RUN_ID_ENV = "KFP_RUN_ID"
+RUN_ID_ENV = "KFP_RUN_ID"  # set by KFP (pod label) and by the local runner
+CHAIN_RUN_ID_ENV = "MEDSIGHT_RUN_ID"  # set by `medsight chain`
 COMMIT_ENV = "MEDSIGHT_GIT_COMMIT"
 VARIANT_ENV = "MEDSIGHT_VARIANT"
 MAX_POINTS = 400
@@ -52,6 +54,11 @@ def git_commit() -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
+def pipeline_run_id() -> str:
+    """The run a stage belongs to: the KFP run, else the in-process chain's run, else none."""
+    return os.environ.get(RUN_ID_ENV) or os.environ.get(CHAIN_RUN_ID_ENV, "")
+
+
 def user_name() -> str:
     try:
         return getpass.getuser()
@@ -70,7 +77,7 @@ class RunInfo:
 
     @classmethod
     def from_env(cls, mlflow_run_id: str = "") -> RunInfo:
-        return cls(os.environ.get(RUN_ID_ENV, ""), git_commit(), os.environ.get(VARIANT_ENV, ""), mlflow_run_id)
+        return cls(pipeline_run_id(), git_commit(), os.environ.get(VARIANT_ENV, ""), mlflow_run_id)
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
