@@ -173,7 +173,8 @@ class RunRepo:
         repo = Repo(str(self.path))
         try:
             with quiet():
-                repo.pull(targets=[name])
+                # Addressed through dvc.yaml: a bare stage name would be resolved against the cwd.
+                repo.pull(targets=[f"{self.path / 'dvc.yaml'}:{name}"])
         except Exception as error:
             raise ArtifactStoreError(f"dvc pull {name} in {self.path} failed: {error}; is the S3 server up?") from error
         finally:
