@@ -168,6 +168,7 @@ class MLflowTracker:
         log_config: bool = True,
         parent: str | None | bool = True,
         system_metrics: bool | None = None,
+        pipeline_run_id: str | None = None,
     ) -> MLflowTracker:
         tracking_uri = resolve_tracking_uri(config, uri)
         if not tracking_uri:
@@ -186,6 +187,7 @@ class MLflowTracker:
                   **(tags or {})},
             parent=parent,
             system_metrics=system_metrics,
+            pipeline_run_id=pipeline_run_id,
         )
         if config is not None and log_config:
             from medsight.config import to_dict
@@ -293,7 +295,12 @@ class MLflowTracker:
 def _start_system_metrics(run_id: str, tracking_uri: str) -> Any:
     """MLflow's system-metrics sampler on this run; None (and a run without them) if it cannot start."""
     try:
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Its start/stop INFO lines would land between the pipeline's progress lines.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
         monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)
         monitor.start()
