@@ -55,6 +55,14 @@ def _fail(message: str, hint: str = "", code: int = 1) -> None:
     raise typer.Exit(code=code)
 
 
+def _error_text(error: BaseException) -> str:
+    """The error's own message: a KeyError's argument without the quotes str() wraps it in
+    (stripping quotes from every message cut the closing quote off values like 'abc')."""
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    return str(error)
+
+
 def make_tracker(stage: str, config):
     """MLflow when MLFLOW_TRACKING_URI is set, otherwise no tracking."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -120,7 +128,7 @@ def stage_run(
     try:
         config = resolve_config(preset, config_file, overrides)
     except (ConfigError, KeyError) as error:
-        _fail(str(error).strip("'\""), code=2)
+        _fail(_error_text(error), code=2)
     if store:
         outcome = _run_stage_in_store(name, config, parsed, workdir, use_existing)
         metrics, state = outcome["metrics"], "restored from the run-cache" if outcome["cached"] else "done"
@@ -132,7 +140,7 @@ def stage_run(
             tracker = make_tracker(name, config)
             run = run_stage(name, config, {k: Path(v) for k, v in parsed.items()}, out, tracker, reuse=not force)
         except (StageError, ValueError, FileNotFoundError) as error:
-            _fail(str(error).strip("'\""), "Fix the input above and rerun; completed work is kept.")
+            _fail(_error_text(error), "Fix the input above and rerun; completed work is kept.")
         metrics, state, where = run.metrics, "up to date (reused)" if run.reused else "done", str(out)
         outcome = {"stage": name, "cached": run.reused, "metrics": metrics, "cache_key": run.key.key,
                    "output": str(out)}
@@ -155,7 +163,7 @@ def _run_stage_in_store(name: str, config, inputs: dict[str, str], workdir: Path
         try:
             outcome = execute_stage(name, inputs, config, use_existing=use_existing)
         except (ArtifactStoreError, StorageError, StageError, ValueError, FileNotFoundError) as error:
-            _fail(f"{name}: {str(error).strip(chr(39) + chr(34))}")
+            _fail(f"{name}: {_error_text(error)}")
     return {"stage": name, "ref": json.loads(outcome.ref.to_json()), "cached": outcome.cached,
             "metrics": outcome.metrics, "seconds": outcome.seconds, "cache_key": outcome.cache_key,
             "inputs": outcome.inputs}
@@ -178,7 +186,7 @@ def chain(
     try:
         config = resolve_config(preset, config_file, overrides)
     except (ConfigError, KeyError) as error:
-        _fail(str(error).strip("'\""), code=2)
+        _fail(_error_text(error), code=2)
 
     def report(record) -> None:
         flag = "reused" if record.reused else f"{record.seconds:6.1f}s"
@@ -197,7 +205,7 @@ def chain(
     try:
         result = run_chain(config, workdir, variant, lambda s: make_tracker(s, config), until, on_stage=report)
     except (ConfigError, GraphError, StageError, KeyError, ValueError, FileNotFoundError) as error:
-        _fail(str(error).strip("'\""))
+        _fail(_error_text(error))
     last = list(result.stages.values())[-1]
     typer.echo(f"\nDone. Last output: {last.output}")
     if "evaluate" in result.stages:
@@ -243,7 +251,7 @@ def config_show(preset: PresetOpt = "tiny", config_file: ConfigOpt = None, overr
     try:
         config = resolve_config(preset, config_file, overrides)
     except (ConfigError, KeyError) as error:
-        _fail(str(error).strip("'\""), code=2)
+        _fail(_error_text(error), code=2)
     typer.echo(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 

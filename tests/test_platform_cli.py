@@ -66,6 +66,8 @@ def test_usage_errors_exit_2_and_keep_their_quotes(tmp_path: Path) -> None:
     assert result.returncode == 2
     _one_clear_line(result)
     assert "unknown variant 'nope';" in result.stderr  # the closing quote is kept
+    parse = _medsight("config", "show", "--set", "model.llm.hidden_size=abc")
+    assert parse.returncode == 2 and parse.stderr.strip().endswith("got 'abc'"), parse.stderr
     for args in (["platform", "pull", "--dest", str(tmp_path / "d")],
                  ["platform", "run-local", "--input", "data=x"],
                  ["platform", "s3-serve", "--dir", str(tmp_path / "missing")]):
