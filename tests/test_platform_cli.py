@@ -99,3 +99,8 @@ def test_runs_and_pull_share_a_running_s3_serve(tmp_path: Path) -> None:
         assert pulled.returncode == 1  # nothing stored under that hash: a failure, not a usage error
         _one_clear_line(pulled)
         assert "already serving" in pulled.stderr and "0" * 32 in pulled.stderr
+        # Against the store too, stdout carries the metrics JSON alone (DVC's chatter included).
+        stored = _medsight("stage", "run", "synth-data", "--store", "--workdir", str(workdir),
+                           "--set", "data.train_images=2", "--set", "data.val_images=1", "--set", "data.test_images=1")
+        assert stored.returncode == 0, stored.stderr
+        assert json.loads(stored.stdout)["train_images"] == 2.0

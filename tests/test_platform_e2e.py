@@ -188,6 +188,7 @@ def test_pulled_checkpoint_alone_answers(first: tuple[LocalRunResult, str], serv
     result = first[0]
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(result.workdir / "repo"), str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "checkout", "-q", result.run_id], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSIGHT_")}
     env.update({**server.env(), "DVC_NO_ANALYTICS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
                 "MEDSIGHT_STORE_URL": "s3://medsight/store"})

@@ -146,9 +146,19 @@ def configure_dvc_repo(repo: Any, config: StoreConfig, *, cache_dir: Path | None
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    # DVC's repo API prints "Initialized DVC repository." and progress bars to stdout.
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    """DVC's repo API prints progress bars to stdout and logs INFO lines ("Initialized DVC
+    repository.") through a handler bound to the real stdout; neither may reach a command's
+    stdout, which carries JSON for scripts. Warnings and errors still go through."""
+    import logging
+
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(max(level, logging.WARNING))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        dvc_logger.setLevel(level)
 
 
 def _retry(what: str, attempts: int, fn: Any) -> Any:
