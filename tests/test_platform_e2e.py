@@ -201,3 +201,15 @@ def test_pulled_checkpoint_alone_answers(first: tuple[LocalRunResult, str], serv
                               env=env, capture_output=True, text=True, timeout=600)
     assert answered.returncode == 0, answered.stderr
     assert (tmp_path / "answer" / "answer.txt").is_file()
+
+
+def test_run_local_json_is_alone_on_stdout(first: tuple[LocalRunResult, str], workdir: Path) -> None:
+    """`run-local --json`: progress and messages on stderr, one JSON document on stdout."""
+    args = [arg for override in TEST_OVERRIDES for arg in ("--set", override)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDSIGHT_", "AWS_", "MLFLOW_TRACKING"))}
+    done = subprocess.run([sys.executable, "-m", "medsight.cli", "platform", "run-local", "--workdir", str(workdir),
+                           "--json", *args], capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert {s["stage"] for s in summary["stages"]} == set(ALL) and all(s["status"] == "cached" for s in summary["stages"])
+    assert "ok  evaluate" in done.stderr
