@@ -240,10 +240,10 @@ def _run_and_push(
             seconds = time.time() - compute_started
             cacheable = (read_stage_file(output) or {}).get("cacheable", True)
             _log_output_files(tracker, output)
-            if get_stage(stage).output == "evaluation":
-                _log_evaluated_model(tracker, paths, output, metrics)
             ref = ws.add(output, stage=stage)
             ws.push(ref, stage)
+            if get_stage(stage).output == "evaluation":
+                _log_evaluated_model(tracker, paths, output, metrics)
         tracker.set_tags({"dvc.output": ref.md5})
         mlflow_run_id = getattr(tracker, "run_id", None)
         if cacheable:
@@ -264,15 +264,22 @@ def _run_and_push(
 
 
 def _log_evaluated_model(tracker: Any, inputs: Mapping[str, Path], output: Path, metrics: Mapping[str, float]) -> None:
-    """The model the evaluation scored, logged as an MLflow model of its run (final_model.py)."""
+    """The model the evaluation scored, logged as an MLflow model of its run (final_model.py).
+
+    Called once the evaluation is pushed: a tracking failure is reported (stderr and a run tag),
+    never a reason to lose the evaluation."""
     run_id = getattr(tracker, "run_id", None)
     if not run_id or "model" not in inputs or "base" not in inputs:
         return
     from medsight.platform.final_model import log_final_model
     from medsight.stages.lineage import read_lineage
 
-    log_final_model(inputs["model"], inputs["base"], tracking_uri=tracker.tracking_uri, run_id=run_id,
-                    lineage=read_lineage(output), metrics=metrics)
+    try:
+        log_final_model(inputs["model"], inputs["base"], tracking_uri=tracker.tracking_uri, run_id=run_id,
+                        lineage=read_lineage(output), metrics=metrics)
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        print(f"warning: the evaluated model was not logged to MLflow: {error}", file=sys.stderr)
+        tracker.set_tags({"medsight.final_model_error": str(error)[:500]})
 
 
 # -- inside the KFP executor ---------------------------------------------------------------
@@ -335,7 +342,7 @@ def run_component(
     store = ArtifactStore()
     Path(output.path).parent.mkdir(parents=True, exist_ok=True)
     # A pointer, not the bytes: KFP's launcher uploads this file to the artifact's URI, so pointing
-    # the URI at the DVC object itself would overwrite it (docs/deploy.md, "KFP artifacts").
+    # the URI at the DVC object itself would overwrite it (docs/deploy.md, section 9).
     Path(output.path).write_text(ref.described_pointer(stage, store.object_uri(ref.md5), store.config.dvc_url))
     output.metadata.update({
         "dvc_md5": ref.md5, **{k: v for k, v in (("size", ref.size), ("nfiles", ref.nfiles)) if v is not None}, "stage": stage,
