@@ -99,6 +99,9 @@ def stage_chart(stage: str, series: dict[str, Points], width: int = 440, height:
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
         parts.append(f'<polyline fill="none" stroke="{colors[name]}" stroke-width="1.5" points="{path}">'
                      f'<title>{html.escape(name)}</title></polyline>')
+        if len(points) == 1:  # a one-step run: a line of one point would not show
+            x, y = points[0]
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colors[name]}"/>')
     legend = [(name, colors[name], "line") for name in sorted(train)]
     for index, (name, points) in enumerate(sorted(validation.items())):
         series = matched[name]
