@@ -99,7 +99,14 @@ def test_mlflow_has_one_parent_with_a_child_per_stage(first: tuple[LocalRunResul
     assert {d.dataset.source_type for d in run.inputs.dataset_inputs} == {"dvc"}
     assert by_stage["t2v-align"].data.tags["dvc.v2t"].endswith(".dir")
     evaluation = by_stage["evaluate"]
-    assert len(evaluation.outputs.model_outputs) == 1  # the evaluated model, as an MLflow model
+    [output] = evaluation.outputs.model_outputs  # the evaluated model, as an MLflow model
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(result.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    image = next(result.report.parent.rglob("*.png"))
+    [answer] = model.predict([{"image": str(image), "question": "Is there a lesion?"}])
+    assert isinstance(answer["answer"], str) and isinstance(answer["region_tokens"], list)
 
 
 def test_report_has_every_training_stage_and_the_run(first: tuple[LocalRunResult, str]) -> None:
