@@ -24,6 +24,23 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config (e
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. --set perceiver_pretrain.epochs=2")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        import medsight
+        from medsight.stages.lineage import git_commit
+
+        typer.echo(f"medsight {medsight.__version__} (git {git_commit()[:12]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and the code's git commit, then exit")] = False,
+) -> None:
+    """MedSIGHT: train, evaluate and serve grounded medical VLMs."""
+
+
 def resolve_config(preset: str, config_file: Path | None, overrides: list[str] | None):
     config = load_config(config_file) if config_file else get_preset(preset)
     return apply_overrides(config, overrides or [])
@@ -199,6 +216,15 @@ def chain(
         shown = {k: round(v, 4) for k, v in list(record.metrics.items())[:4]}
         typer.echo(f"  {record.name:20s} {flag:>8s}  {shown}")
 
+    # One run id and the variant for every stage of this chain: recorded in each output's lineage,
+    # naming the report's row, and grouping the stages' MLflow runs under one parent run.
+    import secrets
+    import time
+
+    from medsight.stages.lineage import CHAIN_RUN_ID_ENV, VARIANT_ENV
+
+    os.environ.setdefault(CHAIN_RUN_ID_ENV, time.strftime("chain-%Y%m%d-%H%M%S-") + secrets.token_hex(2))
+    os.environ[VARIANT_ENV] = variant
     result = run_chain(config, workdir, variant, lambda s: make_tracker(s, config), until, on_stage=report)
     last = list(result.stages.values())[-1]
     typer.echo(f"\nDone. Last output: {last.output}")

@@ -99,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files(args.out, settings)
         if stale:
-            print(f"stale compiled pipelines: {', '.join(stale)}; run: python -m pipelines.compile", file=sys.stderr)
+            print(f"stale compiled pipelines: {', '.join(stale)}; run: medsight platform compile", file=sys.stderr)
             return 1
         print("compiled pipelines are up to date")
         return 0
     for path in compile_all(args.out, settings, args.variant):
         print(f"wrote {path}")
-    print("Upload one in the KFP UI (Pipelines > Upload pipeline) or: medsight submit <file> --host <KFP URL>")
+    print("Upload one in the KFP UI (Pipelines > Upload pipeline) or: "
+          "medsight platform submit pipelines/compiled/medsight-pipeline.yaml --host <KFP URL>")
     return 0
 
 

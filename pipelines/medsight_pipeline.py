@@ -24,6 +24,7 @@ from kfp import dsl
 
 from components import compare_component, plan_component, stage_component, stage_from_refs
 from components.generate import python_name
+from medsight.stages.lineage import VARIANT_ENV
 from pipelines.deployment import DeploymentSettings, configure_helper, configure_reader, configure_stage
 
 PIPELINE_NAME = "medsight-pipeline"
@@ -91,6 +92,10 @@ def wire_variants(
                 if not spec.inputs:
                     arguments["use_existing"] = data_revision
                 task = configure_stage(stage_component(spec.name)(**arguments), spec, settings)
+                if spec.name == evaluation_stage().name:
+                    # Names the report's table row; an environment variable, not a parameter,
+                    # so it never changes a cache key.
+                    task.set_env_variable(VARIANT_ENV, name)
                 tasks[identity] = task.outputs["output"]
             outputs[spec.name] = identity
         evaluations[name] = tasks[outputs[evaluation_stage().name]]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
 from medsight.platform.run_repo import RunRepo
@@ -46,26 +47,66 @@ def test_push_then_pull_into_fresh_cache_gives_identical_bytes(store_env: dict, 
         assert tree_hashes(pulled) == hashes
 
 
-def test_fresh_git_clone_and_dvc_pull_reproduce_the_bytes(store_env: dict, tmp_path: Path) -> None:
-    store = ArtifactStore()
-    store.ensure_ready()
-    ref, hashes = _add_and_push(store, tmp_path / "ws", name="perceiver-pretrain", files=7)
-    repo = RunRepo(tmp_path / "repo")
-    repo.ensure(store.config)
-    record = {"stage": "perceiver-pretrain", "ref": json.loads(ref.to_json()), "cache_key": "k" * 64}
-    repo.record_run("run-1", [record], {"preset": "tiny"})
-    # Another machine: a clone has no workspace copy and no cache; only git + the S3 remote.
-    shutil.rmtree(tmp_path / "ws")
-    shutil.rmtree(store_env["MEDSIGHT_DVC_CACHE"])
+def test_fresh_clone_pulls_with_plain_dvc_from_another_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """git clone -> dvc pull STAGE with the dvc CLI, the store on another port than at push time."""
+    from platform_fixtures import make_credentials
+
+    server = SeaweedS3Server(tmp_path / "s3", credentials=make_credentials())
+    try:
+        server.start()
+        for key, value in {**server.env(), "MEDSIGHT_STORE_URL": "s3://clone/store",
+                           "MEDSIGHT_DVC_CACHE": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(key, value)
+        store = ArtifactStore()
+        store.ensure_ready()
+        data, _ = _add_and_push(store, tmp_path / "ws", name="synth-data", files=3)
+        ckpt, hashes = _add_and_push(store, tmp_path / "ws2", name="perceiver-pretrain", files=7)
+        repo = RunRepo(tmp_path / "repo")
+        repo.ensure(store.config)
+        records = [
+            {"stage": "synth-data", "ref": json.loads(data.to_json()), "cache_key": "a" * 64, "inputs": {}},
+            {"stage": "perceiver-pretrain", "ref": json.loads(ckpt.to_json()), "cache_key": "k" * 64,
+             "inputs": {"data": data.md5}},
+        ]
+        repo.record_run("run-1", records, {"preset": "tiny"})
+        push_port = server.port
+        server.stop()
+    finally:
+        server.stop()
+    # The lock records every output (and the inputs of each) by hash.
+    lock = yaml.safe_load((repo.path / "dvc.lock").read_text())
+    assert lock["stages"]["perceiver-pretrain"]["outs"][0]["md5"] == ckpt.md5
+    assert lock["stages"]["perceiver-pretrain"]["deps"][0] == {
+        "path": "outputs/synth-data", "hash": "md5", "md5": data.md5, "size": data.size, "nfiles": data.nfiles}
+    # Another machine: no workspace copy, no cache; only git, the S3 remote and the environment.
+    shutil.rmtree(tmp_path / "ws2")
+    shutil.rmtree(tmp_path / "cache")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo.path), str(clone)], check=True)
     config = (clone / ".dvc" / "config").read_text()
-    assert store_env["AWS_SECRET_ACCESS_KEY"] not in config and "endpointurl" in config
-    result = subprocess.run([DVC, "pull", "outputs/perceiver-pretrain.dvc"], cwd=clone, capture_output=True,
-                            text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-    assert result.returncode == 0, result.stderr
-    assert tree_hashes(clone / "outputs" / "perceiver-pretrain") == hashes
+    assert "endpointurl" not in config and str(push_port) not in config
+    moved = SeaweedS3Server(tmp_path / "s3", port=push_port + 7, credentials=server.credentials)
+    with moved:
+        assert moved.port != push_port
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("MEDSIGHT_", "AWS_"))}
+        env.update({"DVC_NO_ANALYTICS": "1", "AWS_ENDPOINT_URL": moved.endpoint, "AWS_MAX_ATTEMPTS": "1",
+                    "AWS_ACCESS_KEY_ID": server.credentials.access_key,
+                    "AWS_SECRET_ACCESS_KEY": server.credentials.secret_key, "AWS_DEFAULT_REGION": "us-east-1"})
+        result = subprocess.run([DVC, "pull", "perceiver-pretrain"], cwd=clone, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert tree_hashes(clone / "outputs" / "perceiver-pretrain") == hashes
+        assert not (clone / "outputs" / "synth-data").exists()  # only the stage asked for
+        status = subprocess.run(["git", "-C", str(clone), "status", "--porcelain"], capture_output=True, text=True)
+        assert status.stdout == ""  # pulled outputs are git-ignored
     assert subprocess.run(["git", "-C", str(clone), "tag"], capture_output=True, text=True).stdout.split() == ["run-1"]
+    # The store is down now: the pull fails within seconds and names the endpoint it tried.
+    shutil.rmtree(clone / "outputs" / "perceiver-pretrain")
+    shutil.rmtree(clone / ".dvc" / "cache", ignore_errors=True)
+    started = time.monotonic()
+    failed = subprocess.run([DVC, "pull", "perceiver-pretrain"], cwd=clone, capture_output=True, text=True, env=env)
+    assert failed.returncode != 0
+    assert time.monotonic() - started < 20
+    assert moved.endpoint in failed.stderr, failed.stderr
 
 
 def test_run_cache_records_only_complete_outputs(store_env: dict, tmp_path: Path) -> None:

@@ -78,20 +78,42 @@ def test_every_stage_output_is_in_the_dvc_remote(first: tuple[LocalRunResult, st
         assert store.in_remote(ArtifactRef.parse(json.dumps(record["ref"]))), record["stage"]
 
 
-def test_mlflow_has_params_metrics_and_lineage_tags(first: tuple[LocalRunResult, str]) -> None:
+def test_mlflow_has_one_parent_with_a_child_per_stage(first: tuple[LocalRunResult, str]) -> None:
     from mlflow.tracking import MlflowClient
 
     result = first[0]
     client = MlflowClient(result.tracking_uri)
+    assert [e.name for e in client.search_experiments()] == ["medsight"]
     experiment = client.get_experiment_by_name("medsight")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id], f"tags.`kfp.run_id` = '{result.run_id}'")
-    by_stage = {r.data.tags["medsight.stage"]: r for r in runs}
-    assert set(by_stage) == {*ALL, "pipeline"}
+    [parent] = [r for r in runs if r.data.tags.get("medsight.role") == "pipeline"]
+    assert parent.info.status == "FINISHED" and "wall_seconds" in parent.data.metrics
+    assert any(key.startswith("system/") for key in parent.data.metrics)  # one sampler for the machine
+    by_stage = {r.data.tags["medsight.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(by_stage) == set(ALL)
     run = by_stage["perceiver-pretrain"]
     assert run.data.params["model.perceiver.two_way"] == "True"
     assert "val_dice" in run.data.metrics
-    assert {"git.commit", "dvc.data", "dvc.base", "dvc.output", "medsight.cache_key"} <= set(run.data.tags)
+    assert {"mlflow.source.git.commit", "dvc.data", "dvc.base", "dvc.output", "medsight.cache_key"} <= set(run.data.tags)
+    assert {d.dataset.source_type for d in run.inputs.dataset_inputs} == {"dvc"}
     assert by_stage["t2v-align"].data.tags["dvc.v2t"].endswith(".dir")
+    evaluation = by_stage["evaluate"]
+    [output] = evaluation.outputs.model_outputs  # the evaluated model, as an MLflow model
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(result.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    image = next(result.report.parent.rglob("*.png"))
+    [answer] = model.predict([{"image": str(image), "question": "Is there a lesion?"}])
+    assert isinstance(answer["answer"], str) and isinstance(answer["region_tokens"], list)
+
+
+def test_report_has_every_training_stage_and_the_run(first: tuple[LocalRunResult, str]) -> None:
+    html = first[0].report.read_text()
+    assert f"full ({first[0].run_id})" in html
+    for stage in ("perceiver-pretrain", "codebook-pretrain", "v2t-align", "t2v-align", "instruct-tune"):
+        assert f'aria-label="{stage} training curves"' in html, stage
 
 
 def test_unchanged_rerun_recomputes_nothing(first: tuple[LocalRunResult, str], workdir: Path) -> None:
@@ -116,10 +138,10 @@ def test_checkpoint_pull_from_fresh_clone_is_byte_identical(first: tuple[LocalRu
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(result.workdir / "repo"), str(clone)], check=True)
     subprocess.run(["git", "-C", str(clone), "checkout", "-q", result.run_id], check=True)
-    env = {**os.environ, **server.env(), "DVC_NO_ANALYTICS": "1"}
-    env.pop("MEDSIGHT_DVC_CACHE", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSIGHT_")}
+    env.update({**server.env(), "DVC_NO_ANALYTICS": "1"})
     dvc = str(Path(sys.executable).parent / "dvc")
-    pulled = subprocess.run([dvc, "pull", "outputs/perceiver-pretrain.dvc"], cwd=clone, env=env,
+    pulled = subprocess.run([dvc, "pull", "perceiver-pretrain"], cwd=clone, env=env,
                             capture_output=True, text=True)
     assert pulled.returncode == 0, pulled.stderr
     # The manifest in the remote lists every file's md5 as pushed by the run.
@@ -165,3 +187,36 @@ def test_pull_command_gives_the_pushed_bytes(first: tuple[LocalRunResult, str], 
     assert f"pulled {md5}" in result.output and any(dest.iterdir())
     listing = CliRunner().invoke(platform_app, ["runs", "--workdir", str(workdir)])
     assert first[0].run_id in listing.output
+
+
+def test_pulled_checkpoint_alone_answers(first: tuple[LocalRunResult, str], server: SeaweedS3Server,
+                                         tmp_path: Path) -> None:
+    """`medsight predict` on a pulled instruct-tune output: its base models come from the store by hash."""
+    result = first[0]
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(result.workdir / "repo"), str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "checkout", "-q", result.run_id], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSIGHT_")}
+    env.update({**server.env(), "DVC_NO_ANALYTICS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+                "MEDSIGHT_STORE_URL": "s3://medsight/store"})
+    bin_dir = Path(sys.executable).parent
+    assert subprocess.run([str(bin_dir / "dvc"), "pull", "instruct-tune"], cwd=clone, env=env).returncode == 0
+    image = next((result.workdir / "repo" / "outputs" / "evaluate").rglob("*.png"))
+    answered = subprocess.run([sys.executable, "-m", "medsight.cli", "predict", "--checkpoint",
+                               str(clone / "outputs" / "instruct-tune"), "--image", str(image),
+                               "--question", "Is there a lesion?", "--out", str(tmp_path / "answer")],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert answered.returncode == 0, answered.stderr
+    assert (tmp_path / "answer" / "answer.txt").is_file()
+
+
+def test_run_local_json_is_alone_on_stdout(first: tuple[LocalRunResult, str], workdir: Path) -> None:
+    """`run-local --json`: progress and messages on stderr, one JSON document on stdout."""
+    args = [arg for override in TEST_OVERRIDES for arg in ("--set", override)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDSIGHT_", "AWS_", "MLFLOW_TRACKING"))}
+    done = subprocess.run([sys.executable, "-m", "medsight.cli", "platform", "run-local", "--workdir", str(workdir),
+                           "--json", *args], capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert {s["stage"] for s in summary["stages"]} == set(ALL) and all(s["status"] == "cached" for s in summary["stages"])
+    assert "ok  evaluate" in done.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from medsight.config.access import covered
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
@@ -90,6 +91,10 @@ def test_run_component_writes_kfp_outputs(store_env: dict, tmp_path: Path) -> No
     ref = ArtifactRef.parse(artifact_ref(output))
     assert ref is not None and not output.metadata["cached"]
     assert f"md5: {ref.md5}" in Path(output.path).read_text()  # a .dvc pointer: `dvc pull` can use it
+    pointer = yaml.safe_load(Path(output.path).read_text())
+    # What a KFP UI reader sees in the artifact: where the bytes are and how to fetch them.
+    assert pointer["meta"]["store_uri"] == output.metadata["store_uri"]
+    assert pointer["meta"]["dvc_remote"].endswith("/store/dvc") and "medsight platform pull --md5" in pointer["meta"]["pull"][0]
     assert output.metadata["dvc_md5"] == ref.md5 and metrics.metrics["cached"] == 0.0
     assert output.metadata["store_uri"].endswith(ref.md5[2:]) and metrics.metrics["train_images"] == 2.0
     assert "synth-data" in Path(card.path).read_text() and ref.md5 in Path(card.path).read_text()

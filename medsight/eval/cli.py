@@ -24,30 +24,18 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _recorded_base(checkpoint: Path) -> Path | None:
-    """The base-models input recorded in the checkpoint's stage.json (a damaged one is named)."""
-    from medsight.io_utils import read_json
-
-    stage_file = checkpoint / "stage.json"
-    if not stage_file.is_file():
-        return None
-    record = read_json(stage_file, DataError, "stage record missing")
-    inputs = record.get("inputs") if isinstance(record, dict) else None
-    if not isinstance(inputs, dict):
-        raise DataError(f"{stage_file}: not a stage record (no 'inputs' mapping); pass --base DIR")
-    recorded = inputs.get("base")
-    path = recorded.get("path") if isinstance(recorded, dict) else recorded
-    return Path(path) if isinstance(path, str) and Path(path).is_dir() else None
-
-
 def _base_for(checkpoint: Path, base: Path | None) -> Path:
-    """--base, else the base-models input recorded in the checkpoint's stage.json."""
+    """--base, else the base-models input the checkpoint records (by DVC hash): found locally or
+    fetched from the store (``medsight/platform/resolve.py``)."""
     if base is not None:
         return base
-    recorded = _recorded_base(checkpoint)
-    if recorded is None:
-        _fail(f"{checkpoint}: cannot tell where its base models are; pass --base DIR (the base-models stage output)", code=2)
-    return recorded
+    from medsight.platform.resolve import ResolveError, resolve_input
+
+    try:
+        return resolve_input(checkpoint, "base")
+    except ResolveError as error:
+        _fail(f"{error}; or pass --base DIR (the base-models stage output)", code=1)
+    raise AssertionError  # unreachable: _fail exits
 
 
 def _check_checkpoint(checkpoint: Path) -> None:
@@ -152,7 +140,8 @@ def run_command(
 def report_command(
     eval_dir: Annotated[Path, typer.Argument(help="An evaluate stage output (holds results.json).")],
     out: Annotated[Path | None, typer.Option(help="Report file (default: EVAL_DIR/report.html).")] = None,
-    curves_from: Annotated[list[Path] | None, typer.Option(help="Stage outputs to read training curves from (lineage is followed).")] = None,
+    curves_from: Annotated[list[Path] | None, typer.Option(help="Stage outputs to read training curves from (default: the evaluation's own lineage.json, which carries every upstream stage's).")] = None,
+    include_untrained: Annotated[bool, typer.Option(help="Average in benchmarks whose question format the model was never trained on (they are marked either way).")] = False,
 ) -> None:
     """Rebuild the self-contained HTML report of an evaluation folder."""
     from medsight.eval.curves import collect_curves
@@ -161,7 +150,8 @@ def report_command(
     if not (eval_dir / "results.json").is_file():  # not an evaluation folder: a usage error
         _fail(f"{eval_dir}: no results.json here; run `medsight stage run evaluate` (or `medsight chain`) first", code=2)
     try:
-        path = build_report(eval_dir, curves=collect_curves(list(curves_from or [])), output=out)
+        path = build_report(eval_dir, curves=collect_curves(list(curves_from or [eval_dir])), output=out,
+                            include_untrained=include_untrained)
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     console.print(f"report written: {path}")

@@ -1,6 +1,7 @@
 """A self-contained HTML evaluation report (one file: images inlined, charts as inline SVG).
 
-Sections: run summary, paper-shaped tables, per-modality tables, skipped entries, training
+Sections: provenance (run id, variant, code version, the DVC hash of every input, from the
+evaluation's ``lineage.json``), run summary, paper-shaped tables, per-modality tables, skipped entries, training
 curves, and example cases (image, ground-truth overlay, predicted overlay with boxes, the
 question, the answer with its region tokens highlighted in the colour of their masks).
 Built from an evaluation folder (``results.json``, ``examples.json``, ``overlays/``), so it
@@ -12,15 +13,17 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from medsight.eval.examples import EXAMPLES_FILE
 from medsight.data.region_tokens import highlight_spans
+from medsight.eval.charts import training_charts
+from medsight.eval.coverage import untrained_benchmarks
+from medsight.eval.examples import EXAMPLES_FILE
 from medsight.eval.results_io import read_results, summaries_from
 from medsight.eval.tables import BENCHMARK_TITLES, Table, all_tables, ordered_benchmarks
 from medsight.io_utils import atomic_write_text
+from medsight.stages.lineage import read_lineage
 
 Curves = dict[str, list[tuple[float, float]]]  # series name -> (step, value) points
 
@@ -35,7 +38,10 @@ th{background:#f2f2f2} .note{color:#666;font-size:12px;margin-bottom:14px}
 .tok{font-weight:700;padding:0 3px;border-radius:3px;color:#000} .meta{color:#555;font-size:12px}
 .charts{display:flex;flex-wrap:wrap;gap:12px} .chart{border:1px solid #ddd;padding:4px}
 .qa{font-size:13px;margin:4px 0} code{background:#f5f5f5;padding:0 3px}
+.prov td,.prov th{text-align:left}
 """
+# results.json run keys that are not worth a header cell (the provenance table says where from).
+_HIDDEN_RUN_KEYS = {"model", "settings", "trained_formats"}
 
 
 def _table_html(table: Table) -> str:
@@ -44,32 +50,6 @@ def _table_html(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     note = f'<div class="note">{html.escape(table.note)}</div>' if table.note else ""
     return f"<h3>{html.escape(table.title)}</h3><table><tr>{head}</tr>{rows}</table>{note}"
-
-
-def _svg_chart(name: str, points: list[tuple[float, float]], width: int = 320, height: int = 180) -> str:
-    """A line chart as inline SVG (no plotting library, no external file)."""
-    points = [(float(x), float(y)) for x, y in points if math.isfinite(float(y))]
-    if not points:
-        return ""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
-    left, bottom, top, right = 48, 22, 20, 8
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (width - left - right)
-    def sy(y: float) -> float:
-        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-    return (
-        f'<svg class="chart" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
-        f'<text x="{left}" y="13" font-size="12">{html.escape(name)}</text>'
-        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>'
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>'
-        f'<text x="2" y="{top + 8}" font-size="10">{y1:.3g}</text><text x="2" y="{height - bottom}" font-size="10">{y0:.3g}</text>'
-        f'<text x="{left}" y="{height - 6}" font-size="10">{x0:g}</text>'
-        f'<text x="{width - right}" y="{height - 6}" font-size="10" text-anchor="end">step {x1:g}</text>'
-        f'<polyline fill="none" stroke="#0072b2" stroke-width="1.5" points="{path}"/></svg>'
-    )
 
 
 def _image_uri(path: Path) -> str:
@@ -123,34 +103,93 @@ def _case_html(example: dict[str, Any], folder: Path) -> str:
     )
 
 
-def build_report(eval_dir: Path, curves: Curves | None = None, title: str = "MedSIGHT evaluation", output: Path | None = None) -> Path:
-    """Write ``report.html`` for an evaluation folder and return its path."""
+def _shown_source(source: str, eval_dir: Path) -> str:
+    """A benchmark written into the evaluation folder is shown relative to it (the absolute path
+    is the stage's temporary work folder); a release elsewhere keeps its own path."""
+    try:
+        return Path(source).relative_to(eval_dir.resolve()).as_posix()
+    except ValueError:
+        try:
+            return Path(source).relative_to(eval_dir).as_posix()
+        except ValueError:
+            return source
+
+
+def run_label(lineage: dict[str, Any]) -> str:
+    """The table row's name: the variant and the run that produced the evaluation."""
+    run = lineage.get("run", {})
+    variant, run_id = run.get("variant") or "model", run.get("run_id") or ""
+    return f"{variant} ({run_id})" if run_id else variant
+
+
+def _provenance_html(lineage: dict[str, Any], run: dict[str, Any]) -> str:
+    """Versions, not paths: run id, variant, git commit, MLflow run, and each input's DVC hash."""
+    info = lineage.get("run", {})
+    cells = [("pipeline run", info.get("run_id") or "-"), ("variant", info.get("variant") or "-"),
+             ("git commit", info.get("git_commit") or "-"), ("MLflow run", info.get("mlflow_run_id") or "-")]
+    # A local model path is shown only for a manual `medsight eval run` (no lineage to say more).
+    hidden = _HIDDEN_RUN_KEYS if lineage else _HIDDEN_RUN_KEYS - {"model"}
+    cells += [(str(k), str(v)) for k, v in sorted(run.items()) if k not in hidden]
+    meta = " | ".join(f"{html.escape(k)}: <code>{html.escape(v)}</code>" for k, v in cells)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(entry.get('stage', ''))}</td>"
+        f"<td><code>{html.escape(entry.get('md5', ''))}</code></td><td>{html.escape(entry.get('store_uri', ''))}</td></tr>"
+        for name, entry in sorted(lineage.get("inputs", {}).items())
+    )
+    table = ("<table class='prov'><tr><th>input</th><th>stage</th><th>DVC md5</th><th>store</th></tr>" + rows + "</table>"
+             "<div class='note'>Any input: <code>dvc pull STAGE</code> in a clone of the run repository "
+             "(docs/deploy.md, section Pull a checkpoint), or <code>medsight platform pull --md5 MD5 --dest DIR</code>.</div>"
+             if rows else "")
+    return f"<div class='meta'>{meta}</div>{table}"
+
+
+def build_report(eval_dir: Path, curves: Curves | None = None, title: str = "MedSIGHT evaluation", output: Path | None = None,
+                 include_untrained: bool = False) -> Path:
+    """Write ``report.html`` for an evaluation folder and return its path.
+
+    ``include_untrained``: average in benchmarks whose question format the model was never
+    trained on (marked either way; see ``coverage.py``).
+    """
+    from medsight.stages.registry import STAGES
+
     eval_dir = Path(eval_dir)
     document = read_results(eval_dir / "results.json")
     examples_path = eval_dir / EXAMPLES_FILE
     examples = json.loads(examples_path.read_text()) if examples_path.is_file() else []
     run = document.get("run", {})
+    lineage = read_lineage(eval_dir)
+    label = run_label(lineage)
     summaries = summaries_from(document)
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
-    parts.append(f"<h1>{html.escape(title)}</h1>")
-    parts.append("<div class='meta'>" + " | ".join(f"{html.escape(str(k))}: <code>{html.escape(str(v))}</code>" for k, v in sorted(run.items())) + "</div>")
+    untrained = untrained_benchmarks(summaries, run.get("trained_formats"))
+    heading = f"{title}: {label}"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(heading)}</title><style>{_CSS}</style></head><body>"]
+    parts.append(f"<h1>{html.escape(heading)}</h1>")
+    parts.append(_provenance_html(lineage, run))
     parts.append("<h2>Benchmarks</h2><table><tr><th>Benchmark</th><th>evaluated</th><th>skipped</th><th>samples/s</th><th>source</th></tr>")
     benchmarks = document.get("benchmarks", {})
     for name in ordered_benchmarks(benchmarks):
         entry = benchmarks[name]
+        marker = " \u2020" if name in untrained else ""
         parts.append(
-            f"<tr><td>{html.escape(BENCHMARK_TITLES.get(name, name))}</td><td>{entry['n']}</td><td>{len(entry['skipped'])}</td>"
-            f"<td>{entry['samples_per_second']:.2f}</td><td>{html.escape(entry['source'])}</td></tr>"
+            f"<tr><td>{html.escape(BENCHMARK_TITLES.get(name, name) + marker)}</td><td>{entry['n']}</td><td>{len(entry['skipped'])}</td>"
+            f"<td>{entry['samples_per_second']:.2f}</td><td>{html.escape(_shown_source(entry['source'], eval_dir))}</td></tr>"
         )
     parts.append("</table>")
-    parts.append("<h2>Results</h2>" + "".join(_table_html(table) for table in all_tables(summaries)))
+    if untrained:
+        names = ", ".join(BENCHMARK_TITLES.get(n, n) for n in untrained)
+        parts.append(f"<div class='note'>\u2020 {html.escape(names)}: multiple-choice questions, a format absent from the "
+                     "model's instruction data; the score shows the format, not the model, and is "
+                     f"{'included in' if include_untrained else 'left out of'} the averages.</div>")
+    tables = all_tables(summaries, label, untrained, include_untrained)
+    parts.append("<h2>Results</h2>" + "".join(_table_html(table) for table in tables))
     skipped = [(n, s) for n, e in document.get("benchmarks", {}).items() for s in e["skipped"]]
     if skipped:
         rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{html.escape(s['id'])}</td><td>{html.escape(s['reason'])}</td></tr>" for n, s in skipped[:200])
         parts.append(f"<h2>Skipped entries ({len(skipped)})</h2><table><tr><th>Benchmark</th><th>id</th><th>reason</th></tr>{rows}</table>")
     if curves:
-        charts = "".join(_svg_chart(name, points) for name, points in sorted(curves.items()))
-        parts.append(f"<h2>Training curves</h2><div class='charts'>{charts}</div>")
+        charts = training_charts(curves, [spec.name for spec in STAGES])
+        parts.append("<h2>Training curves</h2><div class='note'>Lines: training losses every logged step; "
+                     f"circles: validation values at the step they were measured.</div><div class='charts'>{charts}</div>")
     if examples:
         parts.append("<h2>Example cases</h2><div class='cases'>" + "".join(_case_html(e, eval_dir) for e in examples) + "</div>")
     parts.append("</body></html>")

@@ -22,14 +22,16 @@ from medsight.config.schema import ExperimentConfig
 from medsight.data.prepared_index import index_path
 from medsight.data.taxonomy import Taxonomy, resolve_taxonomy
 from medsight.eval.benchmarks.manifest import load_manifest
+from medsight.eval.coverage import trained_formats, untrained_benchmarks
 from medsight.eval.curves import collect_curves
 from medsight.eval.examples import write_examples
-from medsight.eval.report import build_report
+from medsight.eval.report import build_report, run_label
 from medsight.eval.results_io import flat_metrics, results_document, summaries_from, write_predictions, write_results
 from medsight.eval.runner import GenerationSettings, evaluate_all, peak_memory_mb
 from medsight.eval.synthetic_benchmarks import write_synthetic_benchmarks
 from medsight.eval.tables import all_tables, comprehension_table, render_markdown
 from medsight.io_utils import atomic_write_text
+from medsight.stages.lineage import read_lineage
 from medsight.train.tracker import Tracker
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,9 @@ def headline_metrics(document: dict) -> dict[str, float]:
         summary = summaries.get(benchmark, {}).get(metric)
         return summary[average] if summary and summary["n"] else float("nan")
 
-    avg_cell = comprehension_table(summaries).rows[0][-1]
+    # Benchmarks in a format the model never trained on stay out of the average (coverage.py).
+    untrained = untrained_benchmarks(summaries, document.get("run", {}).get("trained_formats"))
+    avg_cell = comprehension_table(summaries, untrained=untrained).rows[0][-1]
     box_benchmarks = tuple(name for name in ("schain", "medtrinity") if name in summaries)
     return {
         "closed_accuracy": _pooled(summaries, VQA_BENCHMARKS, "closed_accuracy"),
@@ -121,7 +125,10 @@ def evaluate_model(
     write_results(output / "results.json", document)
     write_predictions(output / "predictions.jsonl", results)
     write_examples(results, output)
-    atomic_write_text(output / "tables.md", render_markdown(all_tables(summaries_from(document))))
+    summaries = summaries_from(document)
+    untrained = untrained_benchmarks(summaries, run_info.get("trained_formats"))
+    label = run_label(read_lineage(output))
+    atomic_write_text(output / "tables.md", render_markdown(all_tables(summaries, label, untrained)))
     build_report(output, curves=collect_curves(list(curve_dirs)))
     return document
 
@@ -140,7 +147,8 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         manifest,
         output,
         config,
-        run_info={"model": str(inputs["model"]), "preset": config.preset},
+        # Versions, not paths: the inputs' DVC hashes are in this output's lineage.json.
+        run_info={"preset": config.preset, "trained_formats": trained_formats(Path(inputs["data"]))},
         curve_dirs=[Path(p) for p in inputs.values()],
         device=device,
     )

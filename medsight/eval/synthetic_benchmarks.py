@@ -6,9 +6,9 @@ out), SLAKE (its original schema, with a Chinese duplicate that the reader must 
 (Hugging Face parquet, embedded images, a train file that must not be read), MMMU-Med (HF
 parquet, validation files read and dev files not, one two-image question), OmniMedVQA (``QA
 information/Open-access``), DiagSeg (the authors' release format, absolute paths into another
-machine's BiomedParse copy), MeCoVQA-G (SA-Med2D names, inline ``<mask>`` tags, one entry with a
-missing mask that must be reported and skipped), S-Chain (parquet, normalised XYWH strings) and
-MedTrinity-style JSON (pixel XYXY boxes).
+machine's BiomedParse copy), MeCoVQA-G (SA-Med2D names, inline ``<mask>`` tags; with ``probes``,
+one entry with a missing mask that must be reported and skipped), S-Chain (parquet, normalised
+XYWH strings, a Modality column) and MedTrinity-style JSON (pixel XYXY boxes).
 Files are copied into each benchmark folder so the output stands alone (and is DVC-cacheable).
 """
 
@@ -25,7 +25,7 @@ from medsight.data.prepared_index import SegmentationRecord, index_path, read_sp
 from medsight.data.synthetic_world import SYNTHETIC_MODALITIES
 from medsight.data.taxonomy import Taxonomy
 from medsight.eval.benchmarks.multiple_choice import MMMU_MED_SUBJECTS
-from medsight.eval.benchmarks.box_grounding import SCHAIN_BOX_COLUMN
+from medsight.eval.benchmarks.box_grounding import SCHAIN_BOX_COLUMN, SCHAIN_MODALITY_COLUMN
 from medsight.data.datagen.diagseg_builder import build_diagseg
 from medsight.data.datagen.records import triples_from_biomedparse
 from medsight.data.datagen.templates import TemplateGenerator
@@ -217,7 +217,7 @@ def write_diagseg(data_root: Path, grounding_dir: Path | None, out: Path, taxono
             "data_root": "diagseg/BiomedParse"}
 
 
-def write_mecovqa(records: list[SegmentationRecord], out: Path) -> dict[str, Any]:
+def write_mecovqa(records: list[SegmentationRecord], out: Path, probe: bool = False) -> dict[str, Any]:
     folder = out / "mecovqa_g"
     rows = []
     for record in records:
@@ -234,7 +234,7 @@ def write_mecovqa(records: list[SegmentationRecord], out: Path) -> dict[str, Any
                     {"from": "gpt", "value": f"Sure, it is <SEG>.<mask>{mask_rel}</mask>"},
                 ],
             })
-    if rows:  # the released set has entries whose mask is missing (MedPLIB issue #3): keep one
+    if rows and probe:  # the released set has entries whose mask is missing (MedPLIB issue #3): tests add one
         probe = json.loads(json.dumps(rows[0]))
         probe["id"] = "missing-mask-probe"
         probe["conversations"][1]["value"] = "Sure, it is <SEG>.<mask>masks/does_not_exist.png</mask>"
@@ -255,6 +255,7 @@ def write_boxes(records: list[SegmentationRecord], out: Path) -> list[dict[str, 
         schain_rows.append({
             "Patient ID": f"SYN{index:04d}", "Slide": record.image_id, "Deliverable": "", "Notes": "",
             SCHAIN_BOX_COLUMN: json.dumps([_xywh_fraction(lesion.bbox, size)]),
+            SCHAIN_MODALITY_COLUMN: record.modality,  # the image's own modality, not S-Chain's MRI
             "Q1": "Is there an abnormal region?", "A1": "yes", "Q2": "", "A2": "", "Q3": "", "A3": "", "Q4": "", "A4": "",
             "image": {"bytes": record.image_path.read_bytes(), "path": record.image_path.name},
         })
@@ -272,14 +273,18 @@ def write_boxes(records: list[SegmentationRecord], out: Path) -> list[dict[str, 
     return specs
 
 
-def write_synthetic_benchmarks(data_root: Path, out: Path, taxonomy: Taxonomy, grounding_dir: Path | None = None) -> Path:
-    """Write every benchmark under ``out`` and return the manifest path (``out/benchmarks.json``)."""
+def write_synthetic_benchmarks(data_root: Path, out: Path, taxonomy: Taxonomy, grounding_dir: Path | None = None,
+                               probes: bool = False) -> Path:
+    """Write every benchmark under ``out`` and return the manifest path (``out/benchmarks.json``).
+
+    ``probes``: add the malformed entries that check the readers' skip paths (tests only; a
+    user's evaluation never sees them)."""
     data_root, out = Path(data_root), Path(out)
     records = read_split(data_root, "test", taxonomy)
     if not records:
         raise ValueError(f"{index_path(data_root, 'test')} has no images; generate data with test_images > 0")
     specs = write_vqa(data_root, out)
-    specs += [write_mmmu(records, out), write_omnimedvqa(records, out), write_diagseg(data_root, grounding_dir, out, taxonomy), write_mecovqa(records, out)]
+    specs += [write_mmmu(records, out), write_omnimedvqa(records, out), write_diagseg(data_root, grounding_dir, out, taxonomy), write_mecovqa(records, out, probes)]
     specs += write_boxes(records, out)
     manifest = out / "benchmarks.json"
     atomic_write_json(manifest, {"benchmarks": specs})

@@ -80,15 +80,28 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def comprehension_table(summaries: Summaries, label: str = "model") -> Table:
-    """Table 2: close/all accuracy per VQA set, MC accuracy, DiagSeg diagnosis recall, average."""
+def comprehension_table(summaries: Summaries, label: str = "model", untrained: tuple[str, ...] | list[str] = (),
+                        include_untrained: bool = False) -> Table:
+    """Table 2: close/all accuracy per VQA set, MC accuracy, DiagSeg diagnosis recall, average.
+
+    ``untrained``: benchmarks asking in a format the model was never trained on (``coverage.py``);
+    their columns are marked with a dagger and left out of Avg. unless ``include_untrained``.
+    """
+    untrained = set(untrained)
     values = [_value(summaries, b, m, a) for _, b, m, a in COMPREHENSION_COLUMNS]
+    averaged = [v for v, (_, b, _, _) in zip(values, COMPREHENSION_COLUMNS) if include_untrained or b not in untrained]
+    marked = [c for c in COMPREHENSION_COLUMNS if c[1] in untrained and c[1] in summaries]
+    note = "close = closed accuracy (a miss counts 0); all = closed hits and open recall over all questions; Avg. over the columns present"
+    if marked:
+        names = ", ".join(c[0] for c in marked)
+        note += (f". \u2020 {names}: a question format the model was not trained to answer (no such questions in its "
+                 f"instruction data); {'included in' if include_untrained else 'left out of'} Avg")
     return Table(
         title="Table 2 - Medical visual comprehension",
         first_column="Model",
-        columns=[c[0] for c in COMPREHENSION_COLUMNS] + ["Avg."],
-        rows=[[label] + [fmt(v) for v in values] + [fmt(_mean(values))]],
-        note="close = closed accuracy (a miss counts 0); all = closed hits and open recall over all questions; Avg. over the columns present.",
+        columns=[c[0] + (" \u2020" if c in marked else "") for c in COMPREHENSION_COLUMNS] + ["Avg."],
+        rows=[[label] + [fmt(v) for v in values] + [fmt(_mean(averaged))]],
+        note=note + ".",
     )
 
 
@@ -151,9 +164,10 @@ def benchmark_table(summaries: Summaries, benchmark: str) -> Table:
     )
 
 
-def all_tables(summaries: Summaries, label: str = "model") -> list[Table]:
+def all_tables(summaries: Summaries, label: str = "model", untrained: tuple[str, ...] | list[str] = (),
+               include_untrained: bool = False) -> list[Table]:
     """Every paper-shaped table plus one per-modality table for each benchmark."""
-    tables = [comprehension_table(summaries, label)]
+    tables = [comprehension_table(summaries, label, untrained, include_untrained)]
     if "diagseg" in summaries:
         tables.append(diagseg_table(summaries, label))
     if "mecovqa_g" in summaries:

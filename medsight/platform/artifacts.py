@@ -85,6 +85,20 @@ class ArtifactRef:
         out.update({"hash": "md5", "path": path})
         return yaml.safe_dump({"outs": [out]}, sort_keys=False)
 
+    def described_pointer(self, path: str, store_uri: str, remote_url: str) -> str:
+        """The pointer a KFP artifact holds: a valid ``.dvc`` file (``dvc pull`` resolves it) that
+        also says, for a reader of the KFP UI, where the bytes are and how to fetch them."""
+        data = yaml.safe_load(self.pointer(path))
+        data["outs"][0]["desc"] = f"{self.stage or path} output, stored in the DVC remote (this file is only its pointer)"
+        data["meta"] = {
+            "stage": self.stage or path, "dvc_md5": self.md5, "store_uri": store_uri, "dvc_remote": remote_url,
+            "pull": [f"medsight platform pull --md5 {self.md5} --dest {path}",
+                     f"save this file as {path}.dvc in a DVC repo whose remote is {remote_url}, then: dvc pull {path}.dvc"],
+        }
+        header = (f"# MedSIGHT {self.stage or path} output: {self.md5} ({self.nfiles or '?'} files, {self.size or '?'} bytes)\n"
+                  "# The bytes live in the DVC remote, deduplicated across runs; this is their DVC pointer.\n")
+        return header + yaml.safe_dump(data, sort_keys=False)
+
     @property
     def short(self) -> str:
         return self.md5[:10]
@@ -135,9 +149,19 @@ def configure_dvc_repo(repo: Any, config: StoreConfig, *, cache_dir: Path | None
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    # DVC's repo API prints "Initialized DVC repository." and progress bars to stdout.
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    """DVC's repo API prints progress bars to stdout and logs INFO lines ("Initialized DVC
+    repository.") through a handler bound to the real stdout; neither may reach a command's
+    stdout, which carries JSON for scripts. Warnings and errors still go through."""
+    import logging
+
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(max(level, logging.WARNING))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        dvc_logger.setLevel(level)
 
 
 # The loggers DVC reports each object that failed to move on (one ERROR line per file).

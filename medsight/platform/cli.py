@@ -1,10 +1,16 @@
-"""``medsight platform ...``: run the KFP DAG locally, compile it, pull checkpoints, serve S3."""
+"""``medsight platform ...``: run the KFP DAG locally, compile and submit it, pull checkpoints, serve S3.
+
+Every failure is one line on stderr and an exit code: 2 when the command line is wrong, 1 when
+the work failed. Machine-readable output (``--json``) goes to stdout alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,7 +19,9 @@ from typing import Annotated
 
 import typer
 
-from medsight.cli_errors import error_message
+from medsight.cli_errors import FAILURE, USAGE, error_message
+from medsight.platform.resolve import DEFAULT_WORKDIR
+from medsight.platform.submit import submit_command
 
 platform_app = typer.Typer(
     help="Pipelines (KFP), artifacts (DVC on S3), tracking (MLflow).", no_args_is_help=True
@@ -22,36 +30,52 @@ platform_app = typer.Typer(
 WorkdirOpt = Annotated[
     Path, typer.Option("--workdir", help="Local platform directory (S3 data, DVC cache, MLflow, run repo)")
 ]
-DEFAULT_WORKDIR = Path("runs/platform")
 
 
-def _fail(message: str, hint: str = "") -> None:
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (messages go to stderr)")]
+
+
+def _fail(message: str, hint: str = "", code: int = FAILURE) -> None:
+    """One line on stderr (and a hint); exit 1 for a failure, 2 for a usage error."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     if hint:
         typer.echo(hint, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+def local_workdir(workdir: Path | None) -> Path | None:
+    """``--workdir``, else ``runs/platform`` when it holds a local store, else None."""
+    if workdir is not None:
+        return workdir
+    return DEFAULT_WORKDIR if (DEFAULT_WORKDIR / "s3").is_dir() else None
 
 
 @contextlib.contextmanager
 def store_env(workdir: Path | None) -> Iterator[None]:
-    """Use the S3 store from the environment, or start the local one under ``workdir``."""
+    """Use the S3 store from the environment, or the local one under ``workdir`` (or
+    ``runs/platform``): the server already serving it (``s3-serve``), else one started here."""
     import os
 
-    from medsight.platform.artifacts import CACHE_ENV, STORE_ENV
-    from medsight.platform.local_run import LOCAL_STORE_URL, patched_env
-    from medsight.platform.s3_server import SeaweedS3Server
+    from medsight.platform.resolve import ResolveError, open_store
+    from medsight.platform.s3_server import S3ServerError
 
-    if os.environ.get("MEDSIGHT_S3_ENDPOINT") or workdir is None:
+    if os.environ.get("MEDSIGHT_S3_ENDPOINT"):
         yield
         return
-    workdir = workdir.resolve()
-    if not (workdir / "s3").is_dir():
-        _fail(f"{workdir} has no local store (s3/)", "Run `medsight platform run-local` first, or set MEDSIGHT_S3_ENDPOINT.")
-    typer.echo(f"starting the local S3 server of {workdir} ...", err=True)
-    with SeaweedS3Server(workdir / "s3") as server:
-        env = {**server.env(), STORE_ENV: LOCAL_STORE_URL, CACHE_ENV: str(workdir / "dvc-cache"), "DVC_NO_ANALYTICS": "1"}
-        with patched_env(env):
+    chosen = local_workdir(workdir)
+    if chosen is None:
+        _fail("no S3 store to read: this is not a platform work directory and MEDSIGHT_S3_ENDPOINT is not set",
+              f"Pass --workdir DIR (where `medsight platform run-local` ran; default {DEFAULT_WORKDIR}), "
+              "or `source DIR/s3/client.env`, or set MEDSIGHT_S3_ENDPOINT, AWS_ACCESS_KEY_ID and "
+              "AWS_SECRET_ACCESS_KEY for a remote store.", code=USAGE)
+    if not (chosen / "s3").is_dir():
+        _fail(f"{chosen.resolve()} has no local store (s3/)",
+              "Run `medsight platform run-local` first, or set MEDSIGHT_S3_ENDPOINT.", code=USAGE)
+    try:
+        with open_store(chosen):
             yield
+    except (S3ServerError, ResolveError) as error:
+        _fail(error_message(error))
 
 
 @platform_app.command("run-local")
@@ -68,13 +92,20 @@ def run_local_command(
     variants: Annotated[str, typer.Option(help="Ablation pipeline over these variants, comma-separated")] = "",
     stage: Annotated[str, typer.Option(help="Run only this stage (single-stage pipeline)")] = "",
     inputs: Annotated[list[str] | None, typer.Option("--input", help="With --stage: NAME=REF (md5 or run:<id>/<stage>)")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run the whole pipeline through kfp.local with a local S3 server, DVC and MLflow; print a summary."""
     from medsight.platform.local_run import (
-        FAST_OVERRIDES, LocalRunError, LocalRunRequest, format_summary, next_steps, run_local,
+        FAST_OVERRIDES, LocalRunError, LocalRunRequest, format_summary, next_steps, result_json, run_local,
     )
+    from medsight.platform.s3_server import S3ServerError
     from medsight.stages.registry import VARIANTS
 
+    malformed = [pair for pair in inputs or [] if "=" not in pair]
+    if malformed:
+        _fail(f"--input {malformed[0]!r} must look like NAME=REF (e.g. --input data=run:<id>/synth-data)", code=USAGE)
+    if inputs and not stage:
+        _fail("--input needs --stage (the inputs of that one stage)", code=USAGE)
     request = LocalRunRequest(
         workdir=workdir, preset=preset, overrides=[*(FAST_OVERRIDES if fast else ()), *(overrides or [])],
         variant=variant, data_revision=data_revision, force=tuple(force or ()), verbose=verbose,
@@ -84,10 +115,13 @@ def run_local_command(
             request.variants = [v.strip() for v in variants.split(",") if v.strip()] or [v.name for v in VARIANTS]
         if stage:
             request.stage = stage
-            request.stage_inputs = dict(pair.split("=", 1) for pair in inputs or [] if "=" in pair)
-        result = run_local(request)
-    except (LocalRunError, ValueError, KeyError) as error:
+            request.stage_inputs = dict(pair.split("=", 1) for pair in inputs or [])
+        result = run_local(request, console=sys.stderr if as_json else None)
+    except (LocalRunError, S3ServerError, ValueError, KeyError) as error:
         _fail(error_message(error))
+    if as_json:
+        typer.echo(json.dumps(result_json(result), indent=2))
+        return
     typer.echo("")
     typer.echo(format_summary(result.stages))
     if result.ablation_table:
@@ -112,7 +146,7 @@ def compile_command(
     try:
         code = compiler.main(args)
     except ValueError as error:
-        _fail(str(error))
+        _fail(error_message(error), "List the variants with `medsight variants list`.", code=USAGE)
     raise typer.Exit(code)
 
 
@@ -129,9 +163,9 @@ def pull_command(
     from medsight.platform.storage import StorageError
 
     if not md5 and not (run and stage):
-        _fail("give --run and --stage, or --md5", "List runs with `medsight platform runs`.")
-    if dest.exists() and any(dest.iterdir()):
-        _fail(f"{dest} exists and is not empty", "Choose a new --dest.")
+        _fail("give --run and --stage, or --md5", "List runs with `medsight platform runs`.", code=USAGE)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        _fail(f"{dest} exists and is not an empty folder", "Choose a new --dest.", code=USAGE)
     with store_env(workdir):
         try:
             store = ArtifactStore()
@@ -141,30 +175,80 @@ def pull_command(
                     _fail("no runs recorded in the store")
                 run = runs[-1]
             ref = store.resolve(md5 or f"run:{run}/{stage}")
-            assert ref is not None
+            if ref is None:
+                _fail("no reference given", code=USAGE)
             with tempfile.TemporaryDirectory() as tmp, store.workspace(Path(tmp)) as ws:
                 pulled = ws.pull(ref, "out")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 # Copy, not move: the pulled files may be links into the DVC cache.
                 shutil.copytree(pulled, dest, dirs_exist_ok=True)
         except (ArtifactStoreError, StorageError) as error:
-            _fail(str(error))
+            _fail(error_message(error))
     typer.echo(f"pulled {ref.md5} ({ref.nfiles or '?'} files) -> {dest}")
 
 
 @platform_app.command("runs")
-def runs_command(workdir: Annotated[Path | None, typer.Option(help="Local platform dir")] = None) -> None:
+def runs_command(
+    workdir: Annotated[Path | None, typer.Option(help=f"Local platform dir (default {DEFAULT_WORKDIR} when it exists)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """List recorded runs and their stage outputs (from the store's lineage records)."""
-    from medsight.platform.artifacts import ArtifactStore
+    from medsight.platform.artifacts import ArtifactStore, ArtifactStoreError
+    from medsight.platform.storage import StorageError
 
     with store_env(workdir):
-        store = ArtifactStore()
-        for run_id in store.list_runs():
-            records = store.load_lineage(run_id)
-            cached = sum(1 for r in records if r["cached"])
-            typer.echo(f"{run_id}: {len(records)} stage outputs ({cached} from cache)")
-            for record in records:
-                typer.echo(f"    {record['stage']:<20s} {record['ref']['md5']}  {'cached' if record['cached'] else 'ran'}")
+        try:
+            store = ArtifactStore()
+            runs = {run_id: store.load_lineage(run_id) for run_id in store.list_runs()}
+        except (ArtifactStoreError, StorageError) as error:
+            _fail(error_message(error))
+    if as_json:
+        typer.echo(json.dumps([
+            {"run_id": run_id, "stages": [{"stage": r["stage"], "md5": r["ref"]["md5"], "cached": r["cached"],
+                                            "git_commit": r.get("git_commit", ""), "variant": r.get("variant", "")}
+                                           for r in records]}
+            for run_id, records in runs.items()], indent=2))
+        return
+    if not runs:
+        typer.echo("no runs recorded yet; `make pipeline` (or `medsight platform run-local`) records one", err=True)
+    for run_id, records in runs.items():
+        cached = sum(1 for r in records if r["cached"])
+        typer.echo(f"{run_id}: {len(records)} stage outputs ({cached} from cache)")
+        for record in records:
+            typer.echo(f"    {record['stage']:<20s} {record['ref']['md5']}  {'cached' if record['cached'] else 'ran'}")
+
+
+@platform_app.command("run-repo")
+def run_repo_command(
+    run: Annotated[str, typer.Option(help="Run id (a KFP run id, or 'latest')")],
+    repo: Annotated[Path, typer.Option(help="git + DVC repository to record it in (created if missing)")],
+    workdir: Annotated[Path | None, typer.Option(help=f"Local platform dir (default {DEFAULT_WORKDIR} when it exists)")] = None,
+) -> None:
+    """Record a run's outputs (e.g. of a cluster run) in a git + DVC repo: `git clone` + `dvc pull STAGE`."""
+    from medsight.platform.artifacts import ArtifactStore, ArtifactStoreError
+    from medsight.platform.run_repo import RunRepo
+    from medsight.platform.storage import StorageError
+
+    with store_env(workdir):
+        try:
+            store = ArtifactStore()
+            if run == "latest":
+                found = store.list_runs()
+                if not found:
+                    _fail("no runs recorded in the store")
+                run = found[-1]
+            records = store.load_lineage(run)
+            if not records:
+                _fail(f"no lineage recorded for run {run!r} under {store.config.url}",
+                      "List runs with `medsight platform runs`.", code=USAGE)
+            target = RunRepo(repo)
+            target.ensure(store.config)
+            commit = target.record_run(run, records, {"source": store.config.url})
+        except (ArtifactStoreError, StorageError) as error:
+            _fail(error_message(error))
+    typer.echo(f"recorded run {run} ({len(records)} outputs) as commit {commit[:10]} in {target.path}")
+    typer.echo(f"pull one: cd {target.path} && git checkout {run} && dvc pull {records[-1]['stage']}  "
+               "(AWS_ENDPOINT_URL and credentials in the environment)")
 
 
 @platform_app.command("s3-serve")
@@ -173,23 +257,30 @@ def s3_serve_command(
     port: Annotated[int | None, typer.Option(help="S3 port (default: the last one used, else free)")] = None,
 ) -> None:
     """Serve the local S3 store until Ctrl-C (for `dvc pull` from a clone of the run repo)."""
-    from medsight.platform.artifacts import STORE_ENV
-    from medsight.platform.local_run import LOCAL_STORE_URL
     from medsight.platform.run_repo import client_env_file
     from medsight.platform.s3_server import SeaweedS3Server
 
+    from medsight.platform.local_run import client_settings
+    from medsight.platform.s3_server import S3ServerError
+
+    if not directory.is_dir():
+        _fail(f"{directory} does not exist", "Run `make pipeline` (or `medsight platform run-local`) first, "
+              "or pass --dir to a store directory.", code=USAGE)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    with SeaweedS3Server(directory, port=port) as server:
-        env_file = client_env_file(directory, {**server.env(), STORE_ENV: LOCAL_STORE_URL})
-        typer.echo(f"S3 endpoint {server.endpoint} (data in {directory.resolve()})")
-        typer.echo(f"client settings (credentials, mode 0600): source {env_file}")
-        typer.echo("Ctrl-C to stop.")
-        try:
-            while not stop["now"]:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
+    try:
+        with SeaweedS3Server(directory, port=port) as server:
+            env_file = client_env_file(directory, client_settings(server.env()))
+            typer.echo(f"S3 endpoint {server.endpoint} (data in {directory.resolve()})")
+            typer.echo(f"client settings (credentials, mode 0600): source {env_file}")
+            typer.echo("Ctrl-C to stop.")
+            try:
+                while not stop["now"]:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+    except S3ServerError as error:
+        _fail(error_message(error))
     typer.echo("stopped.")
 
 
@@ -212,7 +303,7 @@ def dvc_files_command(
         files = {root / "dvc.yaml": render_dvc_yaml(variant),
                  root / PARAMS_FILE: render_params_yaml(preset, overrides, variant)}
     except (KeyError, ValueError) as error:
-        _fail(error_message(error))
+        _fail(error_message(error), code=USAGE)
     if check:
         stale = [str(p) for p, text in files.items() if not p.is_file() or p.read_text() != text]
         if stale:
@@ -223,3 +314,7 @@ def dvc_files_command(
         atomic_write_text(path, text)
         typer.echo(f"wrote {path}")
     typer.echo("Reproduce without Kubeflow: dvc repro   (then: dvc push)")
+
+
+# `medsight platform submit FILE --host URL ...` (medsight/platform/submit.py).
+platform_app.command("submit")(submit_command)

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
+from medsight.train.progress_events import EVENTS_ENV, append_event
 
 WORK_DIR_ENV = "MEDSIGHT_WORK_DIR"
-EVENTS_ENV = "MEDSIGHT_EVENTS_FILE"
 FORCE_ENV = "MEDSIGHT_FORCE_RERUN"  # comma-separated stage names, or "all"
 TRACK_HITS_ENV = "MEDSIGHT_TRACK_CACHE_HITS"  # "1": also open an MLflow run for restored stages
 # Log these output files to MLflow: reports anywhere, images only from visual folders (mask
@@ -68,7 +68,7 @@ class StageResult:
     mlflow_run_id: str | None = None
 
     def record(self, run_id: str) -> dict[str, Any]:
-        from medsight.platform.tracking import git_commit
+        from medsight.stages.lineage import VARIANT_ENV, git_commit
 
         return {
             "run_id": run_id,
@@ -82,6 +82,7 @@ class StageResult:
             "cache_key": self.cache_key,
             "mlflow_run_id": self.mlflow_run_id,
             "git_commit": git_commit(),
+            "variant": os.environ.get(VARIANT_ENV, ""),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
@@ -97,10 +98,7 @@ def _process_age() -> float:
 
 
 def _event(**payload: Any) -> None:
-    path = os.environ.get(EVENTS_ENV)
-    if path:
-        with open(path, "a") as handle:  # one short line per write: appends do not interleave
-            handle.write(json.dumps({"time": time.time(), **payload}) + "\n")
+    append_event(payload)
 
 
 def _forced(stage: str) -> bool:
@@ -223,6 +221,7 @@ def execute_stage(
 def _run_and_push(
     stage: str, config: Any, refs: dict[str, ArtifactRef], store: ArtifactStore, key: str, base_tags: dict[str, str]
 ) -> StageResult:
+    from medsight.stages.registry import get_stage
     from medsight.stages.runner import read_stage_file, run_stage
 
     work_root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir())
@@ -236,7 +235,9 @@ def _run_and_push(
             tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"})
             output = ws_dir / stage
             compute_started = time.time()
-            run = run_stage(stage, config, paths, output, tracker, reuse=False)
+            # The inputs' versions (DVC hashes, store URIs) go into stage.json, not these temp paths.
+            store_uris = {name: store.object_uri(ref.md5) for name, ref in refs.items()}
+            run = run_stage(stage, config, paths, output, tracker, reuse=False, store_uris=store_uris)
             if run.key.key != key:
                 raise ArtifactStoreError(f"stage {stage}: the pulled inputs hash differently from their references")
             metrics = run.metrics
@@ -245,6 +246,8 @@ def _run_and_push(
             _log_output_files(tracker, output)
             ref = ws.add(output, stage=stage)
             ws.push(ref, stage)
+            if get_stage(stage).output == "evaluation":
+                _log_evaluated_model(tracker, paths, output, metrics)
         tracker.set_tags({"dvc.output": ref.md5})
         mlflow_run_id = getattr(tracker, "run_id", None)
         if cacheable:
@@ -262,6 +265,25 @@ def _run_and_push(
         shutil.rmtree(ws_dir, ignore_errors=True)
     _close(tracker)
     return StageResult(stage, ref, False, metrics, seconds, 0.0, {k: r.md5 for k, r in refs.items()}, key, mlflow_run_id)
+
+
+def _log_evaluated_model(tracker: Any, inputs: Mapping[str, Path], output: Path, metrics: Mapping[str, float]) -> None:
+    """The model the evaluation scored, logged as an MLflow model of its run (final_model.py).
+
+    Called once the evaluation is pushed: a tracking failure is reported (stderr and a run tag),
+    never a reason to lose the evaluation."""
+    run_id = getattr(tracker, "run_id", None)
+    if not run_id or "model" not in inputs or "base" not in inputs:
+        return
+    from medsight.platform.final_model import log_final_model
+    from medsight.stages.lineage import read_lineage
+
+    try:
+        log_final_model(inputs["model"], inputs["base"], tracking_uri=tracker.tracking_uri, run_id=run_id,
+                        lineage=read_lineage(output), metrics=metrics)
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        print(f"warning: the evaluated model was not logged to MLflow: {error}", file=sys.stderr)
+        tracker.set_tags({"medsight.final_model_error": str(error)[:500]})
 
 
 # -- inside the KFP executor ---------------------------------------------------------------
@@ -329,7 +351,9 @@ def run_component(
     assert ref is not None
     store = ArtifactStore()
     Path(output.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(output.path).write_text(ref.pointer(stage))
+    # A pointer, not the bytes: KFP's launcher uploads this file to the artifact's URI, so pointing
+    # the URI at the DVC object itself would overwrite it (docs/deploy.md, section 9).
+    Path(output.path).write_text(ref.described_pointer(stage, store.object_uri(ref.md5), store.config.dvc_url))
     output.metadata.update({
         "dvc_md5": ref.md5, **{k: v for k, v in (("size", ref.size), ("nfiles", ref.nfiles)) if v is not None}, "stage": stage,
         "cached": result["cached"], "cache_key": result["cache_key"], "store_uri": store.object_uri(ref.md5),

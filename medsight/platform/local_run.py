@@ -7,16 +7,18 @@ summary and stops the server. Everything lives under ``--workdir``::
 
     s3/          SeaweedFS data, credentials.json (0600), weed.log
     dvc-cache/   DVC cache shared by the stage processes (inputs are linked from here)
-    mlflow/      mlflow.db + artifacts
+    mlflow/      mlflow.db + artifacts: one parent run per pipeline run, a child per stage
     kfp/         kfp.local pipeline root (pointer + metrics artifacts)
-    repo/        git + DVC repo: outputs/<stage>.dvc, runs/<run_id>.json, one tag per run
-    logs/        component output of each run
+    repo/        git + DVC repo: dvc.yaml + dvc.lock (every output), runs/<run_id>.json, one tag per run
+    logs/        component output of each run (one progress line per tenth of a stage's steps)
+
+While it runs, the terminal shows one live line for the current stage (step/total, loss, time
+left), drawn from the components' event file (``progress_view.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import signal
@@ -30,10 +32,14 @@ from typing import IO, Any
 
 from medsight.cli_errors import error_message
 from medsight.platform.artifacts import CACHE_ENV, STORE_ENV, ArtifactStore
-from medsight.platform.component_runtime import EVENTS_ENV, FORCE_ENV, WORK_DIR_ENV
-from medsight.platform.run_repo import RunRepo, client_env_file
+from medsight.platform.component_runtime import FORCE_ENV, WORK_DIR_ENV
+from medsight.platform.mlflow_runs import PARENT_OWNED_ENV
+from medsight.platform.progress_view import ProgressView, captured_output
+from medsight.platform.run_repo import CLIENT_ENV_KEYS, RunRepo, client_env_file
 from medsight.platform.s3_server import SeaweedS3Server
-from medsight.platform.tracking import ARTIFACTS_ENV, git_commit
+from medsight.platform.tracking import ARTIFACTS_ENV, SYSTEM_METRICS_ENV
+from medsight.stages.lineage import COMMIT_ENV, VARIANT_ENV, git_commit
+from medsight.train.progress_events import EVENTS_ENV
 
 LOCAL_STORE_URL = "s3://medsight/store"
 # Small but complete: every stage trains a few steps on a few dozen images (a few minutes on 2 CPUs).
@@ -125,71 +131,6 @@ def patched_env(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-@contextlib.contextmanager
-def _captured_output(log_path: Path, capture: bool, console: IO[str]) -> Iterator[IO[str]]:
-    """Send KFP's and the components' chatter to ``log_path``; yield where progress lines go."""
-    if not capture:
-        yield console
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_out, saved_err = os.dup(1), os.dup(2)
-    saved_streams = sys.stdout, sys.stderr
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", buffering=1) as log:
-        # Both levels: child processes write to fds 1/2, KFP's Python logging to sys.stdout
-        # (which a test runner may have replaced by its own buffer).
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        sys.stdout = sys.stderr = log
-        # The terminal itself is now fd 1 no more: write progress to a duplicate of it.
-        terminal = console is sys.__stdout__ or console is saved_streams[0]
-        out = os.fdopen(os.dup(saved_out), "w", buffering=1) if terminal else console
-        try:
-            yield out
-        finally:
-            log.flush()
-            sys.stdout, sys.stderr = saved_streams
-            os.dup2(saved_out, 1)
-            os.dup2(saved_err, 2)
-            os.close(saved_out)
-            os.close(saved_err)
-            if terminal:
-                out.close()
-
-
-class _Progress(threading.Thread):
-    """Print one line per stage start/end by following the components' event file."""
-
-    def __init__(self, events: Path, console: IO[str]) -> None:
-        super().__init__(daemon=True)
-        self.events, self.console, self.done = events, console, threading.Event()
-        self.offset = 0
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.drain()
-            self.done.wait(0.5)
-        self.drain()
-
-    def drain(self) -> None:
-        if not self.events.is_file():
-            return
-        with open(self.events) as handle:
-            handle.seek(self.offset)
-            for line in handle:
-                if not line.endswith("\n"):
-                    break
-                self.offset += len(line.encode())
-                event = json.loads(line)
-                if event["event"] == "start":
-                    self.console.write(f"  ... {event['stage']}\n")
-                else:
-                    how = "restored from run-cache" if event["cached"] else f"ran {event['seconds']:.1f}s"
-                    self.console.write(f"  ok  {event['stage']:<20s} {how} (component {event['wall_seconds']:.1f}s)\n")
-        self.console.flush()
-
-
 def _validate(request: LocalRunRequest) -> None:
     """Fail on a bad variant, stage or override before starting servers, with the name in the message."""
     from medsight.stages.cache_key import variant_plan
@@ -221,9 +162,34 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _import_mlflow() -> None:
-    with contextlib.suppress(Exception):
-        import mlflow.tracking  # noqa: F401
+def client_settings(server_env: Mapping[str, str]) -> dict[str, str]:
+    """What ``client.env`` exports: the endpoint and credentials DVC, aws and MLflow read, the
+    store URL, and one attempt per request so a pull against a stopped server fails in seconds."""
+    return {**{key: server_env[key] for key in CLIENT_ENV_KEYS if key in server_env},
+            "AWS_MAX_ATTEMPTS": "1", "MEDSIGHT_S3_ENDPOINT": server_env["MEDSIGHT_S3_ENDPOINT"],
+            STORE_ENV: LOCAL_STORE_URL}
+
+
+class _PipelineRun(threading.Thread):
+    """Opens the pipeline's parent MLflow run while the pipeline starts (MLflow takes seconds to
+    import); the stages find the same run by its KFP run id. System metrics of the machine are
+    sampled into it, once for every stage on this machine."""
+
+    def __init__(self, run_id: str, preset: str) -> None:
+        super().__init__(daemon=True, name="mlflow-parent")
+        self.run_id, self.preset = run_id, preset
+        self.tracker: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from medsight.platform.tracking import MLflowTracker
+
+        try:
+            self.tracker = MLflowTracker.from_env(stage="pipeline", run_name=f"pipeline {self.run_id}", log_config=False,
+                                                  tags={"medsight.preset": self.preset}, system_metrics=True,
+                                                  pipeline_run_id=self.run_id)
+        except Exception as error:  # noqa: BLE001 - reported after the pipeline; tracking never stops training
+            self.error = error
 
 
 def new_run_id() -> str:
@@ -246,7 +212,7 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
     console.write(f"MedSIGHT local pipeline run {run_id} (preset {request.preset}) in {workdir}\n")
     with _sigterm_as_exit(), SeaweedS3Server(workdir / "s3") as server:
         console.write(f"  S3 (SeaweedFS) at {server.endpoint}; DVC remote {LOCAL_STORE_URL}/dvc\n")
-        client_env_file(workdir / "s3", {**server.env(), STORE_ENV: LOCAL_STORE_URL})
+        client_env_file(workdir / "s3", client_settings(server.env()))
         env = {
             **server.env(),
             STORE_ENV: LOCAL_STORE_URL,
@@ -256,27 +222,37 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
             "MLFLOW_TRACKING_URI": tracking_uri,
             ARTIFACTS_ENV: str(workdir / "mlflow" / "artifacts"),
             "KFP_RUN_ID": run_id,
-            "MEDSIGHT_GIT_COMMIT": git_commit(),
+            COMMIT_ENV: git_commit(),
+            VARIANT_ENV: request.variant if request.variants is None else "",
+            # The parent run samples this machine's metrics once; the stages' runs need not.
+            SYSTEM_METRICS_ENV: "false",
+            PARENT_OWNED_ENV: "1",
             FORCE_ENV: ",".join(request.force),
             "DVC_NO_ANALYTICS": "1",
             "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
             "PYTHONWARNINGS": "ignore",
         }
         with patched_env(env):
-            # MLflow takes seconds to import; do it while the pipeline runs (for the run summary).
-            warm = threading.Thread(target=_import_mlflow, daemon=True)
-            warm.start()
-            store = ArtifactStore()
-            store.ensure_ready()
-            repo = RunRepo(workdir / "repo")
-            repo.ensure(store.config)
-            _run_pipeline(request, workdir, events, log_path, console)
+            parent = _PipelineRun(run_id, request.preset)
+            parent.start()
+            try:
+                store = ArtifactStore()
+                store.ensure_ready()
+                repo = RunRepo(workdir / "repo")
+                repo.ensure(store.config)
+                _run_pipeline(request, workdir, events, log_path, console)
+            except BaseException:
+                parent.join()
+                if parent.tracker is not None:
+                    parent.tracker.close("FAILED")
+                raise
             records = store.load_lineage(run_id)
             summaries = _summaries(STAGES, records, show_skipped=request.variants is None and not request.stage)
             wall = time.time() - started
             commit = repo.record_run(run_id, records, {
-                "preset": request.preset, "arguments": request.pipeline_arguments(), "wall_seconds": round(wall, 2),
-            })
+                "preset": request.preset, "variant": request.variant if request.variants is None else "",
+                "arguments": request.pipeline_arguments(), "wall_seconds": round(wall, 2),
+            }, _stage_commands(request))
             report = None
             final = evaluation_stage().name
             evaluations = [r for r in records if r["stage"] == final]
@@ -286,8 +262,11 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
                 found = sorted(evaluation.rglob("*.html"))
                 report = found[0] if found else None
             table = store.get_run_file(run_id, "ablation.md") if request.variants is not None else None
-            warm.join()
-            _log_pipeline_run(run_id, request, summaries, wall, log_path)
+            parent.join()
+            if parent.tracker is None:
+                console.write(f"  MLflow: the pipeline run could not be recorded ({parent.error})\n")
+            else:
+                _log_pipeline_run(parent.tracker, request, summaries, records, wall, log_path)
     return LocalRunResult(run_id, workdir, summaries, time.time() - started, commit, tracking_uri, report, table)
 
 
@@ -304,21 +283,21 @@ def _run_pipeline(request: LocalRunRequest, workdir: Path, events: Path, log_pat
     pipeline = build_pipelines(settings, names=(name,), variant=request.variant)[name]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
-    with _captured_output(log_path, not request.verbose, console) as out:
-        progress = _Progress(events, out)
+    # Captured: the live line replaces tqdm's bars, which would fill the log with one line per update.
+    quiet_bars = patched_env({"TQDM_DISABLE": "1"}) if not request.verbose else contextlib.nullcontext()
+    with captured_output(log_path, not request.verbose, console) as (out, log), quiet_bars:
+        progress = ProgressView(events, out, log)
         progress.start()
         try:
             pipeline(**request.pipeline_arguments())
         except Exception as error:
-            progress.done.set()
-            progress.join()
+            progress.stop()
             raise LocalRunError(
                 f"pipeline failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}\n"
                 f"  component output: {log_path}\n{_tail(log_path)}\n"
                 "Fix the cause and rerun the same command: stages that finished are restored from the run-cache."
             ) from error
-        progress.done.set()
-        progress.join()
+        progress.stop()
     if not request.verbose:
         console.write(f"  component output: {log_path}\n")
 
@@ -349,13 +328,30 @@ def _summaries(stages: Sequence[Any], records: Sequence[Mapping[str, Any]], show
     return summaries
 
 
-def _log_pipeline_run(run_id: str, request: LocalRunRequest, summaries: list[StageSummary], wall: float,
-                      log_path: Path) -> None:
-    """One MLflow run for the pipeline as a whole: arguments, per-stage time/cache, summary table."""
-    from medsight.platform.tracking import MLflowTracker
+def _stage_commands(request: LocalRunRequest) -> dict[str, str]:
+    """The command that reproduces each stage of the run (for the run repo's dvc.yaml)."""
+    if request.variants is not None or request.stage:
+        return {}
+    from medsight.stages.cache_key import variant_plan
+    from medsight.stages.registry import active_stages, get_variant, input_sources
 
-    with MLflowTracker.from_env(stage="pipeline", run_name=f"pipeline {run_id}", log_config=False,
-                                tags={"medsight.preset": request.preset}) as tracker:
+    plan = variant_plan(request.variant, request.preset, list(request.overrides))
+    variant = get_variant(request.variant)
+    commands = {}
+    for spec in active_stages(variant.drops):
+        inputs = "".join(f" --input {name}=outputs/{source}" for name, source in sorted(input_sources(spec, variant.drops).items()))
+        overrides = "".join(f" --set {override}" for override in plan[spec.name]["overrides"])
+        commands[spec.name] = f"medsight stage run {spec.name} --out outputs/{spec.name}{inputs} --preset {request.preset}{overrides}"
+    return commands
+
+
+def _log_pipeline_run(tracker: Any, request: LocalRunRequest, summaries: list[StageSummary],
+                      records: Sequence[Mapping[str, Any]], wall: float, log_path: Path) -> None:
+    """The parent run: arguments, per-stage time/cache, summary table; a child for every restored
+    stage (computed stages made their own), so the parent lists every stage of the pipeline."""
+    from medsight.platform.mlflow_runs import log_restored_stage
+
+    try:
         tracker.log_params({"pipeline": request.pipeline_arguments()})
         metrics: dict[str, float] = {"wall_seconds": wall}
         for s in summaries:
@@ -365,9 +361,18 @@ def _log_pipeline_run(run_id: str, request: LocalRunRequest, summaries: list[Sta
         tracker.log_metrics(metrics)
         counts = {s.stage: sum(1 for t in summaries if t.stage == s.stage and t.md5) for s in summaries}
         tracker.set_tags({f"dvc.{s.stage}": s.md5 for s in summaries if s.md5 and counts[s.stage] == 1})
+        if request.variants is None:
+            tracker.set_tags({"medsight.variant": request.variant})
+        for record in records:
+            if record["cached"]:
+                log_restored_stage(tracker.client, tracker.experiment_id, tracker.run_id, record)
         table = log_path.with_suffix(".summary.txt")
         table.write_text(format_summary(summaries))
         tracker.log_artifact(table, "summary")
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
 
 
 def format_summary(stages: Sequence[StageSummary]) -> str:
@@ -398,8 +403,19 @@ def next_steps(result: LocalRunResult) -> str:
         f"  Pull a checkpoint here:   medsight platform pull --workdir {w} --run {result.run_id} --stage {example} --dest ./{example}\n"
         f"  Pull with plain DVC:      medsight platform s3-serve --dir {w / 's3'}   # then, in another shell:\n"
         f"                            source {w / 's3' / 'client.env'} && git clone {w / 'repo'} run && cd run && "
-        f"git checkout {result.run_id} && dvc pull outputs/{example}.dvc\n"
+        f"git checkout {result.run_id} && dvc pull {example}\n"
         "  Rerun (unchanged stages come from the cache): same command; e.g. --variant codebook-8 retrains only "
         "codebook-pretrain and what depends on it (`medsight variants list`)\n"
         "  On the cluster: medsight platform compile, then upload pipelines/compiled/medsight-pipeline.yaml in the KFP UI\n"
     )
+
+
+def result_json(result: LocalRunResult) -> dict[str, Any]:
+    """``run-local --json``: the run, every stage's status and DVC hash, where things are."""
+    return {
+        "run_id": result.run_id, "commit": result.commit, "wall_seconds": round(result.wall_seconds, 2),
+        "tracking_uri": result.tracking_uri, "report": str(result.report) if result.report else None,
+        "repo": str(result.workdir / "repo"),
+        "stages": [{"stage": s.stage, "status": s.status, "md5": s.md5, "seconds": s.seconds, "metrics": s.metrics}
+                   for s in result.stages],
+    }

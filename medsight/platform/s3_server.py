@@ -173,6 +173,9 @@ class SeaweedS3Server:
         """Environment for S3 clients (minio, DVC/boto, MLflow) talking to this server."""
         return {
             "MEDSIGHT_S3_ENDPOINT": self.endpoint,
+            # DVC's S3 client (and the aws CLI) read the endpoint from here: no endpoint is ever
+            # stored in a DVC config, so a clone works against whatever server is current.
+            "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": self.credentials.access_key,
             "AWS_SECRET_ACCESS_KEY": self.credentials.secret_key,
             # boto/aiobotocore insist on a region; SeaweedFS accepts any.
@@ -259,6 +262,29 @@ class SeaweedS3Server:
             return int(json.loads(self._state_path.read_text())["port"])
         except (OSError, ValueError, KeyError):
             return None
+
+    def running_elsewhere(self) -> int | None:
+        """The S3 port of a server another process (e.g. ``medsight platform s3-serve``) runs on
+        this directory, None when there is none: clients then share it instead of starting one."""
+        try:
+            pid = int(self._pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if self.process is not None or not _pid_alive(pid) or not self._serves_this_dir(pid):
+            return None
+        return self._last_port()
+
+    def attach(self, port: int) -> SeaweedS3Server:
+        """Use a server that another process runs on this directory (never stopped from here)."""
+        self.port = port
+        return self
+
+    def _serves_this_dir(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+        return "weed" in cmdline and str(self.data_dir) in cmdline
 
     def _refuse_if_other_server_running(self) -> None:
         # Two servers on one data directory corrupt it; say which process holds it.

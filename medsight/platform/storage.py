@@ -40,8 +40,9 @@ class S3Settings:
         if missing:
             raise StorageError(
                 f"S3 storage is not configured: set {', '.join(missing)} "
-                "(locally `medsight platform run-local` or `medsight platform s3-serve` does this; "
-                "on the cluster they come from the medsight-s3 Secret)"
+                "(locally: pass --workdir to the medsight command, or `source runs/platform/s3/client.env` "
+                "while `medsight platform s3-serve` runs; on the cluster they come from the ConfigMap "
+                "medsight-platform and the Secret medsight-s3-credentials)"
             )
         if not urlparse(endpoint).scheme:
             endpoint = "http://" + endpoint
@@ -186,12 +187,18 @@ class S3Storage:
         return self._call("stat", bucket, key, stat)
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
-        return self._call(
-            "list",
-            bucket,
-            prefix,
-            lambda: sorted(o.object_name for o in self.client.list_objects(bucket, prefix=prefix, recursive=True)),
-        )
+        """Keys under ``prefix``; none when the bucket does not exist (nothing was stored yet)."""
+        from minio.error import S3Error
+
+        def listing() -> list[str]:
+            try:
+                return sorted(o.object_name for o in self.client.list_objects(bucket, prefix=prefix, recursive=True))
+            except S3Error as error:
+                if error.code == "NoSuchBucket":
+                    return []
+                raise
+
+        return self._call("list", bucket, prefix, listing)
 
     def put_json(self, bucket: str, key: str, data: Any) -> None:
         payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

@@ -5,7 +5,7 @@ name fails here, naming the key, instead of as a failed run), then calls
 ``kfp.Client(host=...).create_run_from_pipeline_package`` and returns the run id and UI URL.
 The bearer token comes from ``--token-file`` or ``KFP_BEARER_TOKEN`` and is never printed.
 
-`submit_command` is the typer command the CLI mounts (``medsight submit ...``).
+`submit_command` is the typer command the CLI mounts (``medsight platform submit ...``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class SubmitError(RuntimeError):
     """A submission problem the user can fix (bad file, parameter, endpoint or token)."""
 
 
+class SubmitUsageError(SubmitError):
+    """The command line itself is wrong (file, parameter, host, token file): exit code 2."""
+
+
 @dataclass(frozen=True)
 class SubmitResult:
     run_id: str
@@ -46,20 +50,20 @@ class PipelinePackage:
 def load_pipeline_package(path: Path) -> PipelinePackage:
     """Read and sanity-check a compiled pipeline; errors name the file and what is wrong."""
     if not path.exists():
-        raise SubmitError(f"pipeline package {path} does not exist (compile it first)")
+        raise SubmitUsageError(f"pipeline package {path} does not exist (compile it first)")
     if not path.is_file():
-        raise SubmitError(f"pipeline package {path} is not a file")
+        raise SubmitUsageError(f"pipeline package {path} is not a file")
     try:
         # kfp-kubernetes appends a second document with the platform spec.
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SubmitError(f"pipeline package {path} is not valid YAML: {exc}") from exc
+        raise SubmitUsageError(f"pipeline package {path} is not valid YAML: {exc}") from exc
     if not docs or not isinstance(docs[0], dict):
-        raise SubmitError(f"pipeline package {path} is empty or not a YAML mapping")
+        raise SubmitUsageError(f"pipeline package {path} is empty or not a YAML mapping")
     spec = docs[0]
     missing = [key for key in ("pipelineInfo", "root", "deploymentSpec") if key not in spec]
     if missing:
-        raise SubmitError(
+        raise SubmitUsageError(
             f"pipeline package {path} is not a compiled KFP pipeline: missing {', '.join(missing)}"
         )
     params = (spec["root"].get("inputDefinitions") or {}).get("parameters") or {}
@@ -86,7 +90,7 @@ def _convert(key: str, raw: str, kfp_type: str) -> Any:
                 raise ValueError(raw)
             return value
     except (ValueError, yaml.YAMLError) as exc:
-        raise SubmitError(f"parameter {key}={raw!r}: not a valid {kfp_type}") from exc
+        raise SubmitUsageError(f"parameter {key}={raw!r}: not a valid {kfp_type}") from exc
     return raw
 
 
@@ -97,10 +101,10 @@ def parse_params(items: Sequence[str], package: PipelinePackage) -> dict[str, An
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise SubmitError(f"parameter {item!r}: expected KEY=VALUE")
+            raise SubmitUsageError(f"parameter {item!r}: expected KEY=VALUE")
         if key not in package.parameters:
             known = ", ".join(sorted(package.parameters)) or "(none)"
-            raise SubmitError(
+            raise SubmitUsageError(
                 f"parameter {key!r} is not an input of pipeline {package.name} ({package.path}); "
                 f"known: {known}"
             )
@@ -115,9 +119,9 @@ def resolve_token(token_file: Path | None = None, environ: Mapping[str, str] | N
         try:
             token = token_file.read_text().strip()
         except OSError as exc:
-            raise SubmitError(f"token file {token_file}: {exc.strerror or exc}") from exc
+            raise SubmitUsageError(f"token file {token_file}: {exc.strerror or exc}") from exc
         if not token:
-            raise SubmitError(f"token file {token_file} is empty")
+            raise SubmitUsageError(f"token file {token_file} is empty")
         return token
     return environ.get(TOKEN_ENV) or None
 
@@ -169,7 +173,7 @@ def submit_pipeline(
 ) -> SubmitResult:
     """Validate, connect, create the run. `client_factory(host, token, namespace)` is injectable."""
     if not host.startswith(("http://", "https://")):
-        raise SubmitError(f"KFP host {host!r} must start with http:// or https://")
+        raise SubmitUsageError(f"KFP host {host!r} must start with http:// or https://")
     package = load_pipeline_package(package_path)
     arguments = parse_params(params, package)
     name = run_name or package.name
@@ -228,6 +232,7 @@ def submit_command(
         )
     except SubmitError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
+        # 2: the command line is wrong; 1: the endpoint failed (click reserves 2 for usage errors).
+        raise typer.Exit(code=2 if isinstance(exc, SubmitUsageError) else 1) from exc
     typer.echo(f"run_id: {result.run_id}")
     typer.echo(f"run_url: {result.run_url}")

@@ -1,17 +1,19 @@
 """MLflow implementation of the ``Tracker`` protocol that training code logs through.
 
-One MLflow run per stage execution. Params are the resolved config flattened to dotted keys;
-metrics keep their steps; tags tie every number to its code (``git.commit``), orchestrator run
-(``kfp.run_id``) and data (``dvc.<input>`` / ``dvc.output`` md5s). The tracking URI comes from
-an explicit argument, ``MLFLOW_TRACKING_URI``, or ``config.tracking.uri`` when the config has
-one; ``sqlite:///path.db`` works with artifacts kept next to the database.
+One MLflow run per stage execution, nested under its pipeline run (``mlflow_runs.py``). Params
+are the resolved config flattened to dotted keys; metrics keep their steps; tags tie every
+number to its code (``mlflow.source.git.commit``), orchestrator run (``kfp.run_id``) and data
+(``dvc.<input>`` / ``dvc.output`` md5s, and each input logged as a dataset with its DVC source).
+System metrics (CPU, memory, disk, network, GPU) are sampled in a thread while a run is open,
+unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` is false. The tracking URI comes from an
+explicit argument, ``MLFLOW_TRACKING_URI``, or ``config.tracking.uri`` when the config has one;
+``sqlite:///path.db`` works with artifacts kept next to the database.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import subprocess
 import time
 import weakref
 from collections.abc import Mapping
@@ -20,6 +22,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import medsight
+from medsight.platform import mlflow_runs
+from medsight.stages.lineage import git_commit, pipeline_run_id  # git_commit re-exported: the code version
 
 # MLflow 3 reports usage to a remote endpoint by default, and its DNS lookup can stall a
 # sandboxed or air-gapped pod for minutes. Off unless the user explicitly turns it on; this runs
@@ -31,6 +35,7 @@ ARTIFACTS_ENV = "MEDSIGHT_MLFLOW_ARTIFACTS"
 _PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 _BATCH_PARAMS = 100
 _BATCH_METRICS = 1000
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"  # MLflow's own switch
 
 
 class TrackingError(RuntimeError):
@@ -47,21 +52,6 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def git_commit() -> str:
-    """The code version: baked into the image as MEDSIGHT_GIT_COMMIT, else asked from git."""
-    commit = os.environ.get("MEDSIGHT_GIT_COMMIT")
-    if commit:
-        return commit
-    repo = Path(medsight.__file__).resolve().parents[1]
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def resolve_tracking_uri(config: Any = None, uri: str | None = None) -> str | None:
@@ -83,14 +73,22 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None  # a tracking server decides (proxied artifacts on the cluster)
 
 
+def system_metrics_enabled(default: bool = True) -> bool:
+    value = os.environ.get(SYSTEM_METRICS_ENV, "").strip().lower()
+    return default if not value else value in ("1", "true", "yes")
+
+
 def _default_tags(stage: str) -> dict[str, str]:
     tags = {
         "medsight.stage": stage,
         "medsight.version": medsight.__version__,
         "git.commit": git_commit(),
+        **mlflow_runs.source_tags("medsight pipeline" if stage == "pipeline" else f"medsight stage run {stage}"),
     }
     if os.environ.get("KFP_RUN_ID"):
         tags["kfp.run_id"] = os.environ["KFP_RUN_ID"]
+    if pipeline_run_id():
+        tags[mlflow_runs.RUN_TAG] = pipeline_run_id()
     return tags
 
 
@@ -115,22 +113,47 @@ class MLflowTracker:
         experiment: str = DEFAULT_EXPERIMENT,
         tags: Mapping[str, str] | None = None,
         flush_every: float = 5.0,
+        parent: str | None | bool = True,
+        system_metrics: bool | None = None,
+        pipeline_run_id: str | None = None,
     ) -> None:
+        """``parent``: a run id, True to find it (``mlflow_runs.parent_run_id``), or None/False.
+        ``system_metrics``: sample CPU/memory/GPU into this run (default: the MLflow env switch).
+        ``pipeline_run_id``: track into the parent run of this pipeline run (found or created)
+        instead of a new run."""
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
+        mlflow_runs.prepare_sqlite_store(tracking_uri, default_artifact_location(tracking_uri))
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        tags = dict(tags or {})
+        parent_id: str | None = None
         try:
             self.experiment_id = self._experiment_id(experiment)
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+            if pipeline_run_id:
+                self.run_id: str = mlflow_runs.find_or_create_parent(self.client, self.experiment_id, pipeline_run_id, tags)
+                self.client.update_run(self.run_id, status="RUNNING")
+                self.set_tags(tags)
+            else:
+                parent_id = mlflow_runs.parent_run_id(self.client, self.experiment_id, tags) if parent is True else parent or None
+                if parent_id:
+                    tags["mlflow.parentRunId"] = parent_id
+                self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         except Exception as error:
             raise TrackingError(f"MLflow at {_safe_uri(tracking_uri)} is not usable: {error}") from error
-        self.run_id: str = run.info.run_id
+        self.parent_run_id = parent_id
+        # On a cluster no runner owns the parent: each stage keeps its status current.
+        self._updates_parent = bool(parent_id and parent is True and mlflow_runs.parent_status_is_ours())
+        if self._updates_parent:
+            mlflow_runs.set_parent_status(self.client, parent_id, "RUNNING")
         self.flush_every = flush_every
         self._pending: list[Any] = []
         self._last_flush = time.monotonic()
         self._logged_params: dict[str, str] = {}
         self._closed = False
+        self._monitor: Any = None
+        if system_metrics if system_metrics is not None else system_metrics_enabled():
+            self._monitor = _start_system_metrics(self.run_id, tracking_uri)
         _OPEN.add(self)
 
     @classmethod
@@ -143,6 +166,9 @@ class MLflowTracker:
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         log_config: bool = True,
+        parent: str | None | bool = True,
+        system_metrics: bool | None = None,
+        pipeline_run_id: str | None = None,
     ) -> MLflowTracker:
         tracking_uri = resolve_tracking_uri(config, uri)
         if not tracking_uri:
@@ -156,7 +182,12 @@ class MLflowTracker:
             tracking_uri,
             run_name=run_name or stage,
             experiment=experiment,
-            tags={**_default_tags(stage), "medsight.preset": str(getattr(config, "preset", "")), **(tags or {})},
+            tags={**_default_tags(stage), "medsight.preset": str(getattr(config, "preset", "")),
+                  mlflow_runs.ROLE_TAG: mlflow_runs.PIPELINE_ROLE if stage == "pipeline" else mlflow_runs.STAGE_ROLE,
+                  **(tags or {})},
+            parent=parent,
+            system_metrics=system_metrics,
+            pipeline_run_id=pipeline_run_id,
         )
         if config is not None and log_config:
             from medsight.config import to_dict
@@ -167,15 +198,20 @@ class MLflowTracker:
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=default_artifact_location(self.tracking_uri))
-        except Exception:
-            # Another stage process created it between our lookup and create.
-            experiment = self.client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-            return experiment.experiment_id
+            experiment_id = experiment.experiment_id
+        else:
+            try:
+                experiment_id = self.client.create_experiment(
+                    name, artifact_location=default_artifact_location(self.tracking_uri),
+                    tags={mlflow_runs.EXPERIMENT_KIND_TAG: mlflow_runs.MODEL_TRAINING})
+            except Exception:
+                # Another stage process created it between our lookup and create.
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
+        mlflow_runs.mark_model_training(self.client, experiment_id)
+        return experiment_id
 
     # -- Tracker protocol ---------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -217,6 +253,17 @@ class MLflowTracker:
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
+    def log_lineage(self, lineage: Mapping[str, Any]) -> None:
+        """Run id, variant and commit as tags; every input as a dataset input with its DVC source."""
+        run = lineage.get("run", {})
+        self.set_tags({key: value for key, value in {
+            "medsight.variant": run.get("variant", ""), "mlflow.source.git.commit": run.get("git_commit", ""),
+            **{f"dvc.{name}": entry.get("md5", "") for name, entry in lineage.get("inputs", {}).items()},
+        }.items() if value})
+        datasets = mlflow_runs.dataset_inputs(lineage, os.environ.get("MEDSIGHT_STORE_URL", ""))
+        if datasets:
+            self.client.log_inputs(self.run_id, datasets=datasets)
+
     # -- lifecycle -----------------------------------------------------------------------
     def flush(self) -> None:
         while self._pending:
@@ -229,9 +276,13 @@ class MLflowTracker:
             return
         self._closed = True
         try:
+            if self._monitor is not None:
+                self._monitor.finish()
             self.flush()
         finally:
             self.client.set_terminated(self.run_id, status=status)
+            if self._updates_parent:
+                mlflow_runs.set_parent_status(self.client, self.parent_run_id, status)
             _OPEN.discard(self)
 
     def __enter__(self) -> MLflowTracker:
@@ -239,6 +290,23 @@ class MLflowTracker:
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         self.close("FAILED" if exc_type is not None else "FINISHED")
+
+
+def _start_system_metrics(run_id: str, tracking_uri: str) -> Any:
+    """MLflow's system-metrics sampler on this run; None (and a run without them) if it cannot start."""
+    try:
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Its start/stop INFO lines would land between the pipeline's progress lines.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception:  # noqa: BLE001 - e.g. psutil missing: training must not fail over it
+        return None
 
 
 def _metric_key(key: str) -> str:

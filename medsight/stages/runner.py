@@ -27,6 +27,7 @@ from medsight.config.schema import ExperimentConfig
 from medsight.io_utils import atomic_write_json, ensure_writable_dir, missing_reason, replace_directory
 from medsight.stages.cache_key import CacheKey, stage_key
 from medsight.stages.content_hash import input_hashes
+from medsight.stages.lineage import RunInfo, build_lineage, write_lineage
 from medsight.stages.registry import StageSpec, get_stage
 from medsight.train.tracker import HistoryRecorder, NullTracker, Tracker
 
@@ -162,8 +163,13 @@ def run_stage(
     tracker: Tracker | None = None,
     reuse: bool = True,
     plan: StagePlan | None = None,
+    store_uris: dict[str, str] | None = None,
 ) -> StageRun:
-    """Reuse ``output`` when it holds this key's result (and ``reuse``), else compute and swap in."""
+    """Reuse ``output`` when it holds this key's result (and ``reuse``), else compute and swap in.
+
+    ``store_uris``: where each input lives in the DVC store, when the inputs were pulled from it
+    (their local folders are then temporary and are not recorded).
+    """
     plan = plan or plan_stage(name, config, inputs)
     output = Path(output)
     previous = check_output(plan, output)
@@ -176,7 +182,7 @@ def run_stage(
     resuming = work.exists()
     try:
         work.mkdir(parents=True, exist_ok=True)
-        return _compute(plan, config, output, work, tracker, name)
+        return _compute(plan, config, output, work, tracker, name, store_uris)
     except BaseException:
         # Keep a working folder with checkpoints (the rerun resumes there); one that holds nothing
         # to resume from (bad data found while loading, say) would only be clutter beside --out.
@@ -186,8 +192,16 @@ def run_stage(
 
 
 def _compute(plan: StagePlan, config: ExperimentConfig, output: Path, work: Path, tracker: Tracker | None,
-             name: str) -> StageRun:
+             name: str, store_uris: dict[str, str] | None) -> StageRun:
     save_config(config, work / CONFIG_FILE)
+    # Written before the stage computes: an evaluation reads it for its report's provenance and
+    # for the curves of every upstream training stage, carried here from the inputs' lineage.
+    lineage = build_lineage(name, plan.inputs, plan.hashes, RunInfo.from_env(str(getattr(tracker, "run_id", "") or "")),
+                            store_uris)
+    write_lineage(work, lineage)
+    log_lineage = getattr(tracker, "log_lineage", None)
+    if log_lineage is not None:
+        log_lineage(lineage)
     # Curves land beside the checkpoint too, so the report works without an MLflow server.
     tracker = HistoryRecorder(tracker or NullTracker(), work)
     tracker.set_tags({"medsight.stage": name, "medsight.cache_key": plan.key.key,
@@ -213,8 +227,10 @@ def _compute(plan: StagePlan, config: ExperimentConfig, output: Path, work: Path
         "config_reads": sorted(reads),
         "config_view": plan.key.material["config"],
         "code": plan.key.material["code"],
-        "inputs": {input_name: {"md5": plan.hashes[input_name], "path": str(path)}
-                   for input_name, path in plan.inputs.items()},
+        # Inputs as versions (DVC hashes); a local path only when it is not a throw-away pull.
+        "inputs": {input_name: {**entry, **({} if store_uris else {"path": str(plan.inputs[input_name])})}
+                   for input_name, entry in lineage["inputs"].items()},
+        "run": lineage["run"],
         "files": [*_written_files(work), STAGE_FILE],
         "medsight_version": medsight.__version__,
         "seconds": round(elapsed, 3),

@@ -15,6 +15,7 @@ from medsight.config.schema import TrainConfig
 from medsight.train.checkpoint import TrainProgress, load_resume_state, save_resume_state
 from medsight.train.engine import Engine, lr_at
 from medsight.train.loss_watch import ZeroLossWatch
+from medsight.train.progress_events import StepEvents
 from medsight.train.tracker import Tracker
 
 
@@ -64,6 +65,7 @@ def run_training(
     last: dict[str, float] = {}
     zero_watch = ZeroLossWatch(name, tracker, expected_losses)
     bar = tqdm(total=total, initial=progress.step, desc=name, unit="step", dynamic_ncols=True)
+    events = StepEvents(name, total)  # progress for a runner in another process (no-op otherwise)
     try:
         while progress.step < total:
             for batch_index, batch in enumerate(make_batches(progress.epoch)):
@@ -88,6 +90,7 @@ def run_training(
                 zero_watch.update(progress.step, last)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
+                events.update(progress.step, last)
                 if progress.step % config.log_every == 0 or progress.step == total:
                     tracker.log_metrics({f"{name}/{k}": v for k, v in last.items()}, step=progress.step)
                 if progress.step % config.checkpoint_every == 0 and progress.step < total:

@@ -33,6 +33,7 @@ from medsight.eval.benchmarks.common import (
 )
 
 SCHAIN_BOX_COLUMN = "Bbox coordinates normalized (X, Y, W, H)"
+SCHAIN_MODALITY_COLUMN = "Modality"  # optional: absent from the released (all-MRI) set
 DEFAULT_BOX_PROMPT = "Please locate the abnormal region in this image and segment it."
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE]-?\d+)?")
 
@@ -117,9 +118,11 @@ def read_schain(path: Path, question: str = DEFAULT_BOX_PROMPT, box_origin: str 
                     sample_id=sample_id,
                     task="box",
                     question=question,
-                    modality="MRI",  # S-Chain is built from OASIS brain MRI
+                    # The released S-Chain is OASIS brain MRI and has no modality column; a file
+                    # that carries one (other sources, the synthetic set) is labelled from it.
+                    modality=canonical_modality(str(row.get(SCHAIN_MODALITY_COLUMN) or "MRI")),
                     image_bytes=bytes(image["bytes"]),
-                    source_modality="MRI",
+                    source_modality=str(row.get(SCHAIN_MODALITY_COLUMN) or "MRI"),
                     boxes=[_clip(to_xyxy([v / scale for v in box], "xywh", box_origin)) for box in boxes],
                 )
             )
