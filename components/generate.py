@@ -19,7 +19,7 @@ from kfp import dsl
 # Placeholders: the pipeline builder sets the real images per task from DeploymentSettings.
 GPU_IMAGE = "registry.example.com/medsight/medsight:0.1.0"
 CPU_IMAGE = "registry.example.com/medsight/medsight-cpu:0.1.0"
-ARTIFACT_TYPES = {"dataset": "dsl.Dataset", "model": "dsl.Model", "evaluation": "dsl.Artifact"}
+ARTIFACT_TYPES = {"dataset": "dsl.Dataset", "model": "dsl.Model", "evaluation": "dsl.Artifact", "report": "dsl.Artifact"}
 
 STAGE_TEMPLATE = '''
 def {function}(
@@ -37,11 +37,11 @@ def {function}(
 '''
 
 PLAN_TEMPLATE = '''
-def plan_variant(variant: str, preset: str, overrides: list) -> NamedTuple("VariantPlan", [{fields}]):
+def plan_variant(variant: str, preset: str, overrides: list, thresholds: dict) -> NamedTuple("VariantPlan", [{fields}]):
     """The overrides each stage reads: the variant's, then the run's (validated up front)."""
     from medsight.stages.cache_key import variant_plan
 
-    plan = variant_plan(variant, preset, [str(o) for o in overrides])
+    plan = variant_plan(variant, preset, [str(o) for o in overrides], thresholds)
     return ({values})
 '''
 

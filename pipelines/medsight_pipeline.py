@@ -63,7 +63,8 @@ def build_pipelines(
 
 
 def wire_variants(
-    settings: DeploymentSettings, variants: list[str], preset: Any, overrides: Any, data_revision: Any
+    settings: DeploymentSettings, variants: list[str], preset: Any, overrides: Any, data_revision: Any,
+    thresholds: Any = None,
 ) -> dict[str, Any]:
     """Every stage of every variant as a task, each input from its registry source; returns each
     variant's evaluation output.
@@ -74,31 +75,37 @@ def wire_variants(
     from medsight.stages.cache_key import relevant_overrides
     from medsight.stages.registry import active_stages, evaluation_stage, get_variant, input_sources
 
-    tasks: dict[tuple, Any] = {}  # node identity -> the stage's output channel
+    tasks: dict[tuple, Any] = {}  # node identity -> the stage's task
     evaluations: dict[str, Any] = {}
     for name in variants:
         variant = get_variant(name)
-        plan = configure_helper(plan_component()(variant=name, preset=preset, overrides=overrides), settings,
-                                f"plan {name}")
+        plan = configure_helper(plan_component()(variant=name, preset=preset, overrides=overrides,
+                                                 thresholds=thresholds if thresholds is not None else {}),
+                                settings, f"plan {name}")
         outputs: dict[str, tuple] = {}  # stage -> node identity, within this variant
         for spec in active_stages(variant.drops):
             sources = input_sources(spec, variant.drops)
             identity = (spec.name, tuple(relevant_overrides(spec, variant.overrides)),
-                        tuple(sorted((input_name, outputs[source]) for input_name, source in sources.items())))
+                        tuple(sorted((input_name, outputs[source]) for input_name, source in sources.items())),
+                        tuple(outputs[gate] for gate in spec.after if gate in outputs))
             if identity not in tasks:
                 arguments: dict[str, Any] = {"preset": preset,
                                              "overrides": plan.outputs[f"{python_name(spec.name)}_overrides"]}
-                arguments.update({input_name: tasks[outputs[source]] for input_name, source in sources.items()})
+                arguments.update({input_name: tasks[outputs[source]].outputs["output"]
+                                  for input_name, source in sources.items()})
                 if not spec.inputs:
                     arguments["use_existing"] = data_revision
                 task = configure_stage(stage_component(spec.name)(**arguments), spec, settings)
+                for gate in spec.after:
+                    if gate in outputs:
+                        task.after(tasks[outputs[gate]])
                 if spec.name == evaluation_stage().name:
                     # Names the report's table row; an environment variable, not a parameter,
                     # so it never changes a cache key.
                     task.set_env_variable(VARIANT_ENV, name)
-                tasks[identity] = task.outputs["output"]
+                tasks[identity] = task
             outputs[spec.name] = identity
-        evaluations[name] = tasks[outputs[evaluation_stage().name]]
+        evaluations[name] = tasks[outputs[evaluation_stage().name]].outputs["output"]
     return evaluations
 
 
@@ -109,15 +116,17 @@ def variant_pipeline(settings: DeploymentSettings, variant: str) -> Callable[...
         preset: str = "tiny",
         overrides: list = [],  # noqa: B006 - KFP parameter default, never mutated
         data_revision: str = "",
+        register_thresholds: dict = {},  # noqa: B006
     ) -> dsl.Artifact:
-        """Train and evaluate MedSIGHT.
+        """Train and evaluate MedSIGHT, then register the model if it clears the thresholds.
 
         Args:
             preset: Config preset: tiny (CPU, minutes), full (H100, paper scale) or full-qwen2.5.
             overrides: Config overrides as key.path=value strings, e.g. model.codebook.codes_per_modality=16.
             data_revision: A registered dataset version (DVC md5 or run:<id>/synth-data) used instead of generating one.
+            register_thresholds: Minimum evaluation metrics for registering the model in the MLflow registry, e.g. {"seg_dice": 0.5, "closed_accuracy": 0.75}; empty = register whatever it scores.
         """
-        return wire_variants(settings, [variant], preset, overrides, data_revision)[variant]
+        return wire_variants(settings, [variant], preset, overrides, data_revision, register_thresholds)[variant]
 
     name = PIPELINE_NAME if variant == "full" else f"{PIPELINE_NAME}-{variant}"
     description = f"MedSIGHT, variant {variant}: every stage from data to evaluation, DVC-versioned."

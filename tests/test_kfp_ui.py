@@ -36,7 +36,8 @@ def test_stages_pass_typed_artifacts_along_every_registry_edge() -> None:
         assert {k: v["taskOutputArtifact"]["producerTask"] for k, v in artifacts.items()} == wanted, stage.name
         component = spec["components"][task["componentRef"]["name"]]
         output = component["outputDefinitions"]["artifacts"]["output"]["artifactType"]["schemaTitle"]
-        assert output == {"dataset": "system.Dataset", "model": "system.Model", "evaluation": "system.Artifact"}[stage.output]
+        assert output == {"dataset": "system.Dataset", "model": "system.Model", "evaluation": "system.Artifact",
+                          "report": "system.Artifact"}[stage.output]
         assert component["outputDefinitions"]["artifacts"]["card"]["artifactType"]["schemaTitle"] == "system.HTML"
         assert component["outputDefinitions"]["artifacts"]["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
 

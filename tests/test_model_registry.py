@@ -116,7 +116,7 @@ def test_registered_model_is_an_mlflow_model(registry_env, trained_chain, tmp_pa
     import mlflow.pyfunc
     import pandas as pd
 
-    from medsight.platform.model_registry import log_final_model
+    from medsight.platform.final_model import log_final_model
 
     logged = log_final_model(trained_chain.model, trained_chain.base, lineage={"kfp_run_id": "r"}, metrics={"seg_dice": 0.5})
     model = mlflow.pyfunc.load_model(logged.model_uri)

@@ -121,7 +121,9 @@ RANGES: dict[type, dict[str, Range]] = {
         "source": Range(choices=("synthetic", "biomedparse")), "image_size": AT_LEAST_1,
         "train_images": AT_LEAST_1, "val_images": AT_LEAST_1, "test_images": AT_LEAST_1,
         "seed": NON_NEGATIVE, "taxonomy": ANY_TEXT, "too_many_masks": Range(choices=("error", "skip")),
+        "max_bad_fraction": FRACTION,
     },
+    s.RegisterConfig: {"thresholds": ANY_TEXT, "model_name": ANY_TEXT, "alias": ANY_TEXT},
     s.ExperimentConfig: {"preset": ANY_TEXT},
 }
 

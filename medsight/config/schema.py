@@ -230,6 +230,20 @@ class DataConfig:
     # with one warning (the authors' behaviour; `data prepare` already leaves such images out),
     # "error" stops the stage naming it.
     too_many_masks: str = "skip"
+    # The data-check stage fails the run when a release's share of bad entries is over this.
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class RegisterConfig:
+    """The step after evaluation: the model enters the MLflow registry if it clears the gate."""
+
+    # "metric=minimum" over the evaluation's metrics.json, e.g. ("seg_dice=0.5", "closed_accuracy=0.75");
+    # empty = register whatever it scores.
+    thresholds: tuple[str, ...] = ()
+    model_name: str = "medsight"
+    # Alias the new version gets (e.g. "staging"); "" = none.
+    alias: str = ""
 
 
 @dataclass
@@ -244,3 +258,4 @@ class ExperimentConfig:
     t2v_align: T2VAlignConfig = field(default_factory=T2VAlignConfig)
     instruct_tune: InstructTuneConfig = field(default_factory=InstructTuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)

@@ -365,8 +365,10 @@ def run_component(
     metrics.log_metric("stage_seconds", round(result["seconds"], 3))
     from medsight.stages.registry import get_stage
 
-    # The evaluation's own report is its card; every other stage gets a summary card.
-    html = _pull_files(ref, ["report.html"]).get("report.html") if get_stage(stage).output == "evaluation" else None
+    # A stage with a page of its own (the evaluation's report, the data check's) shows it as its
+    # card; every other stage gets a summary card.
+    page = get_stage(stage).card
+    html = _pull_files(ref, [page]).get(page) if page else None
     Path(card.path).parent.mkdir(parents=True, exist_ok=True)
     Path(card.path).write_bytes(html or render_stage_card(stage, result, store.object_uri(ref.md5)).encode())
 

@@ -37,9 +37,11 @@ def render_dvc_yaml(variant: str = "full") -> str:
         sources = {name: f"{OUTPUTS_DIR}/{source}" for name, source in input_sources(spec, drops).items()}
         command = [f"medsight stage run {spec.name} --out {OUTPUTS_DIR}/{spec.name} --config {PARAMS_FILE}"]
         command += [f"--input {name}={path}" for name, path in sources.items()]
+        # A gate is a dep too: DVC orders stages by their deps alone.
+        gates = [f"{OUTPUTS_DIR}/{gate}" for gate in spec.after if f"{OUTPUTS_DIR}/{gate}" not in sources.values()]
         stages[spec.name] = {
             "cmd": " ".join(command),
-            "deps": [*code_files(spec), *sources.values()],
+            "deps": [*code_files(spec), *sources.values(), *gates],
             "params": list(spec.reads),
             "outs": [f"{OUTPUTS_DIR}/{spec.name}"],
         }
@@ -135,6 +137,10 @@ def kfp_graph(compiled: Mapping[str, Any]) -> tuple[set[str], set[Edge]]:
             nodes.add(stage)
             for name, binding in artifacts.items():
                 edges.update((upstream, stage) for upstream in resolve(binding, dag, ctx))
+            for dependency in task.get("dependentTasks", []):  # gates (.after), besides the data edges
+                upstream = _stage_of(dag["tasks"][dependency]["componentRef"]["name"], stage_names)
+                if upstream is not None:
+                    edges.add((upstream, stage))
 
     walk(compiled["root"]["dag"], None)
     return nodes, edges

@@ -7,7 +7,7 @@ checkpoint, ``eval.<metric>`` for the evaluation summary) and the thresholds it 
 (``gate.<metric>``). Promotion uses MLflow 3 aliases (``production``, ``staging``...), not stages.
 
 Entry points for other code:
-- ``log_final_model``: package + log a trained model as an MLflow model (a run), no registration.
+- ``log_model_package``: log a built package as an MLflow model (``final_model.log_final_model`` builds it).
 - ``register_from_evaluation``: the pipeline step after ``evaluate`` (gate on thresholds, log,
   register with lineage).
 """
@@ -144,8 +144,10 @@ def log_model_package(
     run_name: str = "model-package",
     tags: Mapping[str, str] | None = None,
     metrics: Mapping[str, float] | None = None,
+    run_id: str | None = None,
 ) -> LoggedModel:
-    """Log a built package as an MLflow pyfunc model in a new run of ``experiment``."""
+    """Log a built package as an MLflow pyfunc model: in run ``run_id`` (the evaluation's, which
+    then lists it among its outputs), or in a new run of ``experiment``."""
     from medsight.platform.tracking import _metric_key
     from medsight.serve import mlflow_model_code
     from medsight.serve.mlflow_pyfunc import PACKAGE_ARTIFACT
@@ -158,7 +160,8 @@ def log_model_package(
         experiment_id = _experiment_id(mlflow_client, experiment, uri)
     except Exception as error:
         raise TrackingError(f"MLflow at {uri} is not usable: {error}") from error
-    with _mlflow_at(uri) as mlflow, mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {})) as run:
+    run_args = {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name, "tags": dict(tags or {})}
+    with _mlflow_at(uri) as mlflow, mlflow.start_run(**run_args) as run:
         if metrics:
             mlflow.log_metrics({_metric_key(k): float(v) for k, v in metrics.items()})
         with warnings.catch_warnings():
@@ -170,29 +173,11 @@ def log_model_package(
                 pip_requirements=_pip_requirements(),
                 tags=dict(tags or {}),
             )
+    if run_id:
+        from mlflow.entities import LoggedModelOutput
+
+        mlflow_client.log_outputs(run_id, [LoggedModelOutput(info.model_id, 0)])
     return LoggedModel(run.info.run_id, info.model_uri, info.artifact_path)
-
-
-def log_final_model(
-    model_dir: Path,
-    base_dir: Path,
-    *,
-    tracking_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    lineage: Mapping[str, Any] | None = None,
-    metrics: Mapping[str, float] | None = None,
-    name: str = DEFAULT_MODEL_NAME,
-    workdir: Path | None = None,
-) -> LoggedModel:
-    """The final model logged as an MLflow model: package ``model_dir`` (instruct-tune output)
-    with ``base_dir`` (base-models output), then log it. Tags come from ``lineage``."""
-    from medsight.serve.package import build_package
-
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="medsight-package-") as tmp:
-        package = build_package(model_dir, base_dir, Path(tmp) / "package", name=name, lineage=dict(lineage or {}))
-        tags = lineage_tags(lineage or {}, metrics or {})
-        return log_model_package(package, tracking_uri=tracking_uri, experiment=experiment, run_name=f"{name}-model",
-                                 tags=tags, metrics=metrics)
 
 
 def register_from_evaluation(
@@ -223,6 +208,8 @@ def register_from_evaluation(
     full_lineage = collect_lineage(evaluate_dir, model_dir, base_dir, lineage)
     full_lineage["evaluation"] = {k: float(metrics[k]) for k in SUMMARY_METRICS if k in metrics}
     full_lineage["thresholds"] = dict(thresholds)
+    from medsight.platform.final_model import log_final_model
+
     logged = log_final_model(model_dir, base_dir, tracking_uri=tracking_uri, experiment=experiment,
                              lineage=full_lineage, metrics=metrics, name=name, workdir=workdir)
     tags = lineage_tags(full_lineage, metrics, gate)

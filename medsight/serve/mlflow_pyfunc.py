@@ -2,13 +2,16 @@
 
 The package (safetensors + text, see ``medsight.serve.package``) is logged as the model's
 artifact ``package``; the model itself is logged "from code" (``mlflow_model_code.py``), so
-MLflow stores no pickle. ``mlflow.pyfunc.load_model(uri).predict(df)`` answers a DataFrame with
-columns ``image`` (base64 or data URL; PNG/JPEG/DICOM) and ``question``; params ``mask_format``,
+MLflow stores no pickle. ``mlflow.pyfunc.load_model(uri).predict(df)`` answers a DataFrame (or a
+list of dicts) with ``image`` (a file path, base64 or a data URL; PNG/JPEG/DICOM) and ``question``;
+params ``mask_format``,
 ``max_new_tokens`` and ``temperature``. The model server does not go through pyfunc: it
 downloads the same package and loads it directly.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import mlflow.pyfunc
 
@@ -33,11 +36,16 @@ class MedSightPyfunc(mlflow.pyfunc.PythonModel):
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         requests = []
         for index, row in enumerate(rows):
-            data, mime = decode_base64(str(row["image"]), f"row {index} image")
+            image = str(row["image"])
+            if len(image) < 4096 and Path(image).is_file():  # a path on this machine
+                data, mime = Path(image).read_bytes(), None
+            else:
+                data, mime = decode_base64(image, f"row {index} image")
             requests.append(
                 self.engine.prepare(data, row["question"], mime=mime, mask_format=params.get("mask_format", "rle"), settings=settings)
             )
         return [
-            {"answer": r.text, "regions": r.regions, "completion_tokens": r.completion_tokens}
+            {"answer": r.text, "region_tokens": [region["token"] for region in r.regions], "regions": r.regions,
+             "completion_tokens": r.completion_tokens}
             for r in self.engine.run_batch(requests)
         ]

@@ -158,9 +158,11 @@ def relevant_overrides(spec: StageSpec, overrides: list[str] | tuple[str, ...]) 
     return picked
 
 
-def variant_plan(variant_name: str, preset: str, overrides: list[str]) -> dict[str, Any]:
+def variant_plan(variant_name: str, preset: str, overrides: list[str],
+                 thresholds: dict[str, float] | None = None) -> dict[str, Any]:
     """Per stage: whether the variant runs it, and its relevant overrides (variant's, then user's).
 
+    ``thresholds`` (a pipeline parameter: metric -> minimum) become ``register.thresholds``.
     Validates everything first (unknown variant, unknown config key, a wrong value), so a
     pipeline fails in its first task with a message that names the problem.
     """
@@ -169,6 +171,9 @@ def variant_plan(variant_name: str, preset: str, overrides: list[str]) -> dict[s
 
     variant = get_variant(variant_name)
     combined = [*variant.overrides, *overrides]
+    if thresholds:
+        entries = [f"{metric}={float(value)}" for metric, value in sorted(thresholds.items())]
+        combined.append(f"register.thresholds={json.dumps(entries)}")
     apply_overrides(get_preset(preset), combined)
     return {
         spec.name: {"runs": spec.name not in variant.drops, "overrides": relevant_overrides(spec, combined)}

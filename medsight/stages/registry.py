@@ -39,7 +39,7 @@ class StageFn(Protocol):
 # pipelines/deployment.py turns a class into node pool, GPU count and host resources.
 ResourceClass = Literal["cpu", "gpu", "gpu-deepspeed"]
 # What a stage hands downstream; the KFP artifact type of its output.
-OutputKind = Literal["dataset", "model", "evaluation"]
+OutputKind = Literal["dataset", "model", "evaluation", "report"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,10 @@ class StageSpec:
     # Skip rule: an ablation variant may drop this stage.
     droppable: bool = False
     metrics: tuple[str, ...] = ()
+    # Stages that must have finished first without being read (a gate, such as the data check).
+    after: tuple[str, ...] = ()
+    # A file of the output that the KFP run page shows as the stage's card (else a summary card).
+    card: str = ""
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -128,10 +132,20 @@ STAGES: tuple[StageSpec, ...] = (
         output="dataset",
     ),
     StageSpec(
+        name="data-check",
+        entrypoint="medsight.stages.data_check:run",
+        description="Data quality report of the prepared dataset; stops the run when too much of it is bad",
+        inputs=_inputs(data="synth-data"),
+        reads=("data.max_bad_fraction",),
+        output="report",
+        card="quality.html",
+    ),
+    StageSpec(
         name="base-models",
         entrypoint="medsight.stages.base_models:run",
         description="Tokenizer + encoder + LLM weights (trained tokenizer and random init for tiny, local weights for full)",
         inputs=_inputs(data="synth-data"),
+        after=("data-check",),
         reads=("data.seed", "model.encoder", *_LLM_ARCHITECTURE),
     ),
     StageSpec(
@@ -206,6 +220,17 @@ STAGES: tuple[StageSpec, ...] = (
         resources="gpu",
         output="evaluation",
         metrics=("closed_accuracy", "open_recall", "seg_dice"),
+        card="report.html",
+    ),
+    StageSpec(
+        name="register-model",
+        entrypoint="medsight.stages.register:run",
+        description="Register the evaluated model in the MLflow model registry when it clears the thresholds",
+        inputs=_inputs(evaluation="evaluate", model=StageInput("instruct-tune", fallback="t2v-align"),
+                       base="base-models"),
+        reads=("register",),
+        output="report",
+        metrics=("registered",),
     ),
 )
 
@@ -253,7 +278,7 @@ def get_variant(name: str) -> Variant:
 
 
 def evaluation_stage() -> StageSpec:
-    """The stage whose output is the evaluation (report, metrics): the end of every variant."""
+    """The stage whose output is the evaluation (report, metrics) of a variant."""
     return next(spec for spec in STAGES if spec.output == "evaluation")
 
 
@@ -296,8 +321,11 @@ def active_stages(dropped: frozenset[str] = frozenset()) -> list[StageSpec]:
 
 
 def graph_edges(dropped: frozenset[str] = frozenset()) -> set[tuple[str, str]]:
-    """(upstream, downstream) data edges of the graph without ``dropped``."""
-    return {(source, spec.name) for spec in active_stages(dropped) for source in input_sources(spec, dropped).values()}
+    """(upstream, downstream) edges of the graph without ``dropped``: data edges and ``after`` gates."""
+    active = active_stages(dropped)
+    names = {spec.name for spec in active}
+    data = {(source, spec.name) for spec in active for source in input_sources(spec, dropped).values()}
+    return data | {(gate, spec.name) for spec in active for gate in spec.after if gate in names}
 
 
 def validate_registry() -> None:
@@ -310,6 +338,9 @@ def validate_registry() -> None:
             for source in filter(None, (wanted.source, wanted.fallback)):
                 if source not in seen:
                     raise GraphError(f"stage {spec.name}: input {name!r} reads {source}, which is not upstream of it")
+        for gate in spec.after:
+            if gate not in seen:
+                raise GraphError(f"stage {spec.name}: runs after {gate}, which is not upstream of it")
         seen.add(spec.name)
     if [spec.output for spec in STAGES].count("evaluation") != 1:
         raise GraphError("exactly one stage must produce the evaluation")
