@@ -14,7 +14,7 @@ Case format (all paths relative to the case folder, ``{placeholders}`` filled in
     item: 1                      # the issue-9 item it covers ("existing": checks kept from before)
     kind: data loss              # the kind of bad input, as the issue lists them
     inputs: [data, base]         # prepared outputs copied to <case>/data, <case>/base
-    setup: [{truncate: data/biomedparse/train/{train_image}, keep: 60}]
+    setup: [{truncate: "data/{train_image}", keep: 60}]
     command: [stage, run, perceiver-pretrain, --out, "{out}", --input, "data={case}/data", ...]
     exit: 1
     error: "{train_image}"
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -74,13 +75,14 @@ def unwritable_folder(case: Path) -> Path:
 
 
 def placeholders(case: Path) -> dict[str, str]:
+    """``{train_image}``/``{train_mask}``: the first training image of the prepared index and its
+    first mask, as the index names them (relative to the data root, inside the release folder)."""
     values = {"case": str(case), "out": str(case / "out"), "huge_question": HUGE_QUESTION}
-    train = case / "data" / "biomedparse" / "train.json"
-    if train.is_file():
-        index = json.loads(train.read_text())
-        values["train_image"] = index["images"][0]["file_name"]
-        values["train_mask"] = next(a["mask_file"] for a in index["annotations"]
-                                    if a["image_id"] == index["images"][0]["id"])
+    index = case / "data" / "biomedparse" / "train.jsonl"
+    if index.is_file():
+        first = json.loads(index.read_text().splitlines()[0])
+        values["train_image"] = first["image"]
+        values["train_mask"] = first["regions"][0]["mask"]
     return values
 
 
@@ -128,7 +130,10 @@ def _dicom(path: Path, with_pixels: bool) -> None:
 
 
 def _json_set(path: Path, pointer: str, value) -> None:
-    data = json.loads(path.read_text())
+    """Set one value by a ``/``-separated pointer; a ``.jsonl`` file is a list of its lines."""
+    lines = path.suffix == ".jsonl"
+    data = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if lines \
+        else json.loads(path.read_text())
     node = data
     *parents, last = pointer.split("/")
     for part in parents:
@@ -137,7 +142,7 @@ def _json_set(path: Path, pointer: str, value) -> None:
         node[int(last)] = value
     else:
         node[last] = value
-    path.write_text(json.dumps(data))
+    path.write_text("".join(json.dumps(line) + "\n" for line in data) if lines else json.dumps(data))
 
 
 def apply(step: dict, case: Path) -> None:
@@ -253,12 +258,26 @@ def test_bad_input(case_file: Path, prepared: dict[str, Path], tmp_path: Path) -
 
 
 def test_the_too_many_masks_advice_works_from_the_cli(prepared: dict[str, Path], tmp_path: Path) -> None:
-    """The error's advice (``--set data.too_many_masks=skip``) is a setting that exists and works."""
+    """With ``data.too_many_masks=error`` an image over ``max_masks_per_image`` stops the stage, and
+    the error's advice (a ``--set`` that switches to skipping) exists and works as written."""
+    limit = 2
+    over = {split: [entry["id"] for entry in map(json.loads, (prepared["data"] / "biomedparse" / f"{split}.jsonl")
+                                                 .read_text().splitlines()) if len(entry["regions"]) > limit]
+            for split in ("train", "val", "test")}
+    assert over["train"], "the tiny data needs an image over the limit for this test to mean anything"
     command = [sys.executable, "-m", "medsight.cli", "stage", "run", "perceiver-pretrain", "--out", str(tmp_path / "out"),
                "--input", f"data={prepared['data']}", "--input", f"base={prepared['base']}",
-               *sum((["--set", s] for s in [*SMALL, "perceiver_pretrain.max_masks_per_image=2"]), [])]
+               *sum((["--set", s] for s in [*SMALL, f"perceiver_pretrain.max_masks_per_image={limit}",
+                                            "data.too_many_masks=error"]), [])]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 1 and "--set data.too_many_masks=skip" in refused.stderr
-    skipped = subprocess.run([*command, "--set", "data.too_many_masks=skip"], capture_output=True, text=True, timeout=300)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 1 and len(errors) == 1, refused.stderr[-2000:]
+    assert f"more than the stage's max_masks_per_image={limit}" in errors[0]
+    advice = re.search(r"--set (\S+)", errors[0])
+    assert advice and advice.group(1) == "data.too_many_masks=skip", errors[0]
+    skipped = subprocess.run([*command, "--set", advice.group(1)], capture_output=True, text=True, timeout=300)
     assert skipped.returncode == 0, skipped.stderr[-2000:]
-    assert "skipped 1 image(s) with more than 2 masks" in skipped.stderr
+    for ids in over.values():
+        if ids:
+            assert f"skipped {len(ids)} image(s) with more than {limit} masks: {', '.join(ids[:5])}" in skipped.stderr
+    assert json.loads((tmp_path / "out" / "stage.json").read_text())["stage"] == "perceiver-pretrain"

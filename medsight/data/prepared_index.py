@@ -87,9 +87,13 @@ def iter_index(data_root: Path, split: str) -> Iterator[tuple[str, dict[str, Any
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{number}", json.loads(line)
+                entry = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{number}: not valid JSON ({error})") from None
+            if not isinstance(entry, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object (one image per line), "
+                                f"got {type(entry).__name__}")
+            yield f"{path}:{number}", entry
 
 
 def record_from_entry(
@@ -97,24 +101,39 @@ def record_from_entry(
 ) -> SegmentationRecord:
     """``roots``: the release folders the index may point into (``safe_paths.prepared_roots``)."""
     try:
-        modality = taxonomy.find_modality(entry["modality"])
+        modality = taxonomy.find_modality(_text(entry, "modality", where))
         if modality is None:
             taxonomy.modality_index(entry["modality"], where)  # raises naming the known modalities
+        if not isinstance(entry["regions"], list):
+            raise DataError(f"{where}: regions: expected a list, got {type(entry['regions']).__name__}")
         regions = []
-        for region in entry["regions"]:
-            class_name = region["class"]
+        for number, region in enumerate(entry["regions"]):
+            if not isinstance(region, dict):
+                raise DataError(f"{where}: regions[{number}]: expected an object, got {type(region).__name__}")
+            class_name = _text(region, "class", f"{where}: regions[{number}]")
             box = region.get("bbox")
             sentences = region.get("sentences") or [""]
             regions.append(RegionRecord(
-                resolve_under(data_root, region["mask"], f"{where}: regions.mask", roots), class_name,
+                resolve_under(data_root, _text(region, "mask", f"{where}: regions[{number}]"),
+                              f"{where}: regions.mask", roots), class_name,
                 taxonomy.class_index(class_name, where), sentences[0], tuple(box) if box else None,
             ))
-        return SegmentationRecord(resolve_under(data_root, entry["image"], f"{where}: image", roots),
+        return SegmentationRecord(resolve_under(data_root, _text(entry, "image", where), f"{where}: image", roots),
                                   str(entry["id"]), modality, taxonomy.modalities.index(modality), regions)
     except KeyError as error:
         raise DataError(f"{where}: index entry without key {error}") from None
+    except TypeError as error:  # e.g. a bbox that is a number: the line has the wrong shape
+        raise DataError(f"{where}: index entry of the wrong shape ({error})") from None
     except ValueError as error:
         raise DataError(str(error)) from None
+
+
+def _text(entry: dict[str, Any], key: str, where: str) -> str:
+    """``entry[key]``, which must be a string (a list or number would become a nonsense path)."""
+    value = entry[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key}: expected a string, got {type(value).__name__}")
+    return value
 
 
 def iter_split(data_root: Path, split: str, taxonomy: Taxonomy) -> Iterator[SegmentationRecord]:

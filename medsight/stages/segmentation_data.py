@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medsight.data.biomedparse import SegmentationDataset, SegmentationRecord
+from medsight.data.errors import DataError
 from medsight.data.prepared_index import index_path, read_split
 from medsight.data.taxonomy import Taxonomy
 from medsight.model.encoder import ImageEncoder
@@ -40,6 +41,11 @@ def load_split(data_dir: Path, split: str, image_size: int, max_masks: int, taxo
     records = read_split(Path(data_dir), split, taxonomy, only)
     if not records:
         raise ValueError(f"{index_path(Path(data_dir), split)} has no images; prepare a release with a {split} split")
+    if on_too_many == "skip" and all(len(record.regions) > max_masks for record in records):
+        # Skipping would leave nothing; say which split and which setting, not just "no image".
+        raise DataError(f"{index_path(Path(data_dir), split)}: every image has more than max_masks_per_image="
+                        f"{max_masks} masks, so data.too_many_masks=skip leaves none; raise the stage's "
+                        "max_masks_per_image")
     return split_from_records(records, image_size, max_masks, split, on_too_many)
 
 
