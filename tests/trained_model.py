@@ -115,6 +115,7 @@ def registry(trained_chain, tmp_path_factory) -> SimpleNamespace:
     from mlflow import MlflowClient
 
     from medsight.platform.model_registry import promote, register_from_evaluation
+    from medsight.platform.local_run import patched_env
     from medsight.platform.s3_server import S3Credentials, SeaweedS3Server
     from medsight.platform.storage import S3Settings, S3Storage
 
@@ -129,9 +130,7 @@ def registry(trained_chain, tmp_path_factory) -> SimpleNamespace:
             "MLFLOW_S3_ENDPOINT_URL": server.endpoint,
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with patched_env(env):
             MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment("medsight", artifact_location="s3://medsight-mlflow/artifacts")
             metrics = trained_chain.metrics
             # Thresholds just below what this training run reached: the gate must let it through.
@@ -142,12 +141,6 @@ def registry(trained_chain, tmp_path_factory) -> SimpleNamespace:
             )
             assert registration.registered, registration.gate.failures
             promote("medsight", registration.version, "production")
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         yield SimpleNamespace(env=env, registration=registration, thresholds=thresholds, root=root, s3=server)
     finally:
         server.stop()
