@@ -50,7 +50,8 @@ def generate(
     repetition_penalty: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> GenerationOutput:
-    input_ids, attention = _left_pad(prompts, pad_id)
+    device = context.pixel_features.device
+    input_ids, attention = (t.to(device) for t in _left_pad(prompts, pad_id))
     batch = input_ids.shape[0]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     embeddings = model.input_embeddings(input_ids, context)
@@ -58,25 +59,27 @@ def generate(
     cache, last_hidden = out.past_key_values, out.last_hidden_state[:, -1]
     vocab = model.base_vocab_size + len(model.vocabulary)
     # Penalise text already in the prompt, not the image placeholders.
-    seen = torch.zeros(batch, vocab, dtype=torch.bool)
+    seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
     text_ids = input_ids.masked_fill((input_ids == model.image_token_id) | (attention == 0), 0)
     seen.scatter_(1, text_ids.clamp(max=vocab - 1), True)
     next_position = positions[:, -1] + 1
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     for _ in range(max_new_tokens):
         logits = _apply_repetition_penalty(model.logits(last_hidden).float(), seen, repetition_penalty)
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
-            choice = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            # A CPU generator (reproducible draws) samples on the CPU; the choice goes back to the device.
+            on_cpu = generator is not None and generator.device.type != probs.device.type
+            choice = torch.multinomial(probs.cpu() if on_cpu else probs, 1, generator=generator).squeeze(1).to(device)
         else:
             choice = logits.argmax(dim=-1)
         choice = torch.where(finished, torch.full_like(choice, pad_id), choice)
         finished_now = finished | (choice == eos_id)
-        seen[torch.arange(batch), choice] = True
+        seen[torch.arange(batch, device=device), choice] = True
         # Feed the chosen token: its own hidden state comes back (and the next logits with it).
-        attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype)], dim=1)
+        attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype, device=device)], dim=1)
         out = model.llm.model(
             inputs_embeds=model.embed_tokens(choice[:, None]),
             attention_mask=attention,
@@ -95,5 +98,5 @@ def generate(
     width = last_hidden.shape[-1]
     return GenerationOutput(
         tokens=tokens,
-        hidden=[torch.stack(h) if h else torch.zeros(0, width) for h in hidden],
+        hidden=[torch.stack(h) if h else last_hidden.new_zeros(0, width) for h in hidden],
     )

@@ -148,11 +148,14 @@ def execute_stage(
     store: ArtifactStore | None = None,
     use_existing: str = "",
     run_id: str | None = None,
-) -> StageResult:
+    nproc: str = "1",
+) -> StageResult | None:
     """Restore ``stage`` from the run-cache or run it, push its output, track it, record lineage.
 
     ``inputs``: input name -> a DVC reference (JSON ref, ``<md5>.dir`` or ``run:<id>/<stage>``);
-    "" means left out by the variant.
+    "" means left out by the variant. ``nproc``: ranks on this node (a number or ``auto``); in a
+    multi-node job every node calls this, and only the first one pushes and records (the
+    others return None).
     """
     from medsight.stages.cache_key import stage_key
     from medsight.stages.registry import get_stage
@@ -208,7 +211,10 @@ def execute_stage(
         result = StageResult(stage, ref, True, metrics, 0.0, 0.0, {k: r.md5 for k, r in refs.items()}, key.key,
                              mlflow_run_id)
     else:
-        result = _run_and_push(stage, config, refs, store, key.key, base_tags)
+        result = _run_and_push(stage, config, refs, store, key.key, base_tags, nproc)
+        if result is None:
+            _event(event="end", stage=stage, run_id=run_id, node_rank="other")
+            return None
     result.wall_seconds = time.time() - started + age_at_start
     store.record_lineage(run_id, result.record(run_id))
     _event(event="end", stage=stage, run_id=run_id, cached=result.cached, seconds=result.seconds,
@@ -216,28 +222,74 @@ def execute_stage(
     return result
 
 
-def _run_and_push(
-    stage: str, config: Any, refs: dict[str, ArtifactRef], store: ArtifactStore, key: str, base_tags: dict[str, str]
-) -> StageResult:
+def _compute(stage: str, config: Any, inputs: dict[str, Path], output: Path, tracker: Any, nproc: str) -> dict | None:
+    """Run the stage into ``output`` in this process, or as ranks through torchrun when the pod
+    has several GPUs (``nproc``) or the job several nodes. Returns its ``stage.json`` record,
+    or None on a node other than the first (rank 0's node writes the output)."""
+    from medsight.config.io import save_config
     from medsight.stages.runner import read_stage_file, run_stage
+    from medsight.train.launch import LaunchError, needs_launcher, node_rank, resolve_nproc, run_ranks
 
+    ranks = resolve_nproc(nproc)
+    if not needs_launcher(ranks):
+        run_stage(stage, config, inputs, output, tracker)
+        return read_stage_file(output)
+    config_file = output.parent / f".{output.name}.config.yaml"
+    save_config(config, config_file)
+    args = ["stage", "run", stage, "--out", str(output), "--config", str(config_file)]
+    for name, path in inputs.items():
+        args += ["--input", f"{name}={path}"]
+    # The ranks do not track: this process holds the stage's MLflow run and replays rank 0's
+    # curves and metrics into it afterwards (one run per stage, whatever the world size).
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    try:
+        run_ranks(ranks, args, env)
+    except LaunchError as error:
+        raise StageFailed(f"stage {stage}: {error}; rerun the same command to resume from its last checkpoint") from None
+    if node_rank() != 0:
+        return None
+    history = output / "history.jsonl"
+    if history.is_file():
+        for line in history.read_text().splitlines():
+            point = json.loads(line)
+            step = int(point.pop("step"))
+            tracker.log_metrics(point, step=step)
+    tracker.log_metrics(json.loads((output / "metrics.json").read_text()))
+    return read_stage_file(output)
+
+
+class StageFailed(RuntimeError):
+    """A rank of a multi-process stage failed; the message names it and how to resume."""
+
+
+def _run_and_push(
+    stage: str, config: Any, refs: dict[str, ArtifactRef], store: ArtifactStore, key: str, base_tags: dict[str, str],
+    nproc: str = "1",
+) -> StageResult | None:
     work_root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir())
     work_root.mkdir(parents=True, exist_ok=True)
     ws_dir = Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=work_root))
+    # Computed outside the (per-attempt) DVC workspace, at a path fixed by the cache key: a retry
+    # after a crash or a killed rank resumes from the checkpoints the last attempt left there.
+    computed = work_root / "medsight-stages" / f"{stage}-{key[:12]}"
     tracker: Any = None
     try:
         with store.workspace(ws_dir) as ws:
             paths = ws.pull_many({f"in-{name}": ref for name, ref in refs.items()})
             paths = {name: paths[f"in-{name}"] for name in refs}
             tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"})
-            output = ws_dir / stage
             compute_started = time.time()
-            run = run_stage(stage, config, paths, output, tracker, reuse=False)
-            if run.key.key != key:
+            record = _compute(stage, config, paths, computed, tracker, nproc)
+            if record is None:
+                _close(tracker)
+                return None
+            if record["key"] != key:
                 raise ArtifactStoreError(f"stage {stage}: the pulled inputs hash differently from their references")
-            metrics = run.metrics
+            output = ws_dir / stage
+            os.replace(computed, output)
+            metrics = json.loads((output / "metrics.json").read_text())
             seconds = time.time() - compute_started
-            cacheable = (read_stage_file(output) or {}).get("cacheable", True)
+            cacheable = record.get("cacheable", True)
             _log_output_files(tracker, output)
             ref = ws.add(output, stage=stage)
             ws.push(ref, stage)

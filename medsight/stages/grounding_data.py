@@ -23,7 +23,8 @@ from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_vocabulary import RegionVocabulary
 from medsight.model.bundle import find_modules, load_module, stage_taxonomy
 from medsight.model.vision_modules import load_encoder, new_codebook, new_perceiver
-from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, load_split
+from medsight.stages.segmentation_data import FrozenEncoder, eval_loader, iterate, load_split
+from medsight.train import distributed
 from medsight.train.tracker import Tracker
 
 SPLITS = ("train", "val", "test")
@@ -39,22 +40,21 @@ class CodedRegion:
 
 @torch.no_grad()
 def extract_region_tokens(
-    split: SegmentationSplit, perceiver, codebook, matcher: HungarianMatcher, vocabulary: RegionVocabulary
+    batch: dict, encoder: FrozenEncoder, perceiver, codebook, matcher: HungarianMatcher, vocabulary: RegionVocabulary
 ) -> list[list[str]]:
-    """Per image, per ground-truth region (record order): the token of its matched quantized query."""
+    """Per image of ``batch``, per ground-truth region (record order): the token of its matched quantized query."""
     tokens: list[list[str]] = []
     names = vocabulary.names
-    for batch in iterate_batches(split, list(range(len(split))), 64):
-        out = perceiver(batch["patch_tokens"])
-        quantized = codebook(out.queries, batch["modality"])
-        masks = perceiver.decode_masks(quantized.quantized, out.pixel_features)
-        classes = perceiver.classify(quantized.quantized)
-        for b, (query_index, target_index) in enumerate(matcher(masks, classes, batch["masks"], batch["labels"])):
-            per_region = [""] * len(target_index)
-            modality = int(batch["modality"][b])
-            for q, t in zip(query_index.tolist(), target_index.tolist()):
-                per_region[t] = names[vocabulary.index(modality, int(quantized.indices[b, q]))]
-            tokens.append(per_region)
+    out = perceiver(encoder(batch).patch_tokens)
+    quantized = codebook(out.queries, batch["modality"])
+    masks = perceiver.decode_masks(quantized.quantized, out.pixel_features)
+    classes = perceiver.classify(quantized.quantized)
+    for b, (query_index, target_index) in enumerate(matcher(masks, classes, batch["masks"], batch["labels"])):
+        per_region = [""] * len(target_index)
+        modality = int(batch["modality"][b])
+        for q, t in zip(query_index.tolist(), target_index.tolist()):
+            per_region[t] = names[vocabulary.index(modality, int(quantized.indices[b, q]))]
+        tokens.append(per_region)
     return tokens
 
 
@@ -183,27 +183,34 @@ def _llm_conversations(output: Path, data_root: Path, seed: int, taxonomy: Taxon
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
     if config.grounding_data.generator not in ("template", "llm"):
         raise ValueError(f"grounding_data.generator={config.grounding_data.generator!r}: use template or llm")
+    if distributed.world_size() > 1:
+        raise ValueError("grounding-data runs in one process (it writes files as it goes); run it without --nproc-per-node")
     data_root = Path(inputs["data"])
     taxonomy = stage_taxonomy(config, inputs)
     modules = find_modules(inputs)
-    encoder = load_encoder(config, inputs)
-    perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain").eval()
-    codebook = load_module(new_codebook(config, taxonomy), modules, "codebook", "codebook-pretrain").eval()
+    device = distributed.device()
+    encoder = FrozenEncoder(load_encoder(config, inputs), device)
+    perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain").eval().to(device)
+    codebook = load_module(new_codebook(config, taxonomy), modules, "codebook", "codebook-pretrain").eval().to(device)
     matcher = HungarianMatcher(config.model.loss)
     vocabulary = RegionVocabulary(config.model.codebook.num_modalities, config.model.codebook.codes_per_modality, config.model.grounding)
     metrics: dict[str, float] = {}
     for split_name in SPLITS:
         split = load_split(data_root, split_name, config.model.encoder.image_size, config.codebook_pretrain.max_masks_per_image, taxonomy)
-        encode_split(split, encoder)
-        tokens = extract_region_tokens(split, perceiver, codebook, matcher, vocabulary)
-        conversations, codes = [], []
-        for record, masks, image_tokens in zip(split.records, split.masks, tokens):
-            regions = coded_regions(record, masks, image_tokens, data_root, taxonomy)
-            image = str(Path(record.image_path).resolve().relative_to(data_root.resolve()))
-            conversations += template_conversations(
-                record, regions, image, config.grounding_data.seed if split_name == "train" else None
-            )
-            codes.append({"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]})
+        conversations, codes, used = [], [], set()
+        records = iter(split.records)
+        # One pass over the split, in order: images and masks are streamed, never held together.
+        for batch in iterate(eval_loader(split, 64, config.codebook_pretrain.num_workers, shard=False), device):
+            tokens = extract_region_tokens(batch, encoder, perceiver, codebook, matcher, vocabulary)
+            for masks, image_tokens in zip(batch["masks"], tokens):
+                record = next(records)
+                regions = coded_regions(record, masks.cpu(), image_tokens, data_root, taxonomy)
+                image = str(Path(record.image_path).resolve().relative_to(data_root.resolve()))
+                conversations += template_conversations(
+                    record, regions, image, config.grounding_data.seed if split_name == "train" else None
+                )
+                codes.append({"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]})
+                used.update(image_tokens)
         atomic_write_json(output / "region_codes" / f"{split_name}.json", codes)
         if config.grounding_data.generator == "llm" and split_name == "train":
             # App. C: an LLM writes the training conversations around the extracted codes; the
@@ -215,6 +222,5 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
             atomic_write_json(output / "diagseg_test.json", diagseg)
             metrics["diagseg_test_questions"] = float(len(diagseg))
         metrics[f"{split_name}_conversations"] = float(len(conversations))
-        used = {token for image_tokens in tokens for token in image_tokens}
         metrics[f"{split_name}_distinct_region_tokens"] = float(len(used))
     return metrics

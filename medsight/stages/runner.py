@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
-CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_DIR = "checkpoints"  # medsight.train.checkpoint.CHECKPOINTS_DIR
 
 
 class StageError(ValueError):
@@ -96,11 +96,15 @@ def validate_inputs(spec: StageSpec, inputs: dict[str, Path]) -> None:
 
 
 def plan_stage(name: str, config: ExperimentConfig, inputs: dict[str, Path]) -> StagePlan:
-    """Validate the inputs and compute the cache key (inputs hashed by content, stat-indexed)."""
+    """Validate the inputs and compute the cache key (inputs hashed by content, stat-indexed).
+
+    In a multi-process job rank 0 hashes the inputs and the other ranks take its hashes."""
+    from medsight.train import distributed  # torch: only when a stage is planned, not for lookups
+
     spec = get_stage(name)
     inputs = {key: Path(value) for key, value in inputs.items()}
     validate_inputs(spec, inputs)
-    hashes = input_hashes(inputs)
+    hashes = distributed.broadcast_from_main(input_hashes(inputs) if distributed.is_main() else None)
     return StagePlan(spec, config, inputs, hashes, stage_key(spec, config, hashes))
 
 
@@ -162,9 +166,37 @@ def run_stage(
     tracker: Tracker | None = None,
     reuse: bool = True,
     plan: StagePlan | None = None,
+    restart: bool = False,
 ) -> StageRun:
-    """Reuse ``output`` when it holds this key's result (and ``reuse``), else compute and swap in."""
+    """Reuse ``output`` when it holds this key's result (and ``reuse``), else compute and swap in.
+
+    ``restart``: discard what a crashed attempt left (its checkpoints), and start clean.
+    Under a multi-process launcher (torchrun) every rank calls this; the ranks join one process
+    group, compute together, and rank 0 alone writes the config, metrics, ``stage.json`` and
+    tracking records, and swaps the output in.
+    """
+    from medsight.train import distributed
+
+    with distributed.process_group():
+        return _run_stage(name, config, inputs, output, tracker, reuse, plan, restart)
+
+
+def _run_stage(
+    name: str,
+    config: ExperimentConfig,
+    inputs: dict[str, Path],
+    output: Path,
+    tracker: Tracker | None,
+    reuse: bool,
+    plan: StagePlan | None,
+    restart: bool,
+) -> StageRun:
+    from medsight.train import distributed
+
+    main = distributed.is_main()
     plan = plan or plan_stage(name, config, inputs)
+    if distributed.world_size() > 1 and not plan.spec.gpu:
+        raise StageError(f"stage {name} runs in one process (resource class 'cpu'); run it without --nproc-per-node")
     output = Path(output)
     previous = check_output(plan, output)
     if reuse and previous is not None and previous["key"] == plan.key.key and previous.get("cacheable", True):
@@ -172,15 +204,25 @@ def run_stage(
         return StageRun(metrics, True, plan.key, output)
 
     work = _work_dir(output, plan.key)
-    work.mkdir(parents=True, exist_ok=True)
-    save_config(config, work / CONFIG_FILE)
-    # Curves land beside the checkpoint too, so the report works without an MLflow server.
-    tracker = HistoryRecorder(tracker or NullTracker(), work)
-    tracker.set_tags({"medsight.stage": name, "medsight.cache_key": plan.key.key,
-                      **{f"dvc.{input_name}": md5 for input_name, md5 in plan.hashes.items()}})
+    if main:
+        if restart:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        save_config(config, work / CONFIG_FILE)
+        # Curves land beside the checkpoint too, so the report works without an MLflow server.
+        tracker = HistoryRecorder(tracker or NullTracker(), work)
+        tracker.set_tags({"medsight.stage": name, "medsight.cache_key": plan.key.key,
+                          "medsight.world_size": str(distributed.world_size()),
+                          **{f"dvc.{input_name}": md5 for input_name, md5 in plan.hashes.items()}})
+    else:
+        tracker = NullTracker()  # rank 0 alone tracks and writes
+    distributed.barrier()
     started = time.perf_counter()
     with recorded_reads(config) as reads:
         metrics = plan.spec.load()(config, plan.inputs, work, tracker)
+    distributed.barrier()
+    if not main:
+        return StageRun({key: float(value) for key, value in metrics.items()}, False, plan.key, output)
     unkeyed = outside(reads, plan.spec.reads)
     if unkeyed:
         # The output may depend on settings its key does not hold: never reuse it.
@@ -203,6 +245,7 @@ def run_stage(
                    for input_name, path in plan.inputs.items()},
         "files": [*_written_files(work), STAGE_FILE],
         "medsight_version": medsight.__version__,
+        "world_size": distributed.world_size(),
         "seconds": round(elapsed, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
