@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -137,8 +138,10 @@ def stage_run(
 
         try:
             tracker = make_tracker(name, config)
-            run = run_stage(name, config, {k: Path(v) for k, v in parsed.items()}, out, tracker, reuse=not force,
-                            restart=force)
+            # stdout carries the metrics JSON only; libraries' prints (DeepSpeed's op builds) go to stderr.
+            with contextlib.redirect_stdout(sys.stderr):
+                run = run_stage(name, config, {k: Path(v) for k, v in parsed.items()}, out, tracker, reuse=not force,
+                                restart=force)
         except (StageError, CheckpointError, ValueError, FileNotFoundError) as error:
             _fail(str(error).strip("'\""), "Fix the input above and rerun; completed work is kept.")
         if os.environ.get("RANK", "0") != "0":

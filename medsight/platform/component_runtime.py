@@ -36,6 +36,7 @@ from typing import Any
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
 
 WORK_DIR_ENV = "MEDSIGHT_WORK_DIR"
+NPROC_ENV = "MEDSIGHT_NPROC_PER_NODE"  # ranks in a GPU stage's pod, set per stage at compile time
 EVENTS_ENV = "MEDSIGHT_EVENTS_FILE"
 FORCE_ENV = "MEDSIGHT_FORCE_RERUN"  # comma-separated stage names, or "all"
 TRACK_HITS_ENV = "MEDSIGHT_TRACK_CACHE_HITS"  # "1": also open an MLflow run for restored stages
@@ -149,13 +150,15 @@ def execute_stage(
     use_existing: str = "",
     run_id: str | None = None,
     nproc: str = "1",
+    compute: bool = True,
 ) -> StageResult | None:
     """Restore ``stage`` from the run-cache or run it, push its output, track it, record lineage.
 
     ``inputs``: input name -> a DVC reference (JSON ref, ``<md5>.dir`` or ``run:<id>/<stage>``);
     "" means left out by the variant. ``nproc``: ranks on this node (a number or ``auto``); in a
     multi-node job every node calls this, and only the first one pushes and records (the
-    others return None).
+    others return None). ``compute=False``: only restore (None when the run-cache lacks it),
+    e.g. for the component that waited on a multi-node TrainJob.
     """
     from medsight.stages.cache_key import stage_key
     from medsight.stages.registry import get_stage
@@ -192,7 +195,7 @@ def execute_stage(
             raise ArtifactStoreError(f"stage {stage}: {use_existing!r} is not in the DVC remote {store.config.dvc_url}")
         entry: dict[str, Any] | None = {"ref": json.loads(existing.to_json()), "metrics": {}, "mlflow_run_id": None}
     else:
-        entry = None if _forced(stage) else store.cache_lookup(stage, key.key)
+        entry = None if _forced(stage) and compute else store.cache_lookup(stage, key.key)
 
     if entry is not None:
         ref = ArtifactRef.parse(json.dumps(entry["ref"]))
@@ -210,6 +213,8 @@ def execute_stage(
             _close(tracker)
         result = StageResult(stage, ref, True, metrics, 0.0, 0.0, {k: r.md5 for k, r in refs.items()}, key.key,
                              mlflow_run_id)
+    elif not compute:
+        return None
     else:
         result = _run_and_push(stage, config, refs, store, key.key, base_tags, nproc)
         if result is None:
@@ -332,10 +337,13 @@ def artifact_ref(artifact: Any) -> str:
 
 
 def stage_command(stage: str, preset: str, overrides: Sequence[str], inputs: Mapping[str, str], result: Path,
-                  use_existing: str = "") -> list[str]:
-    """``medsight stage run`` for a component: inputs as DVC references, output to the store."""
+                  use_existing: str = "", nproc: str = "1") -> list[str]:
+    """``medsight stage run`` for a component: inputs as DVC references, output to the store,
+    ``nproc`` ranks through torchrun (the GPUs the stage's pod requests)."""
     command = [sys.executable, "-m", "medsight.cli", "stage", "run", stage, "--store", "--preset", preset,
                "--result", str(result)]
+    if nproc != "1":
+        command += ["--nproc-per-node", nproc]
     if use_existing:
         command += ["--use-existing", use_existing]
     for override in overrides:
@@ -344,6 +352,32 @@ def stage_command(stage: str, preset: str, overrides: Sequence[str], inputs: Map
         if ref:
             command += ["--input", f"{name}={ref}"]
     return command
+
+
+def _outcome(result: StageResult) -> dict[str, Any]:
+    return {"stage": result.stage, "ref": json.loads(result.ref.to_json()), "cached": result.cached,
+            "metrics": result.metrics, "seconds": result.seconds, "cache_key": result.cache_key,
+            "inputs": result.inputs}
+
+
+def multinode_outcome(stage: str, preset: str, overrides: Sequence[str], refs: Mapping[str, str], settings: Any,
+                      client: Any = None) -> dict[str, Any]:
+    """A stage whose deployment asks for several nodes: restored from the run-cache, or run as a
+    TrainJob whose first node pushes the output, then read back from the run-cache."""
+    from medsight.platform.multinode import run_multinode
+
+    config = resolve_config(preset, overrides)
+    found = None if _forced(stage) else execute_stage(stage, refs, config, compute=False)
+    if found is None:
+        run_multinode(stage, preset, list(overrides), refs, settings, client=client)
+        found = execute_stage(stage, refs, config, compute=False)
+        if found is None:
+            raise RuntimeError(
+                f"stage {stage}: the TrainJob completed but its output is not in the run-cache; its first "
+                "node's log says why (an output that read settings outside its view is never cached)"
+            )
+        found.cached = False
+    return _outcome(found)
 
 
 def run_component(
@@ -360,13 +394,22 @@ def run_component(
     """Body of every generated stage component: run the stage CLI, then fill the KFP outputs."""
     from medsight.platform.stage_card import render_stage_card
 
+    from medsight.platform.multinode import MultiNodeSettings
+
     refs = {name: artifact_ref(artifact) for name, artifact in inputs.items()}
-    with tempfile.TemporaryDirectory(prefix="medsight-result-") as tmp:
-        result_file = Path(tmp) / "result.json"
-        done = subprocess.run(stage_command(stage, preset, overrides, refs, result_file, use_existing), check=False)
-        if done.returncode != 0 or not result_file.is_file():
-            raise RuntimeError(f"stage {stage} failed (exit {done.returncode}); its error is printed above")
-        result = json.loads(result_file.read_text())
+    settings = MultiNodeSettings.from_env()
+    if settings is not None and not use_existing:
+        result = multinode_outcome(stage, preset, overrides, refs, settings)
+    else:
+        with tempfile.TemporaryDirectory(prefix="medsight-result-") as tmp:
+            result_file = Path(tmp) / "result.json"
+            # One rank per GPU the stage's pod was given (pipelines/deployment.py sets the count).
+            command = stage_command(stage, preset, overrides, refs, result_file, use_existing,
+                                    nproc=os.environ.get(NPROC_ENV, "1"))
+            done = subprocess.run(command, check=False)
+            if done.returncode != 0 or not result_file.is_file():
+                raise RuntimeError(f"stage {stage} failed (exit {done.returncode}); its error is printed above")
+            result = json.loads(result_file.read_text())
     ref = ArtifactRef.parse(json.dumps(result["ref"]))
     assert ref is not None
     store = ArtifactStore()

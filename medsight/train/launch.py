@@ -61,19 +61,20 @@ def torchrun_args(nproc: int, module_args: Sequence[str]) -> list[str]:
     return [*args, "-m", "medsight.cli", *module_args]
 
 
-def _describe(failures: dict) -> str:
-    parts = []
-    for global_rank, failure in sorted(failures.items()):
-        code = failure.exitcode
-        if code is not None and code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = str(-code)
-            parts.append(f"rank {global_rank} was killed ({name})")
-        else:
-            parts.append(f"rank {global_rank} exited with status {code}")
-    return "; ".join(parts)
+def _describe(error) -> str:
+    """The rank that failed first (the cause); the launcher then stops the others."""
+    global_rank, failure = error.get_first_failure()
+    code = failure.exitcode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        what = f"rank {global_rank} was killed ({name})"
+    else:
+        what = f"rank {global_rank} exited with status {code} (its error is above)"
+    others = len(error.failures) - 1
+    return what + (f"; the launcher stopped the other {others} rank(s)" if others else "")
 
 
 def run_ranks(nproc: int, module_args: Sequence[str], env: dict[str, str] | None = None) -> None:
@@ -88,7 +89,7 @@ def run_ranks(nproc: int, module_args: Sequence[str], env: dict[str, str] | None
     try:
         run(get_args_parser().parse_args(torchrun_args(nproc, module_args)))
     except ChildFailedError as error:
-        raise LaunchError(_describe(error.failures)) from None
+        raise LaunchError(_describe(error)) from None
     finally:
         if env is not None:
             os.environ.clear()

@@ -76,6 +76,9 @@ def run_training(
         progress, extra = restored
         if state is not None:
             state.load_state_tensors(extra)
+        rewind = getattr(tracker, "rewind", None)
+        if rewind is not None:
+            rewind(progress.step)  # steps after the checkpoint are logged again, once
         if distributed.is_main():
             tqdm.write(f"[{name}] resuming from step {progress.step}/{total} ({workdir}/{CHECKPOINTS_DIR})")
     resumed_from = progress.step
