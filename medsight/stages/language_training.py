@@ -129,7 +129,9 @@ def global_batch_losses(model: MedSight, batch: dict, out, seg_weight: float) ->
     with_regions = (model.is_region_token(batch["input_ids"]) & (labels != IGNORE_INDEX)).any(dim=1).sum().float()
     share = _global_share(torch.stack([tokens, with_regions]))
     lm, seg = out.lm_loss * share[0], out.seg_loss * share[1]
-    return {"loss": lm + seg_weight * seg, "lm": lm, "seg": seg}
+    # Not a loss: the sequence positions this rank processed (tokens/s in bench/gpu_smoke.py).
+    positions = batch["attention_mask"].sum().float()
+    return {"loss": lm + seg_weight * seg, "lm": lm, "seg": seg, "tokens": positions}
 
 
 def train_language_stage(

@@ -8,6 +8,7 @@ global batch's), and only rank 0 logs, shows progress and writes checkpoint mani
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ def run_training(
     last: dict[str, float] = {}
     bar = tqdm(total=total, initial=progress.step, desc=name, unit="step", dynamic_ncols=True,
                disable=not distributed.is_main())
+    since, since_step = time.perf_counter(), progress.step
     try:
         while progress.step < total:
             for batch in make_batches(progress.epoch, progress.step_in_epoch):
@@ -110,7 +112,10 @@ def run_training(
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
                 if progress.step % config.log_every == 0 or progress.step == total:
-                    tracker.log_metrics({f"{name}/{k}": v for k, v in last.items()}, step=progress.step)
+                    now = time.perf_counter()
+                    pace = {"step_seconds": (now - since) / max(1, progress.step - since_step), **_peak_memory()}
+                    since, since_step = now, progress.step
+                    tracker.log_metrics({f"{name}/{k}": v for k, v in {**last, **pace}.items()}, step=progress.step)
                 # The end of training is a resume point too: a failure in final validation or
                 # saving then redoes none of the steps.
                 due = progress.step % config.checkpoint_every == 0 and stepped
@@ -124,6 +129,13 @@ def run_training(
     finally:
         bar.close()
     return LoopResult(steps=progress.step, resumed_from=resumed_from, last_losses=last)
+
+
+def _peak_memory() -> dict[str, float]:
+    """This rank's peak accelerator memory so far (what bench/gpu_smoke.py and MLflow show)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
 
 
 def seeded_order(num_items: int, seed: int, epoch: int) -> list[int]:
