@@ -40,8 +40,16 @@ def build_inputs(root: Path, stages: tuple[str, ...] = ()) -> dict[str, Path]:
     out = {"data": root / "data", "base": root / "base"}
     cli("stage", "run", "synth-data", "--out", str(out["data"]), *sets(MINI))
     cli("stage", "run", "base-models", "--out", str(out["base"]), "--input", f"data={out['data']}", *sets(MINI))
-    if "perceiver-pretrain" in stages:
+    if {"perceiver-pretrain", "grounding-data"} & set(stages):
         out["perceiver"] = root / "perceiver"
         cli("stage", "run", "perceiver-pretrain", "--out", str(out["perceiver"]), "--input", f"data={out['data']}",
             "--input", f"base={out['base']}", *sets([*MINI, "perceiver_pretrain.max_steps=2"]))
+    if "grounding-data" in stages:
+        out["codebook"], out["grounding"] = root / "codebook", root / "grounding"
+        cli("stage", "run", "codebook-pretrain", "--out", str(out["codebook"]), "--input", f"data={out['data']}",
+            "--input", f"base={out['base']}", "--input", f"perceiver={out['perceiver']}",
+            *sets([*MINI, "codebook_pretrain.max_steps=2", "model.codebook.codes_per_modality=4"]))
+        cli("stage", "run", "grounding-data", "--out", str(out["grounding"]), "--input", f"data={out['data']}",
+            "--input", f"base={out['base']}", "--input", f"codebook={out['codebook']}",
+            *sets([*MINI, "model.codebook.codes_per_modality=4"]))
     return out

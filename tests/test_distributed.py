@@ -34,13 +34,21 @@ STAGE3 = [*MINI, "v2t_align.epochs=2", "v2t_align.max_steps=6", "v2t_align.log_e
           "v2t_align.lr=0.02", "v2t_align.deepspeed.zero_stage=3", "v2t_align.visual_cache_mb=0"]
 
 
+STAGE5 = [*MINI, "model.codebook.codes_per_modality=4", "instruct_tune.epochs=1", "instruct_tune.max_steps=4",
+          "instruct_tune.log_every=1", "instruct_tune.checkpoint_every=2", "instruct_tune.lr=0.01",
+          "instruct_tune.deepspeed.zero_stage=3", "instruct_tune.visual_cache_mb=0"]
+INPUTS = {"perceiver-pretrain": ("data", "base"), "v2t-align": ("data", "base", "perceiver"),
+          "instruct-tune": ("data", "base", "codebook", "grounding"),
+          "evaluate": ("data", "base", "model", "grounding")}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return build_inputs(tmp_path_factory.mktemp("mini"), ("perceiver-pretrain",))
+    return build_inputs(tmp_path_factory.mktemp("mini"), ("perceiver-pretrain", "grounding-data"))
 
 
 def _run(world, stage: str, out: Path, overrides: list[str], ranks: int, check: bool = True):
-    inputs = {"perceiver-pretrain": ("data", "base"), "v2t-align": ("data", "base", "perceiver")}[stage]
+    inputs = INPUTS[stage]
     args = ["stage", "run", stage, "--out", str(out), *(f"--input={n}={world[n]}" for n in inputs), *sets(overrides)]
     return cli(*args, "--nproc-per-node", str(ranks), check=check)
 
@@ -93,6 +101,29 @@ def test_stage3_zero3_two_ranks_match_one_rank_at_the_same_global_batch(world, t
     assert [p["step"] for p in _history(tmp_path / "two")] == list(range(1, 7))
 
 
+@pytest.mark.parametrize("bf16, rtol", [(False, 1e-5), (True, 2e-2)])
+def test_stage5_zero3_two_ranks_match_one_rank_then_evaluation_matches_too(world, tmp_path, bf16, rtol):
+    """Stage 5 trains the LLM itself (ZeRO-3 shards its 8.2B parameters at full scale) with the
+    LM + seg loss; its consolidated LLM and modules are written once. Then evaluation sharded
+    over 2 ranks scores that model as one process does."""
+    precision = [f"instruct_tune.deepspeed.bf16={str(bf16).lower()}"]
+    _run(world, "instruct-tune", tmp_path / "one", [*STAGE5, *precision, "instruct_tune.batch_size=4"], 1)
+    _run(world, "instruct-tune", tmp_path / "two", [*STAGE5, *precision, "instruct_tune.batch_size=2"], 2)
+    _assert_close(_losses(tmp_path / "one", "instruct-tune/loss"), _losses(tmp_path / "two", "instruct-tune/loss"), rtol)
+    _assert_close(_losses(tmp_path / "one", "instruct-tune/seg"), _losses(tmp_path / "two", "instruct-tune/seg"), rtol * 10)
+    assert (tmp_path / "two" / "llm" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "two" / "stage.json").read_text())["world_size"] == 2
+    if bf16:
+        return
+    model = {**world, "model": tmp_path / "two"}
+    alone = json.loads(_run(model, "evaluate", tmp_path / "eval-one", [*MINI], 1).stdout)
+    sharded = json.loads(_run(model, "evaluate", tmp_path / "eval-two", [*MINI], 2).stdout)
+    for key in ("closed_accuracy", "open_recall", "seg_dice"):
+        both = (alone[key], sharded[key])
+        assert both[0] == pytest.approx(both[1], abs=1e-6) or all(v != v for v in both), key  # NaN when absent
+    assert (tmp_path / "eval-two" / "report.html").is_file()
+
+
 def _rank_process(parent: psutil.Popen | psutil.Process, rank: str) -> psutil.Process | None:
     for child in parent.children(recursive=True):
         try:
@@ -133,9 +164,8 @@ def _kill_rank_after_checkpoint(args: list[str], root: Path, pattern: str, rank:
 def test_kill_one_rank_then_rerun_resumes_and_matches_an_uninterrupted_run(world, tmp_path, stage, overrides, metric):
     reference = json.loads(_run(world, stage, tmp_path / "reference", overrides, 2).stdout)
     out = tmp_path / "killed"
-    inputs = {"perceiver-pretrain": ("data", "base"), "v2t-align": ("data", "base", "perceiver")}[stage]
-    args = ["stage", "run", stage, "--out", str(out), *(f"--input={n}={world[n]}" for n in inputs), *sets(overrides),
-            "--nproc-per-node", "2"]
+    args = ["stage", "run", stage, "--out", str(out), *(f"--input={n}={world[n]}" for n in INPUTS[stage]),
+            *sets(overrides), "--nproc-per-node", "2"]
     status, stderr = _kill_rank_after_checkpoint(args, tmp_path, ".killed.*.partial/checkpoints/step-*/manifest.json")
     assert status == 1
     assert "error: stage " + stage + ": rank 1 was killed (SIGKILL)" in stderr

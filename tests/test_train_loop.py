@@ -138,3 +138,14 @@ def test_resumed_history_holds_each_step_once(tmp_path):
     _train(tmp_path, config, tracker=HistoryRecorder(NullTracker(), tmp_path))
     steps = [json.loads(line)["step"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 40, b"random bytes, not safetensors"])
+def test_unreadable_weights_file_is_named(tmp_path, content):
+    from medsight.model.weights import load_weights, save_weights
+
+    path = tmp_path / "modules" / "perceiver.safetensors"
+    save_weights(nn.Linear(4, 1), path)
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file"):
+        load_weights(nn.Linear(4, 1), path)

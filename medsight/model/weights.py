@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,7 +30,10 @@ def load_weights(module: nn.Module, path: Path, strict: bool = True) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file missing; run the stage that produces it first")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error}); rerun the stage that wrote it") from None
     missing, unexpected = module.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise ValueError(

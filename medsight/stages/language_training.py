@@ -8,6 +8,7 @@ end rank 0 writes each trained module once, consolidated from every rank's parti
 
 from __future__ import annotations
 
+import logging
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from medsight.train.data import EpochBatches, ResumableSampler, ShardSampler, ma
 from medsight.train.engine import DeepSpeedEngine, gathered_parameters
 from medsight.train.loop import LoopResult, run_training
 from medsight.train.tracker import Tracker
+
+logger = logging.getLogger(__name__)
 
 # DESIGN.md's stage table, in one place: what each LLM stage may update.
 TRAINABLE_MODULES: dict[str, tuple[str, ...]] = {
@@ -149,6 +152,11 @@ def train_language_stage(
     apply_freezing(model, stage)
     # Stays on the model for the stage's validation pass, which sees the same val images.
     model.visual_cache = VisualContextCache.from_megabytes(train_config.visual_cache_mb)
+    if model.visual_cache is not None and deepspeed_config.zero_stage == 3 and distributed.world_size() > 1:
+        # A hit skips the encoder's forward on one rank while another runs it, and under ZeRO-3
+        # each forward gathers weights collectively: the ranks would wait on each other forever.
+        logger.warning("%s: visual_cache_mb is ignored under ZeRO-3 with several ranks", stage)
+        model.visual_cache = None
     engine = DeepSpeedEngine(model, train_config, deepspeed_config)
 
     def step(batch: dict) -> dict[str, torch.Tensor]:
@@ -202,7 +210,8 @@ def validate_language(model: MedSight, data: LanguageData, batch_size: int, engi
             if tokens:
                 sums["lm"] += float(out.lm_loss) * tokens
                 sums["tokens"] += tokens
-            if out.num_region_tokens:
+            # Under ZeRO-3 every rank runs the same forward calls, regions or not.
+            if out.num_region_tokens or zero_stage == 3:
                 scores = _teacher_forced_dice(model, batch)
                 sums["dice"] += float(scores.sum())
                 sums["regions"] += scores.numel()
@@ -218,12 +227,9 @@ def _teacher_forced_dice(model: MedSight, batch: dict) -> torch.Tensor:
     embeddings = model.input_embeddings(batch["input_ids"], context)
     hidden = model.llm.model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).last_hidden_state
     regions = model.is_region_token(batch["input_ids"]) & (batch["labels"] != IGNORE_INDEX)
-    scores = []
-    for b in range(hidden.shape[0]):
-        positions = regions[b].nonzero().flatten()
-        if positions.numel():
-            logits = model.decode_region_masks(hidden[b, positions], context.pixel_features[b])
-            scores.append(hard_dice(logits.float(), batch["masks"][b]).cpu())
+    positions = [regions[b].nonzero().flatten() for b in range(hidden.shape[0])]
+    decoded = model.decode_batch_region_masks(hidden, positions, context.pixel_features)
+    scores = [hard_dice(logits.float(), batch["masks"][b]).cpu() for b, logits in enumerate(decoded) if logits.shape[0]]
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
