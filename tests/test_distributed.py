@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from distributed_fixtures import MINI, build_inputs, cli, sets
+from platform_fixtures import s3_server, store_env  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -229,3 +230,32 @@ def test_evaluation_sharded_over_two_ranks_gathers_what_one_process_computes(wor
     assert gathered["dice"] == pytest.approx(alone.metrics["dice"].micro)
     calls = [json.loads((tmp_path / f"calls-{r}.json").read_text()) for r in (0, 1)]
     assert sum(calls[0]) + sum(calls[1]) == len(benchmark.samples) and calls[0] and calls[1]
+
+
+def test_store_mode_runs_ranks_pushes_rank0_output_and_tracks_one_run(store_env, tmp_path):
+    """What a KFP component of a 2-GPU stage runs: inputs pulled once, 2 ranks through torchrun,
+    rank 0's output pushed, one MLflow run holding every step; a rerun restores it."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MEDSIGHT_WORK_DIR": str(tmp_path / "work")}
+
+    def stage(name: str, inputs: dict[str, str], *extra: str) -> dict:
+        result = tmp_path / f"{name}.json"
+        cli("stage", "run", name, "--store", "--result", str(result), *sets([*STAGE1, "perceiver_pretrain.batch_size=2"]),
+            *(f"--input={k}={v}" for k, v in inputs.items()), *extra, env=env)
+        return json.loads(result.read_text())
+
+    data = stage("synth-data", {})
+    base = stage("base-models", {"data": json.dumps(data["ref"])})
+    refs = {"data": json.dumps(data["ref"]), "base": json.dumps(base["ref"])}
+    first = stage("perceiver-pretrain", refs, "--nproc-per-node", "2")
+    assert first["cached"] is False and first["metrics"]["train_steps"] == 6
+    again = stage("perceiver-pretrain", refs, "--nproc-per-node", "2")
+    assert again["cached"] is True and again["ref"] == first["ref"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("medsight.stage") == "perceiver-pretrain"]
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "perceiver-pretrain/loss")
+    assert sorted(point.step for point in history) == list(range(1, 7))

@@ -310,7 +310,9 @@ def test_component_runs_a_trainjob_on_a_run_cache_miss_then_reads_the_pushed_out
     calls: list[str] = []
     monkeypatch.setattr(runtime, "execute_stage", lambda *a, **k: calls.append("lookup") or next(results))
     cluster = FakeCluster([COMPLETE])
-    outcome = runtime.multinode_outcome("instruct-tune", "tiny", [], REFS, SETTINGS, client=sdk_client(cluster))
+    from medsight.platform.multinode import multinode_outcome
+
+    outcome = multinode_outcome("instruct-tune", "tiny", [], REFS, SETTINGS, client=sdk_client(cluster))
     assert calls == ["lookup", "lookup"] and len(cluster.created) == 1
     assert outcome["ref"] == {"md5": "9f.dir"} and outcome["cached"] is False and outcome["metrics"] == {"val_lm_loss": 1.5}
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
+from medsight.platform.launched_stage import StageFailed, compute_stage  # noqa: F401  (StageFailed: re-exported)
 
 WORK_DIR_ENV = "MEDSIGHT_WORK_DIR"
 NPROC_ENV = "MEDSIGHT_NPROC_PER_NODE"  # ranks in a GPU stage's pod, set per stage at compile time
@@ -227,46 +228,6 @@ def execute_stage(
     return result
 
 
-def _compute(stage: str, config: Any, inputs: dict[str, Path], output: Path, tracker: Any, nproc: str) -> dict | None:
-    """Run the stage into ``output`` in this process, or as ranks through torchrun when the pod
-    has several GPUs (``nproc``) or the job several nodes. Returns its ``stage.json`` record,
-    or None on a node other than the first (rank 0's node writes the output)."""
-    from medsight.config.io import save_config
-    from medsight.stages.runner import read_stage_file, run_stage
-    from medsight.train.launch import LaunchError, needs_launcher, node_rank, resolve_nproc, run_ranks
-
-    ranks = resolve_nproc(nproc)
-    if not needs_launcher(ranks):
-        run_stage(stage, config, inputs, output, tracker)
-        return read_stage_file(output)
-    config_file = output.parent / f".{output.name}.config.yaml"
-    save_config(config, config_file)
-    args = ["stage", "run", stage, "--out", str(output), "--config", str(config_file)]
-    for name, path in inputs.items():
-        args += ["--input", f"{name}={path}"]
-    # The ranks do not track: this process holds the stage's MLflow run and replays rank 0's
-    # curves and metrics into it afterwards (one run per stage, whatever the world size).
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    try:
-        run_ranks(ranks, args, env)
-    except LaunchError as error:
-        raise StageFailed(f"stage {stage}: {error}; rerun the same command to resume from its last checkpoint") from None
-    if node_rank() != 0:
-        return None
-    history = output / "history.jsonl"
-    if history.is_file():
-        for line in history.read_text().splitlines():
-            point = json.loads(line)
-            step = int(point.pop("step"))
-            tracker.log_metrics(point, step=step)
-    tracker.log_metrics(json.loads((output / "metrics.json").read_text()))
-    return read_stage_file(output)
-
-
-class StageFailed(RuntimeError):
-    """A rank of a multi-process stage failed; the message names it and how to resume."""
-
-
 def _run_and_push(
     stage: str, config: Any, refs: dict[str, ArtifactRef], store: ArtifactStore, key: str, base_tags: dict[str, str],
     nproc: str = "1",
@@ -284,11 +245,11 @@ def _run_and_push(
             paths = {name: paths[f"in-{name}"] for name in refs}
             tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"})
             compute_started = time.time()
-            record = _compute(stage, config, paths, computed, tracker, nproc)
+            record, expected = compute_stage(stage, config, paths, computed, tracker, nproc, refs)
             if record is None:
                 _close(tracker)
                 return None
-            if record["key"] != key:
+            if record["key"] != (expected or key):
                 raise ArtifactStoreError(f"stage {stage}: the pulled inputs hash differently from their references")
             output = ws_dir / stage
             os.replace(computed, output)
@@ -354,30 +315,10 @@ def stage_command(stage: str, preset: str, overrides: Sequence[str], inputs: Map
     return command
 
 
-def _outcome(result: StageResult) -> dict[str, Any]:
+def outcome(result: StageResult) -> dict[str, Any]:
     return {"stage": result.stage, "ref": json.loads(result.ref.to_json()), "cached": result.cached,
             "metrics": result.metrics, "seconds": result.seconds, "cache_key": result.cache_key,
             "inputs": result.inputs}
-
-
-def multinode_outcome(stage: str, preset: str, overrides: Sequence[str], refs: Mapping[str, str], settings: Any,
-                      client: Any = None) -> dict[str, Any]:
-    """A stage whose deployment asks for several nodes: restored from the run-cache, or run as a
-    TrainJob whose first node pushes the output, then read back from the run-cache."""
-    from medsight.platform.multinode import run_multinode
-
-    config = resolve_config(preset, overrides)
-    found = None if _forced(stage) else execute_stage(stage, refs, config, compute=False)
-    if found is None:
-        run_multinode(stage, preset, list(overrides), refs, settings, client=client)
-        found = execute_stage(stage, refs, config, compute=False)
-        if found is None:
-            raise RuntimeError(
-                f"stage {stage}: the TrainJob completed but its output is not in the run-cache; its first "
-                "node's log says why (an output that read settings outside its view is never cached)"
-            )
-        found.cached = False
-    return _outcome(found)
 
 
 def run_component(
@@ -394,7 +335,7 @@ def run_component(
     """Body of every generated stage component: run the stage CLI, then fill the KFP outputs."""
     from medsight.platform.stage_card import render_stage_card
 
-    from medsight.platform.multinode import MultiNodeSettings
+    from medsight.platform.multinode import MultiNodeSettings, multinode_outcome
 
     refs = {name: artifact_ref(artifact) for name, artifact in inputs.items()}
     settings = MultiNodeSettings.from_env()

@@ -278,3 +278,23 @@ def run_multinode(stage: str, preset: str, overrides: Sequence[str], refs: Mappi
              settings.gpus_per_node)
     runner.wait(name, settings.timeout_s)
     return name
+
+
+def multinode_outcome(stage: str, preset: str, overrides: Sequence[str], refs: Mapping[str, str], settings: Any,
+                      client: Any = None) -> dict[str, Any]:
+    """A stage whose deployment asks for several nodes: restored from the run-cache, or run as a
+    TrainJob whose first node pushes the output, then read back from the run-cache."""
+    from medsight.platform import component_runtime as runtime
+
+    config = runtime.resolve_config(preset, overrides)
+    found = None if runtime._forced(stage) else runtime.execute_stage(stage, refs, config, compute=False)
+    if found is None:
+        run_multinode(stage, preset, list(overrides), refs, settings, client=client)
+        found = runtime.execute_stage(stage, refs, config, compute=False)
+        if found is None:
+            raise RuntimeError(
+                f"stage {stage}: the TrainJob completed but its output is not in the run-cache; its first "
+                "node's log says why (an output that read settings outside its view is never cached)"
+            )
+        found.cached = False
+    return runtime.outcome(found)

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -139,8 +140,6 @@ class TorchEngine:
         if chosen is None:
             return None
         progress, path = chosen
-        from pathlib import Path
-
         extra = read_torch_state(Path(path), self.module, self.optimizer)
         return progress, extra
 
