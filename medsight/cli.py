@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -65,8 +67,9 @@ def _fail(message: str, hint: str = "", code: int = 1) -> None:
 
 
 def make_tracker(stage: str, config):
-    """MLflow when MLFLOW_TRACKING_URI is set, otherwise no tracking."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    """MLflow when MLFLOW_TRACKING_URI is set, otherwise no tracking; only rank 0 of a
+    multi-process stage tracks (one MLflow run per stage)."""
+    if not os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("RANK", "0") != "0":
         from medsight.train.tracker import NullTracker
 
         return NullTracker()
@@ -113,24 +116,46 @@ def stage_run(
     workdir: Annotated[Path | None, typer.Option(help="With --store: a local platform dir whose S3 server to start")] = None,
     use_existing: Annotated[str, typer.Option(help="With --store: a stored version to use as this stage's output")] = "",
     result: Annotated[Path | None, typer.Option(help="Write the outcome as JSON to this file (for the KFP component)")] = None,
+    nproc_per_node: Annotated[str, typer.Option("--nproc-per-node", help="Ranks on this node through torchrun: a number, or auto (one per visible GPU)")] = "1",
 ) -> None:
-    """Run one stage. Resumes from its last checkpoint if a previous attempt crashed.
+    """Run one stage. Resumes from its last checkpoint if a previous attempt crashed
+    (--force discards that and starts clean).
 
-    Status goes to stderr; the stage's metrics go to stdout as JSON.
+    With --nproc-per-node N the stage trains data-parallel on N ranks (DDP for stages 1-2,
+    DeepSpeed ZeRO for 3-5); rank 0 writes the output. Status goes to stderr; the stage's
+    metrics go to stdout as JSON.
     """
-    if result is not None:
-        from medsight.platform.fast_exit import exit_without_teardown_once_written
+    from medsight.train.launch import LaunchError, needs_launcher, resolve_nproc, run_ranks, under_launcher
 
-        # Armed before the heavy imports: once the result is written, skip interpreter teardown.
-        exit_without_teardown_once_written(result)
+    if store and under_launcher():
+        _fail("--store runs once per node: use --nproc-per-node instead of starting it under torchrun", code=2)
     parsed = _parse_inputs(inputs)
     if not store and out is None:
         _fail("give --out DIR (or --store to write to the S3 store)", code=2)
     _known_stage(name)
     config = _usage_config(preset, config_file, overrides)
     _known_inputs(name, parsed, required=not use_existing)
+    if not store and not under_launcher() and nproc_per_node != "1":
+        try:
+            ranks = resolve_nproc(nproc_per_node)
+        except ValueError as error:
+            _fail(str(error), code=2)
+        if needs_launcher(ranks):
+            try:
+                run_ranks(ranks, _rank_args(name, out, inputs, preset, config_file, overrides, force, result))
+            except LaunchError as error:
+                _fail(f"stage {name}: {error}", "Rerun the same command: it resumes from the last checkpoint.")
+            return
+    if result is not None:
+        from medsight.platform.fast_exit import exit_without_teardown_once_written
+
+        # Armed before the heavy imports: once the result is written, skip interpreter teardown.
+        exit_without_teardown_once_written(result)
     if store:
-        outcome = _run_stage_in_store(name, config, parsed, workdir, use_existing)
+        outcome = _run_stage_in_store(name, config, parsed, workdir, use_existing, nproc_per_node)
+        if outcome is None:
+            typer.echo(f"{name}: this node's ranks are done; the first node writes the output", err=True)
+            return
         metrics, state = outcome["metrics"], "restored from the run-cache" if outcome["cached"] else "done"
         where = outcome["ref"]["md5"]
     else:
@@ -138,10 +163,15 @@ def stage_run(
 
         # Failures (bad input, unsafe --out, a failed step) reach main()'s handler: one line, exit 1.
         tracker = make_tracker(name, config)
-        run = run_stage(name, config, {k: Path(v) for k, v in parsed.items()}, out, tracker, reuse=not force)
+        # stdout carries the metrics JSON only; libraries' prints (DeepSpeed's op builds) go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            run = run_stage(name, config, {k: Path(v) for k, v in parsed.items()}, out, tracker, reuse=not force,
+                            restart=force)
+        if os.environ.get("RANK", "0") != "0":
+            return  # rank 0 reports and writes the result
         metrics, state, where = run.metrics, "up to date (reused)" if run.reused else "done", str(out)
         outcome = {"stage": name, "cached": run.reused, "metrics": metrics, "cache_key": run.key.key,
-                   "output": str(out)}
+                   "output": str(out), "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     typer.echo(f"{name}: {state} -> {where}", err=True)
     typer.echo(json.dumps(metrics, indent=2))
     if result is not None:
@@ -172,18 +202,38 @@ def _known_inputs(name: str, inputs: dict[str, str], required: bool = True) -> N
         _fail(f"stage {name}: missing input {missing[0]!r} (pass --input {missing[0]}=DIR)", code=2)
 
 
-def _run_stage_in_store(name: str, config, inputs: dict[str, str], workdir: Path | None, use_existing: str) -> dict:
+def _rank_args(name: str, out: Path | None, inputs: list[str] | None, preset: str, config_file: Path | None,
+               overrides: list[str] | None, force: bool, result: Path | None) -> list[str]:
+    """The same ``stage run`` for every rank, without --nproc-per-node."""
+    args = ["stage", "run", name, "--out", str(out), "--preset", preset]
+    for pair in inputs or []:
+        args += ["--input", pair]
+    if config_file is not None:
+        args += ["--config", str(config_file)]
+    for override in overrides or []:
+        args += ["--set", override]
+    if force:
+        args.append("--force")
+    if result is not None:
+        args += ["--result", str(result)]
+    return args
+
+
+def _run_stage_in_store(name: str, config, inputs: dict[str, str], workdir: Path | None, use_existing: str,
+                        nproc: str = "1") -> dict | None:
     from medsight.cli_errors import error_message
     from medsight.platform.artifacts import ArtifactStoreError
     from medsight.platform.cli import store_env
-    from medsight.platform.component_runtime import execute_stage
+    from medsight.platform.component_runtime import StageFailed, execute_stage
     from medsight.platform.storage import StorageError
 
     with store_env(workdir):
         try:
-            outcome = execute_stage(name, inputs, config, use_existing=use_existing)
-        except (ArtifactStoreError, StorageError, ValueError, OSError) as error:
+            outcome = execute_stage(name, inputs, config, use_existing=use_existing, nproc=nproc)
+        except (ArtifactStoreError, StorageError, StageFailed, ValueError, OSError) as error:
             _fail(f"{name}: {error_message(error)}")
+    if outcome is None:
+        return None
     return {"stage": name, "ref": json.loads(outcome.ref.to_json()), "cached": outcome.cached,
             "metrics": outcome.metrics, "seconds": outcome.seconds, "cache_key": outcome.cache_key,
             "inputs": outcome.inputs}

@@ -34,6 +34,11 @@ class DeploymentSettings:
     # run on the CPU pool. ``gpus`` overrides the count for single stages, e.g. {evaluate: 4}.
     gpus_per_class: dict[str, int] = field(default_factory=lambda: {"gpu": 1, "gpu-deepspeed": 8})
     gpus: dict[str, int] = field(default_factory=dict)
+    # Stages that run on several nodes (each with its GPU count above) as a Kubeflow Trainer
+    # TrainJob that the stage's component submits and waits on, e.g. {instruct-tune: 4}.
+    nodes: dict[str, int] = field(default_factory=dict)
+    trainer_runtime: str = "medsight-torch"  # the h100 overlay's TrainingRuntime
+    namespace: str = "medsight"
     # Per-GPU host resources; an 8-GPU stage asks for 8x these.
     cpu_per_gpu: int = 12
     memory_per_gpu: str = "120G"
@@ -75,6 +80,15 @@ class DeploymentSettings:
                 raise ValueError(f"{source}: gpus.{stage}: a CPU stage (resource class 'cpu') takes no GPUs")
             if count not in ALLOWED_GPU_COUNTS:
                 raise ValueError(f"{source}: gpus.{stage}={count}; KFP allows {ALLOWED_GPU_COUNTS}")
+        for stage, count in self.nodes.items():
+            try:
+                spec = get_stage(stage)
+            except KeyError as error:
+                raise ValueError(f"{source}: nodes.{stage}: {error.args[0]}") from error
+            if spec.resources == "cpu":
+                raise ValueError(f"{source}: nodes.{stage}: a CPU stage (resource class 'cpu') runs on one pod")
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"{source}: nodes.{stage}={count!r}; give a whole number of nodes >= 1")
         for name in self.ablation_variants:
             try:
                 get_variant(name)
@@ -94,6 +108,10 @@ class DeploymentSettings:
         if spec.resources == "cpu":
             return 0
         return self.gpus.get(spec.name, self.gpus_per_class[spec.resources])
+
+    def nodes_for(self, spec: StageSpec) -> int:
+        """Nodes the stage trains on (1 = its own pod; more = a TrainJob)."""
+        return self.nodes.get(spec.name, 1) if spec.resources != "cpu" else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,7 +160,9 @@ def configure_stage(task: PipelineTask, spec: StageSpec, settings: DeploymentSet
     """Image, resources, scheduling, secrets and retries for one stage task."""
     task.set_display_name(spec.name)
     gpus = settings.gpus_for(spec)
-    if gpus:
+    if gpus and settings.nodes_for(spec) > 1:
+        _submits_trainjob(task, spec, settings, gpus)
+    elif gpus:
         task.set_container_image(settings.gpu_image)
         _common(task, settings, settings.gpu_timeout_s)
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
@@ -153,6 +173,8 @@ def configure_stage(task: PipelineTask, spec: StageSpec, settings: DeploymentSet
         kubernetes.add_toleration(task, key=settings.gpu_taint_key, operator="Exists", effect="NoSchedule")
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=settings.shm_size)
+        # The component starts one rank per GPU through torchrun (medsight.platform.component_runtime).
+        task.set_env_variable("MEDSIGHT_NPROC_PER_NODE", str(gpus))
     else:
         task.set_container_image(settings.cpu_image)
         _common(task, settings, settings.cpu_timeout_s)
@@ -162,6 +184,25 @@ def configure_stage(task: PipelineTask, spec: StageSpec, settings: DeploymentSet
     # Preemption and node loss are retried; a deterministic error fails the same way each time.
     task.set_retry(num_retries=settings.retries, backoff_duration="60s", backoff_factor=2.0)
     return task
+
+
+def _submits_trainjob(task: PipelineTask, spec: StageSpec, settings: DeploymentSettings, gpus: int) -> None:
+    """A multi-node stage: the component is a small pod off the GPU pool that submits a TrainJob
+    (numNodes x gpus, the GPU image) and waits on it; the env below is all it needs to build it."""
+    _common(task, settings, settings.gpu_timeout_s)
+    task.set_container_image(settings.cpu_image)
+    task.set_cpu_request("1").set_cpu_limit("2")
+    task.set_memory_request("2G").set_memory_limit("4G")
+    keep_off_gpu_pool(task, settings)
+    env = {
+        "NODES": settings.nodes_for(spec), "GPUS_PER_NODE": gpus, "IMAGE": settings.gpu_image,
+        "RUNTIME": settings.trainer_runtime, "NAMESPACE": settings.namespace,
+        "CPU": settings.cpu_per_gpu * gpus, "MEMORY": _scale(settings.memory_per_gpu, gpus), "SHM": settings.shm_size,
+        "TIMEOUT_S": settings.gpu_timeout_s, "NODE_LABEL_KEY": settings.gpu_node_label_key,
+        "NODE_LABEL_VALUE": settings.gpu_node_label_value, "TAINT_KEY": settings.gpu_taint_key,
+    }
+    for key, value in env.items():
+        task.set_env_variable(f"MEDSIGHT_TRAINJOB_{key}", str(value))
 
 
 def configure_helper(task: PipelineTask, settings: DeploymentSettings, name: str) -> PipelineTask:

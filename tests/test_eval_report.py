@@ -91,7 +91,7 @@ def test_runner_batches_and_scores(dataset, tmp_path, caplog):
 def test_stage_outputs_tables_report_and_tracking(dataset, tmp_path, monkeypatch):
     import medsight.model.inference as inference
 
-    monkeypatch.setattr(inference.MedSightInference, "load", classmethod(lambda cls, model_dir, base_dir, device="cpu": FakeModel()))
+    monkeypatch.setattr(inference.MedSightInference, "load", classmethod(lambda cls, model_dir, base_dir, device="cpu", dtype=None: FakeModel()))
     config = get_preset("tiny")
     config.evaluate.batch_size = 8
     config.evaluate.report_samples = 2

@@ -159,7 +159,8 @@ def test_real_modality_reads_when_the_taxonomy_lists_it(tmp_path: Path) -> None:
     assert (record.modality, record.modality_id) == ("Fundus", 1)
     assert [(r.class_name, r.class_id) for r in record.regions] == [("optic disc", 1), ("optic cup", 2)]
     split = load_split(root, "train", 16, 16, taxonomy)  # the stages' path to the same data
-    assert split.modality.tolist() == [1] and split.labels[0].tolist() == [1, 2]
+    sample = split[0]
+    assert int(sample["modality"]) == 1 and sample["labels"].tolist() == [1, 2]
 
 
 def test_real_modality_outside_the_taxonomy_fails_clearly(tmp_path: Path) -> None:

@@ -95,21 +95,6 @@ def test_trainjob_object() -> None:
         assert reserved not in dumped
 
 
-def test_trainjob_runtime_patches_and_namespaced_runtime() -> None:
-    job = make_job(runtime_name="medsight-torch", runtime_kind="TrainingRuntime")
-    body = build_trainjob(job, overrides_api="runtimePatches")
-    assert body["spec"]["runtimeRef"]["kind"] == "TrainingRuntime"
-    assert "podTemplateOverrides" not in body["spec"]
-    [patch] = body["spec"]["runtimePatches"]
-    [replicated] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
-    pod = replicated["template"]["spec"]["template"]["spec"]
-    assert replicated["name"] == "node"
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
-    with pytest.raises(ValueError, match="overrides_api"):
-        build_trainjob(job, overrides_api="bogus")  # type: ignore[arg-type]
-
-
 def test_pytorchjob_object_and_pod_template_is_valid_core_pod() -> None:
     body = build_pytorchjob(make_job())
     assert body["apiVersion"] == "kubeflow.org/v1" and body["kind"] == "PyTorchJob"

@@ -56,6 +56,10 @@ def tiny() -> ExperimentConfig:
     config.codebook_pretrain.epochs = 4
     config.codebook_pretrain.lr = 2e-3
     config.codebook_pretrain.batch_size = 16
+    # The frozen encoder's outputs and the decoded files of the 800 images (~130 MiB) are kept
+    # across the many epochs; decoding and encoding every step made stage 1 ~20% slower.
+    config.perceiver_pretrain.feature_cache_mb = 256
+    config.codebook_pretrain.feature_cache_mb = 256
     config.v2t_align.epochs = 1
     config.v2t_align.lr = 2e-3
     config.v2t_align.batch_size = 16
@@ -73,7 +77,6 @@ def tiny() -> ExperimentConfig:
 
 def full() -> ExperimentConfig:
     """Paper scale: UniMed-CLIP ViT-L/14-336 + Qwen3-8B on H100s; weights from local paths."""
-    ds = DeepSpeedConfig(zero_stage=3, bf16=True)
     config = ExperimentConfig(
         preset="full",
         model=ModelConfig(
@@ -107,18 +110,29 @@ def full() -> ExperimentConfig:
     )
     config.perceiver_pretrain.epochs = 20
     config.perceiver_pretrain.lr = 1e-4
-    config.perceiver_pretrain.batch_size = 32
     config.codebook_pretrain.epochs = 3
     config.codebook_pretrain.lr = 1e-4
+    # Stages 1-2 (DDP): 32 images per GPU in bf16 autocast (~17 GiB of activations, BENCHMARKS.md's
+    # memory plan); workers decode PNGs while the GPU trains (12 host cores per GPU).
+    for stage in (config.perceiver_pretrain, config.codebook_pretrain):
+        stage.batch_size = 32
+        stage.bf16 = True
+        stage.num_workers = 8
     config.v2t_align.epochs = 1
     config.v2t_align.lr = 2e-5
-    config.v2t_align.deepspeed = ds
     config.t2v_align.epochs = 3
     config.t2v_align.lr = 5e-4
-    config.t2v_align.deepspeed = DeepSpeedConfig(zero_stage=3, bf16=True)
     config.instruct_tune.epochs = 3
     config.instruct_tune.lr = 2e-5
-    config.instruct_tune.deepspeed = DeepSpeedConfig(zero_stage=3, bf16=True)
+    # Stages 3-5: ZeRO-3 in bf16 with gradient checkpointing. Micro-batches sized so the largest
+    # stage fits 4 x H100 80 GB (memory plan in BENCHMARKS.md): 8 sequences per GPU while the LLM
+    # is frozen, 4 when all 8.2B parameters train; accumulation makes the global batch 64 on
+    # 4 GPUs and 128 on 8.
+    for stage, micro, accumulation in ((config.v2t_align, 8, 2), (config.t2v_align, 8, 2),
+                                       (config.instruct_tune, 4, 4)):
+        stage.batch_size = micro
+        stage.num_workers = 4
+        stage.deepspeed = DeepSpeedConfig(zero_stage=3, bf16=True, gradient_accumulation_steps=accumulation)
     config.evaluate.temperature = 0.2
     return config
 

@@ -141,23 +141,37 @@ class TrainConfig:
     # Save a resumable checkpoint every N optimizer steps (and always at the end).
     checkpoint_every: int = 200
     log_every: int = 20
+    # DataLoader worker processes per rank that decode images and masks (0 = in the step's process).
     num_workers: int = 0
     # Stop after this many steps (0 = no cap); lets tests and benchmarks bound a stage.
     max_steps: int = 0
 
 
 @dataclass
-class PerceiverPretrainConfig(TrainConfig):
+class VisionTrainConfig(TrainConfig):
+    """Stages 1-2 (DDP): mixed precision and the bounded per-image caches."""
+
+    # bf16 autocast for the forward pass (weights, optimizer and losses stay float32).
+    bf16: bool = False
+    # MiB of encoder outputs kept per image across epochs, and as much again of decoded image and
+    # mask files (0 = decode and encode every step, as at full scale; memory then does not grow).
+    feature_cache_mb: int = 0
+
+
+@dataclass
+class PerceiverPretrainConfig(VisionTrainConfig):
     epochs: float = 20.0
     lr: float = 1e-4
     max_masks_per_image: int = 16
 
 
 @dataclass
-class CodebookPretrainConfig(TrainConfig):
+class CodebookPretrainConfig(VisionTrainConfig):
     epochs: float = 3.0
     lr: float = 1e-4
     max_masks_per_image: int = 16
+    # Codes start from k-means++ over the region queries of the first N training images.
+    init_images: int = 4096
 
 
 @dataclass

@@ -22,6 +22,7 @@ from medsight.eval import metrics
 from medsight.eval.benchmarks.common import BenchmarkData, EvalSample, SkippedEntry, model_modality
 from medsight.data.region_tokens import known_token_masks, strip_region_tokens
 from medsight.eval.visuals import load_gt_regions, load_sample_image, resize_image
+from medsight.train import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -153,27 +154,33 @@ def evaluate_benchmark(
     taxonomy: Taxonomy | None = None,
 ) -> BenchmarkResult:
     """``taxonomy``: the model's label space, to tell it each sample's modality; None lets the
-    model predict the modality (a model without a known taxonomy, or a test fake)."""
+    model predict the modality (a model without a known taxonomy, or a test fake).
+
+    In a multi-process job each rank answers every W-th sample (the model is replicated, so no
+    collective runs inside generation) and rank 0 gathers the scored results, in sample order;
+    the other ranks return their own share only."""
     vocabulary = model.region_token_names()
-    book = metrics.ScoreBook()
-    results: list[SampleResult] = []
-    skipped = list(data.skipped)
+    rank, world = distributed.shard()
+    mine = list(range(rank, len(data.samples), world))
+    results: list[tuple[int, SampleResult]] = []  # (sample index, result)
+    skipped: list[tuple[int, SkippedEntry]] = []
     keep = _example_indices(len(data.samples), keep_examples)
     unknown_tokens: set[str] = set()
     answers_with_unknown = 0
     started = time.perf_counter()
-    bar = tqdm(total=len(data.samples), desc=f"eval {data.name}", unit="q", disable=not progress, leave=False)
-    for start in range(0, len(data.samples), settings.batch_size):
+    bar = tqdm(total=len(mine), desc=f"eval {data.name}", unit="q", disable=not progress or rank != 0, leave=False)
+    for start in range(0, len(mine), settings.batch_size):
         batch, images, gt = [], [], []
-        for offset, sample in enumerate(data.samples[start : start + settings.batch_size]):
+        for index in mine[start : start + settings.batch_size]:
+            sample = data.samples[index]
             try:
                 image = load_sample_image(sample)
                 masks = load_gt_regions(sample)
             except DataError as error:
-                skipped.append(SkippedEntry(sample.sample_id, str(error)))
+                skipped.append((index, SkippedEntry(sample.sample_id, str(error))))
                 bar.update(1)
                 continue
-            batch.append((start + offset, sample))
+            batch.append((index, sample))
             images.append(image)
             gt.append(torch.stack(masks) if masks else torch.zeros((0, *image.shape[-2:]), dtype=torch.bool))
         if not batch:
@@ -196,21 +203,38 @@ def evaluate_benchmark(
             unknown_tokens.update(dropped)
             answers_with_unknown += bool(dropped)
             scores, boxes = score_sample(sample, answer.text, pred_masks, gt_masks)
-            for metric, value in scores.items():
-                book.add(metric, sample.modality, value)
             example = Example(image, gt_masks, pred_masks) if index in keep else None
-            results.append(SampleResult(sample, answer.text, tokens, scores, boxes, example))
+            results.append((index, SampleResult(sample, answer.text, tokens, scores, boxes, example)))
         bar.update(len(batch))
     bar.close()
+    if world > 1:
+        results, skipped, unknown_tokens, answers_with_unknown = _gathered(
+            results, skipped, unknown_tokens, answers_with_unknown
+        )
+    results_in_order = [result for _, result in sorted(results, key=lambda pair: pair[0])]
     seconds = time.perf_counter() - started
-    if answers_with_unknown:
+    book = metrics.ScoreBook()
+    for result in results_in_order:
+        for metric, value in result.scores.items():
+            book.add(metric, result.sample.modality, value)
+    if answers_with_unknown and rank == 0:
         logger.warning(
             "%s: %d answer(s) held region tokens not in the model vocabulary (%s); those tokens were ignored",
             data.name, answers_with_unknown, ", ".join(sorted(unknown_tokens)[:8]),
         )
-    if skipped:
-        logger.warning("%s: %d entries skipped (see results.json 'skipped')", data.name, len(skipped))
-    return BenchmarkResult(data.name, str(data.source), book.summary(), results, skipped, seconds)
+    all_skipped = list(data.skipped) + [entry for _, entry in sorted(skipped, key=lambda pair: pair[0])]
+    if all_skipped and rank == 0:
+        logger.warning("%s: %d entries skipped (see results.json 'skipped')", data.name, len(all_skipped))
+    return BenchmarkResult(data.name, str(data.source), book.summary(), results_in_order, all_skipped, seconds)
+
+
+def _gathered(results: list, skipped: list, unknown: set[str], with_unknown: int):
+    """Every rank's (index, result) pairs on rank 0 (the caller puts them in sample order)."""
+    shares = distributed.gather_to_main((results, skipped, unknown, with_unknown))
+    if shares is None:
+        return results, skipped, unknown, with_unknown
+    return ([pair for share in shares for pair in share[0]], [pair for share in shares for pair in share[1]],
+            set().union(*(share[2] for share in shares)), sum(share[3] for share in shares))
 
 
 def evaluate_all(

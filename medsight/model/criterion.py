@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,10 +89,20 @@ class SetCriterion(nn.Module):
     own matching (earlier layers may rank queries differently).
     """
 
-    def __init__(self, num_classes: int, loss_config: LossConfig) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        loss_config: LossConfig,
+        mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """``mean_over_ranks`` (data-parallel training): the mean of a tensor over the ranks. The
+        mask and class terms are then normalised by the global batch's mean count per rank
+        instead of the local count, so averaging the ranks' gradients (DDP) gives exactly the
+        gradient of the global batch's loss. None (one process): plain means."""
         super().__init__()
         self.num_classes = num_classes
         self.loss_config = loss_config
+        self.mean_over_ranks = mean_over_ranks
         self.matcher = HungarianMatcher(loss_config)
         class_weight = torch.ones(num_classes + 1)
         class_weight[-1] = loss_config.no_object_weight
@@ -103,8 +114,11 @@ class SetCriterion(nn.Module):
         class_logits: torch.Tensor,
         target_masks: list[torch.Tensor],
         target_labels: list[torch.Tensor],
+        norms: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
-        """One prediction layer: mask_logits [B, Q, h, w], class_logits [B, Q, C+1] -> (bce, dice, class), matches."""
+        """One prediction layer: mask_logits [B, Q, h, w], class_logits [B, Q, C+1] -> (bce, dice, class), matches.
+
+        ``norms``: (masks, class weight) per rank of the global batch, replacing the local counts."""
         indices = self.matcher(mask_logits, class_logits, target_masks, target_labels)
         # Every query defaults to no-object; matched ones get their target's label.
         target_classes = torch.full(class_logits.shape[:2], self.num_classes, dtype=torch.long, device=class_logits.device)
@@ -116,14 +130,36 @@ class SetCriterion(nn.Module):
             gt = torch.cat([target_masks[b][t.to(target_masks[b].device)] for b, (_, t) in enumerate(indices)])  # [R, H, W]
             pred = resize_mask_logits(mask_logits[batch_idx, query_idx], tuple(gt.shape[-2:]))  # [R, H, W]
             # Mean over all matched masks of the batch, so images with many regions weigh more.
-            bce = _per_mask_bce(pred, gt).mean()
-            dice = soft_dice_loss(pred, gt).mean()
+            if norms is None:
+                bce = _per_mask_bce(pred, gt).mean()
+                dice = soft_dice_loss(pred, gt).mean()
+            else:
+                bce = _per_mask_bce(pred, gt).sum() / norms[0]
+                dice = soft_dice_loss(pred, gt).sum() / norms[0]
             labels = torch.cat([target_labels[b].to(class_logits.device)[t.to(class_logits.device)] for b, (_, t) in enumerate(indices)])
             target_classes[batch_idx, query_idx] = labels
         else:
             bce = dice = mask_logits.sum() * 0.0
-        ce = F.cross_entropy(class_logits.transpose(1, 2).float(), target_classes, weight=self.class_weight)
+        if norms is None:
+            ce = F.cross_entropy(class_logits.transpose(1, 2).float(), target_classes, weight=self.class_weight)
+        else:
+            each = F.cross_entropy(class_logits.transpose(1, 2).float(), target_classes, reduction="none")  # [B, Q]
+            ce = (each * self.class_weight[target_classes]).sum() / norms[1]
         return {"bce": bce, "dice": dice, "class": ce}, indices
+
+    def _global_norms(self, class_logits: torch.Tensor, target_labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Matched masks and summed class weight of this rank's batch, averaged over ranks.
+        Every query is matched to at most one region and every region is matched, so both
+        counts are known before matching and are the same for every layer: one all-reduce."""
+        if self.mean_over_ranks is None:
+            return None
+        labels = torch.cat([t.to(self.class_weight.device) for t in target_labels]) if target_labels else torch.zeros(0, dtype=torch.long)
+        regions = float(labels.numel())
+        unmatched = class_logits.shape[0] * class_logits.shape[1] - regions
+        weight = float(self.class_weight[labels].sum()) + unmatched * float(self.class_weight[-1])
+        local = torch.tensor([regions, weight], dtype=torch.float32, device=class_logits.device)
+        masks, classes = self.mean_over_ranks(local).clamp_min(1e-6).unbind()
+        return masks, classes
 
     def forward(
         self,
@@ -138,8 +174,9 @@ class SetCriterion(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         total = outputs.mask_logits.new_zeros(())
         final_indices: list[tuple[torch.Tensor, torch.Tensor]] = []
+        norms = self._global_norms(outputs.class_logits, target_labels)
         for prefix, mask_logits, class_logits in layers:
-            terms, indices = self.layer_losses(mask_logits, class_logits, target_masks, target_labels)
+            terms, indices = self.layer_losses(mask_logits, class_logits, target_masks, target_labels, norms)
             if not prefix:
                 final_indices = indices
             total = total + (

@@ -146,7 +146,8 @@ class ImageEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         """images: [B, 3, S, S] in [0, 1]."""
-        pixels = (images - self.mean) / self.std
+        # In the tower's dtype (bf16 under DeepSpeed), whatever the dtype of the mean/std buffers.
+        pixels = ((images - self.mean) / self.std).to(next(self.visual.parameters()).dtype)
         out = self.visual.forward_intermediates(
             pixels,
             indices=[self.layer_index],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from medsight.config.schema import ExperimentConfig
@@ -42,12 +43,17 @@ def tokenizer_with_region_tokens(
 
 
 def build_medsight(
-    config: ExperimentConfig, inputs: dict[str, Path], taxonomy: Taxonomy, region_tokens: bool = True
+    config: ExperimentConfig,
+    inputs: dict[str, Path],
+    taxonomy: Taxonomy,
+    region_tokens: bool = True,
+    llm_dtype: torch.dtype = torch.float32,
 ) -> tuple[MedSight, PreTrainedTokenizerBase, set[str]]:
     """Assemble the full model from base + bundles; returns which modules came from checkpoints.
 
     ``region_tokens=False`` (stage 3): no codebook and no region tokens, which exist only from
     stage 4 on; the model then reads no codebook setting, so neither does stage 3's cache key.
+    ``llm_dtype``: load the LLM weights straight in the dtype it will run in (bf16 at full scale).
     """
     modules = find_modules(inputs)
     encoder = load_encoder(config, inputs)
@@ -65,7 +71,7 @@ def build_medsight(
     llm_dir = find_dir(inputs, "llm")
     if llm_dir is None:
         raise FileNotFoundError("no LLM among the stage inputs; run base-models first")
-    llm = load_llm(llm_dir, config.model.llm)
+    llm = load_llm(llm_dir, config.model.llm, dtype=llm_dtype)
     if llm.get_input_embeddings().num_embeddings < base_size:
         raise ValueError(f"{llm_dir}: LLM vocabulary is smaller than the tokenizer's base vocabulary")
     model = MedSight(

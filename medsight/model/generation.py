@@ -71,7 +71,9 @@ def generate(
         logits = _apply_repetition_penalty(model.logits(last_hidden).float(), seen, repetition_penalty)
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
-            choice = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            # A CPU generator (reproducible draws) samples on the CPU; the choice goes back to the device.
+            on_cpu = generator is not None and generator.device.type != probs.device.type
+            choice = torch.multinomial(probs.cpu() if on_cpu else probs, 1, generator=generator).squeeze(1).to(device)
         else:
             choice = logits.argmax(dim=-1)
         choice = torch.where(finished, torch.full_like(choice, pad_id), choice)
@@ -97,5 +99,5 @@ def generate(
     width = last_hidden.shape[-1]
     return GenerationOutput(
         tokens=tokens,
-        hidden=[torch.stack(h) if h else torch.zeros(0, width, device=device) for h in hidden],
+        hidden=[torch.stack(h) if h else last_hidden.new_zeros(0, width) for h in hidden],
     )

@@ -36,8 +36,10 @@ class MedSightInference:
         self.image_size = config.model.encoder.image_size
 
     @classmethod
-    def load(cls, model_dir: Path, base_dir: Path, device: str = "cpu") -> MedSightInference:
-        """``model_dir``: an instruct-tune (or t2v-align) output; ``base_dir``: base-models output."""
+    def load(cls, model_dir: Path, base_dir: Path, device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> MedSightInference:
+        """``model_dir``: an instruct-tune (or t2v-align) output; ``base_dir``: base-models output.
+        ``dtype``: what the whole model runs in (bf16 on a GPU)."""
         from medsight.model.bundle import bundle_taxonomy
         from medsight.model.factory import build_medsight
 
@@ -48,8 +50,8 @@ class MedSightInference:
         config = load_config(config_file)
         # Bundles written before they carried a taxonomy were all trained on synthetic data.
         taxonomy = bundle_taxonomy({"model": model_dir}) or Taxonomy.synthetic()
-        model, tokenizer, _ = build_medsight(config, {"base": base_dir, "model": model_dir}, taxonomy)
-        return cls(config, model.to(device), tokenizer, taxonomy)
+        model, tokenizer, _ = build_medsight(config, {"base": base_dir, "model": model_dir}, taxonomy, llm_dtype=dtype)
+        return cls(config, model.to(device=device, dtype=dtype), tokenizer, taxonomy)
 
     def region_token_names(self) -> list[str]:
         return self.model.vocabulary.names
@@ -71,8 +73,8 @@ class MedSightInference:
             raise ValueError(f"{images.shape[0]} images but {len(questions)} questions")
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        device = next(self.model.parameters()).device
-        images = images.to(device)
+        weight = next(self.model.parameters())
+        images = images.to(device=weight.device, dtype=weight.dtype)
         context = self.model.encode_images(images)
         prompts = [encode_prompt(self.tokenizer, self.format, q, self.model.num_visual_tokens) for q in questions]
         out = generate(
@@ -92,9 +94,9 @@ class MedSightInference:
             is_region = self.model.is_region_token(token_tensor) if tokens else torch.zeros(0, dtype=torch.bool)
             positions = is_region.nonzero().flatten()
             if positions.numel():
-                logits = self.model.decode_region_masks(hidden[positions], context.pixel_features[row])
+                logits = self.model.decode_region_masks(hidden[positions.to(hidden.device)], context.pixel_features[row])
                 masks = torch.sigmoid(
-                    F.interpolate(logits[None], size=images.shape[-2:], mode="bilinear", align_corners=False)[0]
+                    F.interpolate(logits[None].float(), size=images.shape[-2:], mode="bilinear", align_corners=False)[0]
                 ).cpu()
                 class_probs = self.model.classify_region_tokens(hidden[positions]).softmax(-1).float().cpu()
             else:

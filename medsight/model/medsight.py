@@ -136,7 +136,7 @@ class MedSight(nn.Module):
         base = self.llm.get_input_embeddings()(input_ids.clamp(max=self.base_vocab_size - 1))
         if not len(self.vocabulary):
             return base
-        rows = self.region_tokens.input_rows[(input_ids - self.base_vocab_size).clamp(min=0)]
+        rows = self.region_tokens(ids=(input_ids - self.base_vocab_size).clamp(min=0))
         return torch.where(region.unsqueeze(-1), rows.to(base.dtype), base)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ class MedSight(nn.Module):
         # Slice: real checkpoints pad their vocab (Qwen3: 151,936 rows for 151,669 tokens), and
         # region ids start right after the tokenizer's last real token.
         base = self.llm.get_output_embeddings()(hidden)[..., : self.base_vocab_size]
-        region = hidden @ self.region_tokens.output_rows.to(hidden.dtype).T
+        region = self.region_tokens(hidden=hidden)
         return torch.cat([base, region], dim=-1)
 
     def input_embeddings(self, input_ids: torch.Tensor, context: VisualContext) -> torch.Tensor:
@@ -162,6 +162,24 @@ class MedSight(nn.Module):
         read from the same P_t2v query that ``decode_region_masks`` decodes."""
         queries = self.t2v(hidden)
         return self.perceiver.classify(queries.unsqueeze(0).to(self.perceiver.class_head.weight.dtype))[0]
+    def decode_batch_region_masks(
+        self, hidden: torch.Tensor, positions: list[torch.Tensor], pixel_features: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """hidden [B, T, H]; per sample the positions of its region tokens (possibly none);
+        pixel_features [B, d, Hr, Wr] -> per sample mask logits [K_b, Hr, Wr].
+
+        One P_t2v call and one mask-decoder call for the whole batch, however many region tokens
+        each sample holds: under DeepSpeed ZeRO-3 every rank must call the same modules as often
+        (each call gathers partitioned weights collectively), whatever its share of the data.
+        """
+        width = max(1, max((len(p) for p in positions), default=0))
+        index = torch.zeros(len(positions), width, dtype=torch.long, device=hidden.device)
+        for b, sample in enumerate(positions):
+            index[b, : len(sample)] = sample.to(hidden.device)
+        rows = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, K, H]
+        queries = self.t2v(rows).to(pixel_features.dtype)  # [B, K, d]
+        logits = self.perceiver.decode_masks(queries, pixel_features)  # [B, K, Hr, Wr]
+        return [logits[b, : len(sample)] for b, sample in enumerate(positions)]
 
     # ----------------------------------------------------------------- training
     def forward(
@@ -195,21 +213,19 @@ class MedSight(nn.Module):
         """Masks are supervised in the order their region tokens appear in the answer."""
         answer_regions = self.is_region_token(input_ids) & (labels != IGNORE_INDEX)
         zero = hidden.sum() * 0.0  # keeps the graph connected when a batch has no region token
-        if masks is None or not answer_regions.any():
+        if masks is None or not len(self.vocabulary):
             return zero, 0
-        losses = []
-        for b in range(input_ids.shape[0]):
-            positions = answer_regions[b].nonzero().flatten()
-            target = masks[b]
-            if positions.numel() != target.shape[0]:
+        positions = [answer_regions[b].nonzero().flatten() for b in range(input_ids.shape[0])]
+        for b, (sample, target) in enumerate(zip(positions, masks)):
+            if sample.numel() != target.shape[0]:
                 raise ValueError(
-                    f"batch sample {b}: {positions.numel()} region tokens in the answer but "
+                    f"batch sample {b}: {sample.numel()} region tokens in the answer but "
                     f"{target.shape[0]} masks; mask_files must list one mask per region token"
                 )
-            if positions.numel() == 0:
-                continue
-            logits = self.decode_region_masks(hidden[b, positions], context.pixel_features[b])
-            losses.append(ordered_mask_loss(logits, target.to(logits.dtype), self.config.loss))
+        decoded = self.decode_batch_region_masks(hidden, positions, context.pixel_features)
+        losses = [ordered_mask_loss(logits, masks[b].to(logits.dtype), self.config.loss)
+                  for b, logits in enumerate(decoded) if logits.shape[0]]
         if not losses:
-            return zero, 0
+            # Still through the decoder, so its backward runs on every rank (ZeRO-3 gathers).
+            return zero + sum(logits.sum() for logits in decoded) * 0.0, 0
         return torch.stack(losses).mean(), int(answer_regions.sum())

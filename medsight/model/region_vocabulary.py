@@ -68,6 +68,16 @@ class RegionTokenEmbeddings(nn.Module):
         self.input_rows = nn.Parameter(torch.zeros(num_tokens, hidden_size))  # [T, H]
         self.output_rows = nn.Parameter(torch.zeros(num_tokens, hidden_size))  # [T, H]
 
+    def forward(self, ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [...] -> input rows [..., H]; or hidden [..., H] -> region-token logits [..., T].
+
+        Called as a module (not by reading the rows from outside) so that under DeepSpeed
+        ZeRO-3 the partitioned rows are gathered for this call and again for its backward.
+        """
+        if hidden is not None:
+            return hidden @ self.output_rows.to(hidden.dtype).T
+        return self.input_rows[ids]
+
     @torch.no_grad()
     def initialise(self, rows: torch.Tensor) -> None:
         """Paper init: row (m, k) = P_v2t(P_d(e_{m,k})); also used for the LM-head rows so a

@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
-from medsight.train.progress_events import EVENTS_ENV, append_event
+from medsight.platform.launched_stage import StageFailed, compute_stage  # noqa: F401  (StageFailed: re-exported)
+from medsight.train.progress_events import append_event
 
 WORK_DIR_ENV = "MEDSIGHT_WORK_DIR"
+NPROC_ENV = "MEDSIGHT_NPROC_PER_NODE"  # ranks in a GPU stage's pod, set per stage at compile time
 FORCE_ENV = "MEDSIGHT_FORCE_RERUN"  # comma-separated stage names, or "all"
 TRACK_HITS_ENV = "MEDSIGHT_TRACK_CACHE_HITS"  # "1": also open an MLflow run for restored stages
 # Log these output files to MLflow: reports anywhere, images only from visual folders (mask
@@ -147,12 +149,18 @@ def execute_stage(
     use_existing: str = "",
     run_id: str | None = None,
     restore_only: bool = False,
+    nproc: str = "1",
+    compute: bool = True,
 ) -> StageResult | None:
     """Restore ``stage`` from the run-cache or run it, push its output, track it, record lineage.
 
     ``inputs``: input name -> a DVC reference (JSON ref, ``<md5>.dir`` or ``run:<id>/<stage>``);
     "" means left out by the variant. ``restore_only``: return None instead of running on a miss
-    (the KFP component checks the cache before it starts a stage process).
+    (the KFP component checks the cache before it starts a stage process). ``nproc``: ranks on
+    this node (a number or ``auto``); in a multi-node job every node calls this, and only the
+    first one pushes and records (the others return None). ``compute=False``: only restore, even
+    when the stage is forced (None when the run-cache lacks it), e.g. for the component that
+    waited on a multi-node TrainJob.
     """
     from medsight.stages.cache_key import stage_key
     from medsight.stages.registry import get_stage
@@ -188,7 +196,7 @@ def execute_stage(
             raise ArtifactStoreError(f"stage {stage}: {use_existing!r} is not in the DVC remote {store.config.dvc_url}")
         entry: dict[str, Any] | None = {"ref": json.loads(existing.to_json()), "metrics": {}, "mlflow_run_id": None}
     else:
-        entry = None if _forced(stage) else store.cache_lookup(stage, key.key)
+        entry = None if _forced(stage) and compute else store.cache_lookup(stage, key.key)
     if entry is None and restore_only:
         return None
     _event(event="start", stage=stage, run_id=run_id)
@@ -209,8 +217,13 @@ def execute_stage(
             _close(tracker)
         result = StageResult(stage, ref, True, metrics, 0.0, 0.0, {k: r.md5 for k, r in refs.items()}, key.key,
                              mlflow_run_id)
+    elif not compute:
+        return None
     else:
-        result = _run_and_push(stage, config, refs, store, key.key, base_tags)
+        result = _run_and_push(stage, config, refs, store, key.key, base_tags, nproc)
+        if result is None:
+            _event(event="end", stage=stage, run_id=run_id, node_rank="other")
+            return None
     result.wall_seconds = time.time() - started + age_at_start
     store.record_lineage(run_id, result.record(run_id))
     _event(event="end", stage=stage, run_id=run_id, cached=result.cached, seconds=result.seconds,
@@ -219,30 +232,37 @@ def execute_stage(
 
 
 def _run_and_push(
-    stage: str, config: Any, refs: dict[str, ArtifactRef], store: ArtifactStore, key: str, base_tags: dict[str, str]
-) -> StageResult:
+    stage: str, config: Any, refs: dict[str, ArtifactRef], store: ArtifactStore, key: str, base_tags: dict[str, str],
+    nproc: str = "1",
+) -> StageResult | None:
     from medsight.stages.registry import get_stage
-    from medsight.stages.runner import read_stage_file, run_stage
 
     work_root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir())
     work_root.mkdir(parents=True, exist_ok=True)
     ws_dir = Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=work_root))
+    # Computed outside the (per-attempt) DVC workspace, at a path fixed by the cache key: a retry
+    # after a crash or a killed rank resumes from the checkpoints the last attempt left there.
+    computed = work_root / "medsight-stages" / f"{stage}-{key[:12]}"
     tracker: Any = None
     try:
         with store.workspace(ws_dir) as ws:
             paths = ws.pull_many({f"in-{name}": ref for name, ref in refs.items()})
             paths = {name: paths[f"in-{name}"] for name in refs}
             tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"})
-            output = ws_dir / stage
             compute_started = time.time()
             # The inputs' versions (DVC hashes, store URIs) go into stage.json, not these temp paths.
             store_uris = {name: store.object_uri(ref.md5) for name, ref in refs.items()}
-            run = run_stage(stage, config, paths, output, tracker, reuse=False, store_uris=store_uris)
-            if run.key.key != key:
+            record, expected = compute_stage(stage, config, paths, computed, tracker, nproc, refs, store_uris)
+            if record is None:
+                _close(tracker)
+                return None
+            if record["key"] != (expected or key):
                 raise ArtifactStoreError(f"stage {stage}: the pulled inputs hash differently from their references")
-            metrics = run.metrics
+            output = ws_dir / stage
+            os.replace(computed, output)
+            metrics = json.loads((output / "metrics.json").read_text())
             seconds = time.time() - compute_started
-            cacheable = (read_stage_file(output) or {}).get("cacheable", True)
+            cacheable = record.get("cacheable", True)
             _log_output_files(tracker, output)
             ref = ws.add(output, stage=stage)
             ws.push(ref, stage)
@@ -306,10 +326,13 @@ def artifact_ref(artifact: Any) -> str:
 
 
 def stage_command(stage: str, preset: str, overrides: Sequence[str], inputs: Mapping[str, str], result: Path,
-                  use_existing: str = "") -> list[str]:
-    """``medsight stage run`` for a component: inputs as DVC references, output to the store."""
+                  use_existing: str = "", nproc: str = "1") -> list[str]:
+    """``medsight stage run`` for a component: inputs as DVC references, output to the store,
+    ``nproc`` ranks through torchrun (the GPUs the stage's pod requests)."""
     command = [sys.executable, "-m", "medsight.cli", "stage", "run", stage, "--store", "--preset", preset,
                "--result", str(result)]
+    if nproc != "1":
+        command += ["--nproc-per-node", nproc]
     if use_existing:
         command += ["--use-existing", use_existing]
     for override in overrides:
@@ -318,6 +341,12 @@ def stage_command(stage: str, preset: str, overrides: Sequence[str], inputs: Map
         if ref:
             command += ["--input", f"{name}={ref}"]
     return command
+
+
+def outcome(result: StageResult) -> dict[str, Any]:
+    return {"stage": result.stage, "ref": json.loads(result.ref.to_json()), "cached": result.cached,
+            "metrics": result.metrics, "seconds": result.seconds, "cache_key": result.cache_key,
+            "inputs": result.inputs}
 
 
 def run_component(
@@ -334,16 +363,24 @@ def run_component(
     """Body of every generated stage component: run the stage CLI, then fill the KFP outputs."""
     from medsight.platform.stage_card import render_stage_card
 
+    from medsight.platform.multinode import MultiNodeSettings, multinode_outcome
+
     refs = {name: artifact_ref(artifact) for name, artifact in inputs.items()}
+    settings = MultiNodeSettings.from_env()
     # A run-cache hit needs no stage process (no torch, no stage imports): restore it right here.
     hit = execute_stage(stage, refs, resolve_config(preset, overrides), use_existing=use_existing, restore_only=True)
     if hit is not None:
         result = {"ref": json.loads(hit.ref.to_json()), "cached": True, "metrics": hit.metrics, "seconds": 0.0,
                   "cache_key": hit.cache_key, "inputs": hit.inputs}
+    elif settings is not None and not use_existing:
+        result = multinode_outcome(stage, preset, overrides, refs, settings)
     else:
         with tempfile.TemporaryDirectory(prefix="medsight-result-") as tmp:
             result_file = Path(tmp) / "result.json"
-            done = subprocess.run(stage_command(stage, preset, overrides, refs, result_file, use_existing), check=False)
+            # One rank per GPU the stage's pod was given (pipelines/deployment.py sets the count).
+            command = stage_command(stage, preset, overrides, refs, result_file, use_existing,
+                                    nproc=os.environ.get(NPROC_ENV, "1"))
+            done = subprocess.run(command, check=False)
             if done.returncode != 0 or not result_file.is_file():
                 raise RuntimeError(f"stage {stage} failed (exit {done.returncode}); its error is printed above")
             result = json.loads(result_file.read_text())

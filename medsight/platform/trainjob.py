@@ -1,8 +1,10 @@
-"""Multi-node stages through an existing operator: Kubeflow Trainer v2 TrainJob, or PyTorchJob.
+"""Hand-built multi-node jobs for what the Kubeflow SDK cannot express.
 
-A KFP component whose stage needs more than one node builds one of these objects (same image,
-command ``torchrun --no-python medsight stage run ...``) and hands it to `TrainJobLauncher`,
-which creates it, waits for a terminal condition and deletes it when the component is cancelled.
+The pipeline's multi-node stages go through the SDK's ``TrainerClient`` (``multinode.py``). This
+module builds the objects it has no API for: a TrainJob with ``podTemplateOverrides`` (Trainer
+releases before ``runtimePatches``, the only pod-override field the SDK writes) and the
+training-operator v1 ``PyTorchJob`` (clusters without Trainer v2). `TrainJobLauncher` creates
+one, waits for a terminal condition and deletes it when the component is cancelled.
 Rendezvous (MASTER_ADDR, node rank, world size) is injected by the operator through the
 ``PET_*`` variables torchrun reads; this module never sets them, and refuses env that would.
 """
@@ -194,14 +196,11 @@ def _metadata(job: MultiNodeJob) -> dict[str, Any]:
     return {"name": job.name, "labels": labels}
 
 
-def _pod_overrides(job: MultiNodeJob, *, with_security: bool) -> dict[str, Any]:
+def _pod_overrides(job: MultiNodeJob) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "volumes": job.volumes(),
         "containers": [{"name": TRAINER_CONTAINER, "volumeMounts": job.volume_mounts()}],
     }
-    if with_security:
-        spec["securityContext"] = dict(POD_SECURITY)
-        spec["containers"][0]["securityContext"] = dict(CONTAINER_SECURITY)
     if job.service_account:
         spec["serviceAccountName"] = job.service_account
     if job.node_selector:
@@ -211,16 +210,13 @@ def _pod_overrides(job: MultiNodeJob, *, with_security: bool) -> dict[str, Any]:
     return spec
 
 
-def build_trainjob(
-    job: MultiNodeJob,
-    *,
-    overrides_api: Literal["podTemplateOverrides", "runtimePatches"] = "podTemplateOverrides",
-) -> dict[str, Any]:
-    """A trainer.kubeflow.org/v1alpha1 TrainJob for `job`.
+def build_trainjob(job: MultiNodeJob) -> dict[str, Any]:
+    """A trainer.kubeflow.org/v1alpha1 TrainJob for `job`, pod settings in `podTemplateOverrides`.
 
-    Pod-level settings go through `podTemplateOverrides` (Trainer v2.1) or, on Trainers whose API
-    replaced it, `runtimePatches`. The older field cannot carry securityContext: the runtime
-    (e.g. the overlay's medsight-torch) must set it, as it does.
+    Hand-built because the Kubeflow SDK writes pod overrides only as `runtimePatches`, which
+    Trainer v2.0/v2.1 do not serve; on newer Trainers use `multinode.run_multinode` (the SDK).
+    The older field cannot carry securityContext: the runtime (e.g. the overlay's medsight-torch)
+    must set it, as it does.
     """
     body: dict[str, Any] = {
         "apiVersion": TRAINJOB.api_version,
@@ -242,24 +238,9 @@ def build_trainjob(
             },
         },
     }
-    if overrides_api == "podTemplateOverrides":
-        body["spec"]["podTemplateOverrides"] = [
-            {
-                "targetJobs": [{"name": TRAINER_CONTAINER}],
-                "spec": _pod_overrides(job, with_security=False),
-            }
-        ]
-    elif overrides_api == "runtimePatches":
-        pod_spec = _pod_overrides(job, with_security=True)
-        replicated = {"name": TRAINER_CONTAINER, "template": {"spec": {"template": {"spec": pod_spec}}}}
-        body["spec"]["runtimePatches"] = [
-            {
-                "manager": "medsight.platform",
-                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [replicated]}}},
-            }
-        ]
-    else:
-        raise ValueError(f"overrides_api must be podTemplateOverrides or runtimePatches, got {overrides_api!r}")
+    body["spec"]["podTemplateOverrides"] = [
+        {"targetJobs": [{"name": TRAINER_CONTAINER}], "spec": _pod_overrides(job)}
+    ]
     return body
 
 

@@ -35,7 +35,8 @@ from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_vocabulary import RegionVocabulary
 from medsight.model.bundle import find_modules, load_module, stage_taxonomy
 from medsight.model.vision_modules import load_encoder, new_codebook, new_perceiver
-from medsight.stages.segmentation_data import SegmentationSplit, encode_split, iterate_batches, split_from_records
+from medsight.stages.segmentation_data import FrozenEncoder, SegmentationSamples, eval_loader, iterate
+from medsight.train import distributed
 from medsight.train.tracker import Tracker
 
 CHUNK_IMAGES = 256  # images encoded at a time
@@ -51,22 +52,21 @@ class CodedRegion:
 
 @torch.no_grad()
 def extract_region_tokens(
-    split: SegmentationSplit, perceiver, codebook, matcher: HungarianMatcher, vocabulary: RegionVocabulary
+    batch: dict, encoder: FrozenEncoder, perceiver, codebook, matcher: HungarianMatcher, vocabulary: RegionVocabulary
 ) -> list[list[str]]:
-    """Per image, per ground-truth region (record order): the token of its matched quantized query."""
+    """Per image of ``batch``, per ground-truth region (record order): the token of its matched quantized query."""
     tokens: list[list[str]] = []
     names = vocabulary.names
-    for batch in iterate_batches(split, list(range(len(split))), 64):
-        out = perceiver(batch["patch_tokens"])
-        quantized = codebook(out.queries, batch["modality"])
-        masks = perceiver.decode_masks(quantized.quantized, out.pixel_features)
-        classes = perceiver.classify(quantized.quantized)
-        for b, (query_index, target_index) in enumerate(matcher(masks, classes, batch["masks"], batch["labels"])):
-            per_region = [""] * len(target_index)
-            modality = int(batch["modality"][b])
-            for q, t in zip(query_index.tolist(), target_index.tolist()):
-                per_region[t] = names[vocabulary.index(modality, int(quantized.indices[b, q]))]
-            tokens.append(per_region)
+    out = perceiver(encoder(batch).patch_tokens)
+    quantized = codebook(out.queries, batch["modality"])
+    masks = perceiver.decode_masks(quantized.quantized, out.pixel_features)
+    classes = perceiver.classify(quantized.quantized)
+    for b, (query_index, target_index) in enumerate(matcher(masks, classes, batch["masks"], batch["labels"])):
+        per_region = [""] * len(target_index)
+        modality = int(batch["modality"][b])
+        for q, t in zip(query_index.tolist(), target_index.tolist()):
+            per_region[t] = names[vocabulary.index(modality, int(quantized.indices[b, q]))]
+        tokens.append(per_region)
     return tokens
 
 
@@ -208,9 +208,12 @@ class GroundingBuilder:
     def __init__(self, config: ExperimentConfig, inputs: dict[str, Path], taxonomy: Taxonomy) -> None:
         self.config, self.taxonomy, self.data_root = config, taxonomy, Path(inputs["data"])
         modules = find_modules(inputs)
-        self.encoder = load_encoder(config, inputs)
-        self.perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver", "perceiver-pretrain").eval()
-        self.codebook = load_module(new_codebook(config, taxonomy), modules, "codebook", "codebook-pretrain").eval()
+        self.device = distributed.device()
+        self.encoder = FrozenEncoder(load_encoder(config, inputs), self.device)
+        self.perceiver = load_module(new_perceiver(config, taxonomy), modules, "perceiver",
+                                     "perceiver-pretrain").eval().to(self.device)
+        self.codebook = load_module(new_codebook(config, taxonomy), modules, "codebook",
+                                    "codebook-pretrain").eval().to(self.device)
         self.matcher = HungarianMatcher(config.model.loss)
         self.vocabulary = RegionVocabulary(config.model.codebook.num_modalities, config.model.codebook.codes_per_modality,
                                            config.model.grounding)
@@ -218,15 +221,21 @@ class GroundingBuilder:
 
     def code(self, records: list[SegmentationRecord], phrasing_seed: int | None) -> list[CodedImage]:
         max_masks = self.config.codebook_pretrain.max_masks_per_image
+        on_too_many = self.config.data.too_many_masks
         out = []
-        usable = [r for r in records if len(r.regions) <= max_masks]  # the authors skip the rest
-        for chunk in chunked(usable, CHUNK_IMAGES):
-            split = split_from_records(chunk, self.config.model.encoder.image_size, max_masks)
-            encode_split(split, self.encoder)
-            tokens = extract_region_tokens(split, self.perceiver, self.codebook, self.matcher, self.vocabulary)
-            for record, masks, image_tokens in zip(split.records, split.masks, tokens):
+        # "skip" drops images over max_masks (the authors do); "error" lets the dataset refuse them.
+        usable = records if on_too_many == "error" else [r for r in records if len(r.regions) <= max_masks]
+        samples = SegmentationSamples(usable, self.config.model.encoder.image_size, max_masks, on_too_many=on_too_many)
+        ordered = iter(samples.records)
+        # In order, images and masks streamed a batch at a time, never held together.
+        loader = eval_loader(samples, 64, self.config.codebook_pretrain.num_workers, shard=False)
+        for batch in iterate(loader, self.device):
+            tokens = extract_region_tokens(batch, self.encoder, self.perceiver, self.codebook, self.matcher,
+                                           self.vocabulary)
+            for masks, image_tokens in zip(batch["masks"], tokens):
+                record = next(ordered)
                 self.used_tokens.update(image_tokens)
-                regions = coded_regions(record, masks, image_tokens, self.data_root, self.taxonomy)
+                regions = coded_regions(record, masks.cpu(), image_tokens, self.data_root, self.taxonomy)
                 image = os.path.relpath(record.image_path, self.data_root)
                 conversations = template_conversations(record, regions, image, phrasing_seed)
                 codes = {"image": image, "modality": record.modality, "regions": [vars(r) for r in regions]}
@@ -254,6 +263,8 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     for key in ("t2v_samples", "instruct_images", "eval_images"):
         if getattr(settings, key) < 1:
             raise ValueError(f"grounding_data.{key} must be >= 1, got {getattr(settings, key)}")
+    if distributed.world_size() > 1:
+        raise ValueError("grounding-data runs in one process (it writes files as it goes); run it without --nproc-per-node")
     data_root = Path(inputs["data"])
     taxonomy = stage_taxonomy(config, inputs)
     builder = GroundingBuilder(config, inputs, taxonomy)

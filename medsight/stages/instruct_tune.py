@@ -7,17 +7,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from medsight.config.schema import ExperimentConfig
-from medsight.model.llm import save_llm
-from medsight.model.bundle import copy_modules, find_modules, save_modules, stage_taxonomy
+from medsight.model.bundle import copy_modules, find_modules, stage_taxonomy
 from medsight.model.factory import build_medsight
 from medsight.stages.language_training import (
+    llm_dtype,
     load_conversations,
     make_language_data,
+    save_trained_llm,
+    save_trained_modules,
     train_language_stage,
     validate_language,
 )
-from medsight.stages.zero_gather import gathered_parameters
+from medsight.train import distributed
 from medsight.train.tracker import Tracker
 
 STAGE = "instruct-tune"
@@ -26,7 +30,10 @@ STAGE = "instruct-tune"
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
     stage = config.instruct_tune
     taxonomy = stage_taxonomy(config, inputs)
-    model, tokenizer, loaded = build_medsight(config, inputs, taxonomy)
+    # Seeded before the new modules are built: every rank (and every rerun) starts from the same
+    # weights; ZeRO-3 partitions each rank's own copy, so they must agree.
+    torch.manual_seed(stage.seed)
+    model, tokenizer, loaded = build_medsight(config, inputs, taxonomy, llm_dtype=llm_dtype(stage))
     data_root = Path(inputs["data"])
     grounding, prepared = Path(inputs["grounding"]), data_root / "pubmedvision"
     train = load_conversations(prepared / "instruct_train.jsonl", data_root)
@@ -34,16 +41,16 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     val = load_conversations(prepared / "instruct_val.jsonl", data_root)
     val += load_conversations(grounding / "conversations" / "val.json", data_root)
     data = make_language_data(config, model, tokenizer, train, val, taxonomy, stage.visual_cache_mb)
-    result = train_language_stage(
+    result, engine = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,
         output=output, tracker=tracker, seg_weight=1.0,
     )
-    with gathered_parameters(model, stage.deepspeed.zero_stage):
-        save_modules(output, {"t2v": model.t2v, "region_tokens": model.region_tokens, "v2t": model.v2t}, taxonomy)
-        save_llm(model.llm, output / "llm")
-    copy_modules(find_modules(inputs), output, ("perceiver", "codebook"))
-    tokenizer.save_pretrained(str(output / "tokenizer"))
-    metrics = validate_language(model, data, stage.batch_size)
+    save_trained_modules(output, engine, model, ("t2v", "region_tokens", "v2t"), inputs, taxonomy)
+    save_trained_llm(output, engine, model, llm_dtype(stage))
+    if distributed.is_main():
+        copy_modules(find_modules(inputs), output, ("perceiver", "codebook"))
+        tokenizer.save_pretrained(str(output / "tokenizer"))
+    metrics = validate_language(model, data, stage.batch_size, engine, stage.num_workers)
     return {
         **metrics,
         "t2v_from_stage4": float("t2v" in loaded),

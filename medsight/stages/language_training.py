@@ -1,25 +1,44 @@
-"""What the three LLM stages (3, 4, 5) share: the freezing plan, data, the DeepSpeed loop, validation."""
+"""What the three LLM stages (3, 4, 5) share: the freezing plan, data, the DeepSpeed loop,
+validation and the consolidated save.
+
+Data-parallel with DeepSpeed ZeRO: each rank streams its share of the conversations (images
+decoded by DataLoader workers), batches go to the rank's device in the model's dtype, and at the
+end rank 0 writes each trained module once, consolidated from every rank's partition.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from medsight.config.schema import ExperimentConfig, LanguageTrainConfig
-from medsight.data.conversation_dataset import ConversationDataset, PromptFormat, collate_conversations
+from medsight.data.conversation_dataset import (
+    IGNORE_INDEX,
+    ConversationDataset,
+    PromptFormat,
+    collate_conversations,
+)
 from medsight.data.llava import Conversation, read_conversations
 from medsight.data.taxonomy import Taxonomy
-from medsight.data.conversation_dataset import IGNORE_INDEX
+from medsight.model.bundle import module_file, taxonomy_file
 from medsight.model.dice import hard_dice
 from medsight.model.medsight import MedSight
 from medsight.model.visual_cache import VisualContextCache
-from medsight.train.engine import DeepSpeedEngine
-from medsight.train.loop import LoopResult, run_training, seeded_order
+from medsight.train import distributed
+from medsight.train.data import EpochBatches, ResumableSampler, ShardSampler, make_loader, to_device
+from medsight.train.engine import DeepSpeedEngine, gathered_parameters
+from medsight.train.loop import LoopResult, run_training
 from medsight.train.tracker import Tracker
+
+logger = logging.getLogger(__name__)
 
 # DESIGN.md's stage table, in one place: what each LLM stage may update.
 TRAINABLE_MODULES: dict[str, tuple[str, ...]] = {
@@ -41,6 +60,7 @@ def apply_freezing(model: MedSight, stage: str) -> None:
     for name in TRAINABLE_MODULES[stage]:
         getattr(model, name).requires_grad_(True)
 
+
 def load_conversations(path: Path, image_root: Path) -> list[Conversation]:
     if not Path(path).is_file():
         raise FileNotFoundError(
@@ -48,6 +68,11 @@ def load_conversations(path: Path, image_root: Path) -> list[Conversation]:
             "come from `medsight data prepare pubmedvision SRC DATA`)"
         )
     return read_conversations(Path(path), Path(image_root))
+
+
+def llm_dtype(stage: LanguageTrainConfig) -> torch.dtype:
+    """Load the LLM straight in the dtype DeepSpeed trains it in (8B weights: 16 GB, not 32)."""
+    return torch.bfloat16 if stage.deepspeed.bf16 else torch.float32
 
 
 @dataclass
@@ -83,15 +108,6 @@ def make_language_data(
     return LanguageData(dataset(train), dataset(val), PromptFormat.from_tokenizer(tokenizer).pad_id)
 
 
-def _loader(dataset, order: list[int], batch_size: int, pad_id: int) -> DataLoader:
-    return DataLoader(
-        Subset(dataset, order),
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=lambda batch: collate_conversations(batch, pad_id),
-    )
-
-
 def _forward(model_call, batch: dict, seg_weight: float):
     return model_call(
         images=batch["images"],
@@ -104,6 +120,28 @@ def _forward(model_call, batch: dict, seg_weight: float):
     )
 
 
+def _global_share(local: torch.Tensor) -> torch.Tensor:
+    """local count / mean count over ranks: the factor that turns a rank's mean into its share
+    of the global batch's mean (1 at one process)."""
+    if not distributed.active():
+        return torch.ones_like(local)
+    return local / distributed.all_reduce_mean(local).clamp_min(1e-6)
+
+
+def global_batch_losses(model: MedSight, batch: dict, out, seg_weight: float) -> dict[str, torch.Tensor]:
+    """The LM loss as a mean over the global batch's answer tokens and the seg loss over its
+    samples with region tokens, whatever the ranks' shares; averaging ranks' gradients (what
+    DeepSpeed does) then gives the gradient of exactly the loss one process would compute."""
+    labels = batch["labels"]
+    tokens = (labels[:, 1:] != IGNORE_INDEX).sum().float()
+    with_regions = (model.is_region_token(batch["input_ids"]) & (labels != IGNORE_INDEX)).any(dim=1).sum().float()
+    share = _global_share(torch.stack([tokens, with_regions]))
+    lm, seg = out.lm_loss * share[0], out.seg_loss * share[1]
+    # Not a loss: the sequence positions this rank processed (tokens/s in bench/gpu_smoke.py).
+    positions = batch["attention_mask"].sum().float()
+    return {"loss": lm + seg_weight * seg, "lm": lm, "seg": seg, "tokens": positions}
+
+
 def train_language_stage(
     *,
     stage: str,
@@ -114,48 +152,79 @@ def train_language_stage(
     output: Path,
     tracker: Tracker,
     seg_weight: float,
-) -> LoopResult:
+) -> tuple[LoopResult, DeepSpeedEngine]:
     torch.manual_seed(train_config.seed)
     apply_freezing(model, stage)
     # Stays on the model for the stage's validation pass, which sees the same val images.
     model.visual_cache = VisualContextCache.from_megabytes(train_config.visual_cache_mb)
+    if model.visual_cache is not None and deepspeed_config.zero_stage == 3 and distributed.world_size() > 1:
+        # A hit skips the encoder's forward on one rank while another runs it, and under ZeRO-3
+        # each forward gathers weights collectively: the ranks would wait on each other forever.
+        logger.warning("%s: visual_cache_mb is ignored under ZeRO-3 with several ranks", stage)
+        model.visual_cache = None
     engine = DeepSpeedEngine(model, train_config, deepspeed_config)
 
     def step(batch: dict) -> dict[str, torch.Tensor]:
-        out = _forward(engine.model, batch, seg_weight)
-        return {"loss": out.loss, "lm": out.lm_loss, "seg": out.seg_loss}
+        batch = to_device(batch, engine.device, engine.dtype)
+        return global_batch_losses(model, batch, _forward(engine.model, batch, seg_weight), seg_weight)
 
-    steps_per_epoch = -(-len(data.train) // train_config.batch_size)
-    return run_training(
+    loader = make_loader(data.train, train_config.batch_size, ResumableSampler(data.train, train_config.seed),
+                         partial(collate_conversations, pad_id=data.pad_id), train_config.num_workers)
+    batches = EpochBatches(loader)
+    result = run_training(
         name=stage,
-        module=model,
         engine=engine,
-        make_batches=lambda epoch: _loader(
-            data.train, seeded_order(len(data.train), train_config.seed, epoch), train_config.batch_size, data.pad_id
-        ),
-        steps_per_epoch=steps_per_epoch,
+        make_batches=batches,
+        steps_per_epoch=batches.steps_per_epoch,
         step_fn=step,
         config=train_config,
         workdir=output,
         tracker=tracker,
         expected_losses=EXPECTED_LOSSES[stage],
     )
+    return result, engine
+
+
+def vision_side(model: MedSight) -> list[nn.Module]:
+    """Everything but the LLM: small next to it, and reached outside forward calls in validation."""
+    return [m for name, m in model.named_children() if name != "llm"]
 
 
 @torch.no_grad()
-def validate_language(model: MedSight, data: LanguageData, batch_size: int) -> dict[str, float]:
-    """Teacher-forced LM loss and Dice of masks decoded from the ground-truth region tokens."""
+def validate_language(model: MedSight, data: LanguageData, batch_size: int, engine: DeepSpeedEngine | None = None,
+                      num_workers: int = 0) -> dict[str, float]:
+    """Teacher-forced LM loss (mean over answer tokens) and Dice of masks decoded from the
+    ground-truth region tokens. Sharded over ranks; under ZeRO-3 every rank runs the same number
+    of batches (forward passes gather parameters collectively), padding samples count nothing."""
     model.eval()
-    lm_losses, dice_scores = [], []
-    loader = _loader(data.val, list(range(len(data.val))), batch_size, data.pad_id)
-    for batch in loader:
-        out = _forward(model, batch, seg_weight=1.0)
-        lm_losses.append(float(out.lm_loss))
-        if out.num_region_tokens:
-            dice_scores.append(_teacher_forced_dice(model, batch))
-    metrics = {"val_lm_loss": sum(lm_losses) / max(1, len(lm_losses))}
-    if dice_scores:
-        metrics["val_seg_dice"] = float(torch.cat(dice_scores).mean())
+    zero_stage = engine.zero_stage if engine is not None else 0
+    device = engine.device if engine is not None else next(model.parameters()).device
+    dtype = engine.dtype if engine is not None else next(model.parameters()).dtype
+    sampler = ShardSampler(len(data.val), pad=zero_stage == 3)
+    loader = make_loader(data.val, batch_size, sampler, partial(collate_conversations, pad_id=data.pad_id), num_workers)
+    sums = {"lm": 0.0, "tokens": 0.0, "dice": 0.0, "regions": 0.0}
+    seen = 0
+    gather = nullcontext() if zero_stage < 3 else gathered_parameters(nn.ModuleList(vision_side(model)), zero_stage)
+    with gather:
+        for batch in loader:
+            real = torch.tensor([sampler.valid(seen + i) for i in range(batch["input_ids"].shape[0])])
+            seen += len(real)
+            batch["labels"][~real] = IGNORE_INDEX  # padding samples: no token, no region counts
+            batch = to_device(batch, device, dtype)
+            out = _forward(model, batch, seg_weight=1.0)
+            tokens = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if tokens:
+                sums["lm"] += float(out.lm_loss) * tokens
+                sums["tokens"] += tokens
+            # Under ZeRO-3 every rank runs the same forward calls, regions or not.
+            if out.num_region_tokens or zero_stage == 3:
+                scores = _teacher_forced_dice(model, batch)
+                sums["dice"] += float(scores.sum())
+                sums["regions"] += scores.numel()
+    sums = distributed.sum_over_ranks(sums)
+    metrics = {"val_lm_loss": sums["lm"] / max(sums["tokens"], 1.0)}
+    if sums["regions"]:
+        metrics["val_seg_dice"] = sums["dice"] / sums["regions"]
     return metrics
 
 
@@ -164,10 +233,55 @@ def _teacher_forced_dice(model: MedSight, batch: dict) -> torch.Tensor:
     embeddings = model.input_embeddings(batch["input_ids"], context)
     hidden = model.llm.model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).last_hidden_state
     regions = model.is_region_token(batch["input_ids"]) & (batch["labels"] != IGNORE_INDEX)
-    scores = []
-    for b in range(hidden.shape[0]):
-        positions = regions[b].nonzero().flatten()
-        if positions.numel():
-            logits = model.decode_region_masks(hidden[b, positions], context.pixel_features[b])
-            scores.append(hard_dice(logits, batch["masks"][b]))
+    positions = [regions[b].nonzero().flatten() for b in range(hidden.shape[0])]
+    decoded = model.decode_batch_region_masks(hidden, positions, context.pixel_features)
+    scores = [hard_dice(logits.float(), batch["masks"][b]).cpu() for b, logits in enumerate(decoded) if logits.shape[0]]
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def save_trained_modules(
+    output: Path,
+    engine: DeepSpeedEngine,
+    model: MedSight,
+    names: tuple[str, ...],
+    inputs: dict[str, Path],
+    taxonomy: Taxonomy,
+) -> None:
+    """Each module in ``names`` written once, by rank 0, as consolidated float32 safetensors
+    (trained ones from the optimizer's master weights). A module this stage kept frozen and
+    read from an input is copied byte for byte instead, so bf16 training never rounds it."""
+    from safetensors.torch import save_file
+
+    from medsight.io_utils import atomic_path
+    from medsight.model.bundle import find_modules
+
+    upstream = find_modules(inputs)
+    for name in names:
+        module = getattr(model, name)
+        frozen = not any(p.requires_grad for p in module.parameters())
+        if frozen and name in upstream:
+            if distributed.is_main():
+                target = module_file(output, name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(upstream[name], target)
+            continue
+        state = engine.full_state(module)
+        if distributed.is_main():
+            with atomic_path(module_file(output, name)) as tmp:
+                save_file({key: value.contiguous() for key, value in state.items()}, str(tmp))
+    if distributed.is_main():
+        taxonomy.save(taxonomy_file(output))
+
+
+def save_trained_llm(output: Path, engine: DeepSpeedEngine, model: MedSight, dtype: torch.dtype) -> None:
+    """The LLM in Hugging Face's safetensors layout, consolidated on rank 0 in ``dtype`` (the
+    dtype it trained in: bf16 at full scale, as the released Qwen weights)."""
+    from medsight.io_utils import atomic_directory
+
+    state = engine.full_state(model.llm)
+    if distributed.is_main():
+        with atomic_directory(Path(output) / "llm") as tmp:
+            model.llm.save_pretrained(str(tmp), state_dict={k: v.to(dtype) for k, v in state.items()},
+                                      safe_serialization=True)
+    distributed.barrier()
+

@@ -1,46 +1,65 @@
-"""Stage 1: pre-train the Region Perceiver on segmentation data (encoder frozen)."""
+"""Stage 1: pre-train the Region Perceiver on segmentation data (encoder frozen).
+
+Data-parallel with DDP: each rank streams its share of every epoch from disk, runs the frozen
+encoder on its device inside the step, and rank 0 alone writes the weights and metrics.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from medsight.config.schema import ExperimentConfig
 from medsight.data.taxonomy import check_model_matches
+from medsight.model.bundle import save_modules, stage_taxonomy
 from medsight.model.criterion import SetCriterion
 from medsight.model.dice import hard_dice
 from medsight.model.matcher import HungarianMatcher
 from medsight.model.region_perceiver import RegionPerceiver
-from medsight.model.bundle import save_modules, stage_taxonomy
 from medsight.model.vision_modules import load_encoder, new_perceiver
 from medsight.stages.segmentation_data import (
-    SegmentationSplit,
-    encode_split,
-    iterate_batches,
+    FrozenEncoder,
+    SegmentationSamples,
+    eval_loader,
+    iterate,
     load_split,
+    train_loader,
 )
+from medsight.train import distributed
+from medsight.train.data import EpochBatches, to_device
 from medsight.train.engine import TorchEngine
-from medsight.train.loop import run_training, seeded_order
+from medsight.train.loop import run_training
 from medsight.train.tracker import Tracker
+
+EVAL_BATCH = 32
+
+
+def set_criterion(config: ExperimentConfig) -> SetCriterion:
+    """The set loss, normalised over the global batch when several ranks train."""
+    reduce = distributed.all_reduce_mean if distributed.active() else None
+    return SetCriterion(config.model.perceiver.num_classes, config.model.loss, reduce)
 
 
 @torch.no_grad()
 def matched_dice(
     perceiver: RegionPerceiver,
-    split: SegmentationSplit,
+    samples: SegmentationSamples,
+    encoder: FrozenEncoder,
     matcher: HungarianMatcher,
-    queries_fn=None,
-    batch_size: int = 32,
+    queries_fn: Callable | None = None,
+    num_workers: int = 0,
 ) -> float:
-    """Mean Dice over every ground-truth region, each paired with its Hungarian-matched query.
+    """Mean Dice over every ground-truth region, each paired with its Hungarian-matched query;
+    each rank scores its shard, the sums are added over ranks.
 
     ``queries_fn(queries, batch)`` lets stage 2 score quantized queries with the same code.
     """
     perceiver.eval()
-    scores = []
-    for batch in iterate_batches(split, list(range(len(split))), batch_size):
-        out = perceiver(batch["patch_tokens"])
+    total = count = 0.0
+    for batch in iterate(eval_loader(samples, EVAL_BATCH, num_workers), encoder.device):
+        out = perceiver(encoder(batch).patch_tokens)
         mask_logits, class_logits = out.mask_logits, out.class_logits
         if queries_fn is not None:
             queries = queries_fn(out.queries, batch)
@@ -48,8 +67,12 @@ def matched_dice(
             class_logits = perceiver.classify(queries)
         indices = matcher(mask_logits, class_logits, batch["masks"], batch["labels"])
         for b, (query_index, target_index) in enumerate(indices):
-            scores.append(hard_dice(mask_logits[b, query_index], batch["masks"][b][target_index]))
-    return float(torch.cat(scores).mean())
+            scores = hard_dice(mask_logits[b, query_index.to(mask_logits.device)].float(),
+                               batch["masks"][b][target_index.to(mask_logits.device)])
+            total += float(scores.sum())
+            count += scores.numel()
+    summed = distributed.sum_over_ranks({"total": total, "count": count})
+    return summed["total"] / max(summed["count"], 1.0)
 
 
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
@@ -57,40 +80,39 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     torch.manual_seed(stage.seed)
     taxonomy = stage_taxonomy(config, inputs)
     check_model_matches(config, taxonomy)  # before minutes of data loading, not after
-    encoder = load_encoder(config, inputs)
     size = config.model.encoder.image_size
-    train, val, test = (load_split(inputs["data"], name, size, stage.max_masks_per_image, taxonomy,
-                                   on_too_many=config.data.too_many_masks) for name in ("train", "val", "test"))
-    for split in (train, val, test):
-        encode_split(split, encoder)
-
+    train, val, test = (load_split(inputs["data"], split, size, stage.max_masks_per_image, taxonomy,
+                                   stage.feature_cache_mb, on_too_many=config.data.too_many_masks)
+                        for split in ("train", "val", "test"))
+    encoder_module = load_encoder(config, inputs)
     perceiver = new_perceiver(config, taxonomy)  # after the encoder: keeps the seeded init order
+    engine = TorchEngine(perceiver, stage, bf16=stage.bf16)
+    encoder = FrozenEncoder(encoder_module, engine.device, stage.feature_cache_mb)
     matcher = HungarianMatcher(config.model.loss)
-    criterion = SetCriterion(config.model.perceiver.num_classes, config.model.loss)
-    engine = TorchEngine(perceiver, stage)
+    criterion = set_criterion(config).to(engine.device)
 
     def step(batch: dict) -> dict[str, torch.Tensor]:
-        out = engine.model(batch["patch_tokens"])
+        batch = to_device(batch, engine.device, engine.dtype)
+        out = engine.model(encoder(batch).patch_tokens)
         losses = criterion(out, batch["masks"], batch["labels"]).losses
         return {"loss": losses["total"], "bce": losses["bce"], "dice": losses["dice"], "ce": losses["class"]}
 
-    steps_per_epoch = -(-len(train) // stage.batch_size)
+    batches = EpochBatches(train_loader(train, stage.batch_size, stage.seed, stage.num_workers))
     result = run_training(
         name="perceiver-pretrain",
-        module=perceiver,
         engine=engine,
-        make_batches=lambda epoch: iterate_batches(train, seeded_order(len(train), stage.seed, epoch), stage.batch_size),
-        steps_per_epoch=steps_per_epoch,
+        make_batches=batches,
+        steps_per_epoch=batches.steps_per_epoch,
         step_fn=step,
         config=stage,
         workdir=output,
         tracker=tracker,
     )
-    save_modules(output, {"perceiver": perceiver}, taxonomy)
-    metrics = {
-        "val_dice": matched_dice(perceiver, val, matcher),
-        "test_dice": matched_dice(perceiver, test, matcher),
-        "train_steps": float(result.steps),
-        **{f"final_{k}": v for k, v in result.last_losses.items()},
-    }
-    return metrics
+    if distributed.is_main():
+        save_modules(output, {"perceiver": perceiver}, taxonomy)
+    with engine.autocast():
+        metrics = {
+            "val_dice": matched_dice(perceiver, val, encoder, matcher, num_workers=stage.num_workers),
+            "test_dice": matched_dice(perceiver, test, encoder, matcher, num_workers=stage.num_workers),
+        }
+    return {**metrics, "train_steps": float(result.steps), **{f"final_{k}": v for k, v in result.last_losses.items()}}

@@ -183,7 +183,7 @@ STAGES: tuple[StageSpec, ...] = (
         description="Ground-truth regions -> region tokens (Hungarian to quantized queries) -> grounding conversations",
         inputs=_inputs(data="synth-data", base="base-models", codebook="codebook-pretrain"),
         reads=(*_VISION, "model.codebook", "model.grounding", *_MATCHING, "grounding_data",
-               "codebook_pretrain.max_masks_per_image", "data.too_many_masks"),
+               "codebook_pretrain.max_masks_per_image", "codebook_pretrain.num_workers", "data.too_many_masks"),
         output="dataset",
     ),
     StageSpec(

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
-CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_DIR = "checkpoints"  # medsight.train.checkpoint.CHECKPOINTS_DIR
 
 
 class StageError(ValueError):
@@ -97,11 +97,15 @@ def validate_inputs(spec: StageSpec, inputs: dict[str, Path]) -> None:
 
 
 def plan_stage(name: str, config: ExperimentConfig, inputs: dict[str, Path]) -> StagePlan:
-    """Validate the inputs and compute the cache key (inputs hashed by content, stat-indexed)."""
+    """Validate the inputs and compute the cache key (inputs hashed by content, stat-indexed).
+
+    In a multi-process job rank 0 hashes the inputs and the other ranks take its hashes."""
+    from medsight.train import distributed  # torch: only when a stage is planned, not for lookups
+
     spec = get_stage(name)
     inputs = {key: Path(value) for key, value in inputs.items()}
     validate_inputs(spec, inputs)
-    hashes = input_hashes(inputs)
+    hashes = distributed.broadcast_from_main(input_hashes(inputs) if distributed.is_main() else None)
     return StagePlan(spec, config, inputs, hashes, stage_key(spec, config, hashes))
 
 
@@ -164,13 +168,39 @@ def run_stage(
     reuse: bool = True,
     plan: StagePlan | None = None,
     store_uris: dict[str, str] | None = None,
+    restart: bool = False,
 ) -> StageRun:
     """Reuse ``output`` when it holds this key's result (and ``reuse``), else compute and swap in.
 
     ``store_uris``: where each input lives in the DVC store, when the inputs were pulled from it
     (their local folders are then temporary and are not recorded).
+    ``restart``: discard what a crashed attempt left (its checkpoints), and start clean.
+    Under a multi-process launcher (torchrun) every rank calls this; the ranks join one process
+    group, compute together, and rank 0 alone writes the config, metrics, ``stage.json`` and
+    tracking records, and swaps the output in.
     """
+    from medsight.train import distributed
+
+    with distributed.process_group():
+        return _run_stage(name, config, inputs, output, tracker, reuse, plan, store_uris, restart)
+
+
+def _run_stage(
+    name: str,
+    config: ExperimentConfig,
+    inputs: dict[str, Path],
+    output: Path,
+    tracker: Tracker | None,
+    reuse: bool,
+    plan: StagePlan | None,
+    store_uris: dict[str, str] | None,
+    restart: bool,
+) -> StageRun:
+    from medsight.train import distributed
+
     plan = plan or plan_stage(name, config, inputs)
+    if distributed.world_size() > 1 and not plan.spec.gpu:
+        raise StageError(f"stage {name} runs in one process (resource class 'cpu'); run it without --nproc-per-node")
     output = Path(output)
     previous = check_output(plan, output)
     ensure_writable_dir(output, "--out")  # below a file, read-only: said now, not after the work
@@ -179,36 +209,52 @@ def run_stage(
         return StageRun(metrics, True, plan.key, output)
 
     work = _work_dir(output, plan.key)
+    if distributed.is_main() and restart:
+        shutil.rmtree(work, ignore_errors=True)
     resuming = work.exists()
     try:
-        work.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            work.mkdir(parents=True, exist_ok=True)
         return _compute(plan, config, output, work, tracker, name, store_uris)
     except BaseException:
         # Keep a working folder with checkpoints (the rerun resumes there); one that holds nothing
         # to resume from (bad data found while loading, say) would only be clutter beside --out.
-        if not resuming and not (work / CHECKPOINTS_DIR).exists() and not (work / STAGE_FILE).exists():
+        if (distributed.is_main() and not resuming and not (work / CHECKPOINTS_DIR).exists()
+                and not (work / STAGE_FILE).exists()):
             shutil.rmtree(work, ignore_errors=True)
         raise
 
 
 def _compute(plan: StagePlan, config: ExperimentConfig, output: Path, work: Path, tracker: Tracker | None,
              name: str, store_uris: dict[str, str] | None) -> StageRun:
-    save_config(config, work / CONFIG_FILE)
-    # Written before the stage computes: an evaluation reads it for its report's provenance and
-    # for the curves of every upstream training stage, carried here from the inputs' lineage.
-    lineage = build_lineage(name, plan.inputs, plan.hashes, RunInfo.from_env(str(getattr(tracker, "run_id", "") or "")),
-                            store_uris)
-    write_lineage(work, lineage)
-    log_lineage = getattr(tracker, "log_lineage", None)
-    if log_lineage is not None:
-        log_lineage(lineage)
-    # Curves land beside the checkpoint too, so the report works without an MLflow server.
-    tracker = HistoryRecorder(tracker or NullTracker(), work)
-    tracker.set_tags({"medsight.stage": name, "medsight.cache_key": plan.key.key,
-                      **{f"dvc.{input_name}": md5 for input_name, md5 in plan.hashes.items()}})
+    from medsight.train import distributed
+
+    main = distributed.is_main()
+    lineage: dict = {}
+    if main:
+        save_config(config, work / CONFIG_FILE)
+        # Written before the stage computes: an evaluation reads it for its report's provenance and
+        # for the curves of every upstream training stage, carried here from the inputs' lineage.
+        lineage = build_lineage(name, plan.inputs, plan.hashes,
+                                RunInfo.from_env(str(getattr(tracker, "run_id", "") or "")), store_uris)
+        write_lineage(work, lineage)
+        log_lineage = getattr(tracker, "log_lineage", None)
+        if log_lineage is not None:
+            log_lineage(lineage)
+        # Curves land beside the checkpoint too, so the report works without an MLflow server.
+        tracker = HistoryRecorder(tracker or NullTracker(), work)
+        tracker.set_tags({"medsight.stage": name, "medsight.cache_key": plan.key.key,
+                          "medsight.world_size": str(distributed.world_size()),
+                          **{f"dvc.{input_name}": md5 for input_name, md5 in plan.hashes.items()}})
+    else:
+        tracker = NullTracker()  # rank 0 alone tracks and writes
+    distributed.barrier()
     started = time.perf_counter()
     with recorded_reads(config) as reads:
         metrics = plan.spec.load()(config, plan.inputs, work, tracker)
+    distributed.barrier()
+    if not main:
+        return StageRun({key: float(value) for key, value in metrics.items()}, False, plan.key, output)
     unkeyed = outside(reads, plan.spec.reads)
     if unkeyed:
         # The output may depend on settings its key does not hold: never reuse it.
@@ -233,6 +279,7 @@ def _compute(plan: StagePlan, config: ExperimentConfig, output: Path, work: Path
         "run": lineage["run"],
         "files": [*_written_files(work), STAGE_FILE],
         "medsight_version": medsight.__version__,
+        "world_size": distributed.world_size(),
         "seconds": round(elapsed, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })

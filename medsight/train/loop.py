@@ -1,18 +1,25 @@
-"""The one training loop every stage uses: schedule, progress bar, NaN guard, periodic resume points."""
+"""The one training loop every stage uses: schedule, progress bar, NaN guard, resume points.
+
+It runs the same on one process and on every rank of a data-parallel job: each rank feeds its
+own share of the global batch, the logged losses are averaged over ranks (so they are the
+global batch's), and only rank 0 logs, shows progress and writes checkpoint manifests.
+"""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from medsight.config.schema import TrainConfig
-from medsight.train.checkpoint import TrainProgress, load_resume_state, save_resume_state
+from medsight.train import distributed
+from medsight.train.checkpoint import CHECKPOINTS_DIR, CheckpointDir, TrainProgress
 from medsight.train.engine import Engine, lr_at
 from medsight.train.loss_watch import ZeroLossWatch
 from medsight.train.progress_events import StepEvents
@@ -21,6 +28,14 @@ from medsight.train.tracker import Tracker
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf; the last good checkpoint is kept and named in the message."""
+
+
+class TrainState(Protocol):
+    """Stage state outside the model and optimizer that a resume must restore (tensors only)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -38,63 +53,83 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 def run_training(
     *,
     name: str,
-    module: nn.Module,
     engine: Engine,
-    make_batches: Callable[[int], Iterable],
+    make_batches: Callable[[int, int], Iterable],
     steps_per_epoch: int,
     step_fn: Callable[[object], dict[str, torch.Tensor]],
     config: TrainConfig,
     workdir: Path,
     tracker: Tracker,
+    state: TrainState | None = None,
     on_checkpoint: Callable[[], None] | None = None,
     expected_losses: Iterable[str] | None = None,
 ) -> LoopResult:
-    """Train ``module`` through ``engine``.
+    """Train ``engine.module``.
 
-    ``make_batches(epoch)`` yields that epoch's batches in a seed-determined order, so a resumed
-    run skips exactly the batches it already consumed. ``step_fn(batch)`` returns named losses,
-    ``"loss"`` being the one optimised. ``expected_losses``: the terms that must not stay exactly
-    zero (default: all); a stage lists fewer where a term is zero by design (``loss_watch.py``).
+    ``make_batches(epoch, skip)`` yields this rank's batches of that epoch in a seed-determined
+    order, starting after its first ``skip`` batches (a resumed run never re-reads them).
+    ``step_fn(batch)`` returns named losses, ``"loss"`` being the one optimised; it runs under
+    the engine's autocast. ``steps_per_epoch`` counts this rank's batches per epoch (the same
+    on every rank). ``expected_losses``: the terms that must not stay exactly zero (default:
+    all); a stage lists fewer where a term is zero by design (``loss_watch.py``).
     """
     total = total_steps(config, steps_per_epoch)
-    progress = load_resume_state(workdir, module, engine.optimizer) or TrainProgress()
+    checkpoints = CheckpointDir(workdir)
+    restored = engine.load_checkpoint(checkpoints)
+    progress = TrainProgress()
+    if restored is not None:
+        progress, extra = restored
+        if state is not None:
+            state.load_state_tensors(extra)
+        rewind = getattr(tracker, "rewind", None)
+        if rewind is not None:
+            rewind(progress.step)  # steps after the checkpoint are logged again, once
+        if distributed.is_main():
+            tqdm.write(f"[{name}] resuming from step {progress.step}/{total} ({workdir}/{CHECKPOINTS_DIR})")
     resumed_from = progress.step
-    if resumed_from:
-        tqdm.write(f"[{name}] resuming from step {resumed_from}/{total} ({workdir}/checkpoints/latest)")
-    module.train()
+    engine.module.train()
     last: dict[str, float] = {}
+    # The watched values are means over ranks: every rank decides alike, rank 0 alone tracks.
     zero_watch = ZeroLossWatch(name, tracker, expected_losses)
-    bar = tqdm(total=total, initial=progress.step, desc=name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=progress.step, desc=name, unit="step", dynamic_ncols=True,
+               disable=not distributed.is_main())
     events = StepEvents(name, total)  # progress for a runner in another process (no-op otherwise)
+    since, since_step = time.perf_counter(), progress.step
     try:
         while progress.step < total:
-            for batch_index, batch in enumerate(make_batches(progress.epoch)):
-                if batch_index < progress.step_in_epoch:
-                    continue
+            for batch in make_batches(progress.epoch, progress.step_in_epoch):
                 if progress.step >= total:
                     break
                 engine.set_lr(lr_at(progress.step, total, config))
-                losses = step_fn(batch)
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
+                with engine.autocast():
+                    losses = step_fn(batch)
+                # One small all-reduce: every rank sees the same (global-batch) values, so a
+                # NaN on any rank stops all of them at the same step.
+                last = distributed.mean_over_ranks({key: float(value.detach()) for key, value in losses.items()})
+                if not math.isfinite(last["loss"]):
                     raise NonFiniteLossError(
-                        f"[{name}] loss became {loss.item()} at step {progress.step}; the last good "
-                        f"checkpoint is kept at {workdir}/checkpoints/latest (resumes from there). "
+                        f"[{name}] loss became {last['loss']} at step {progress.step}; the last good "
+                        f"checkpoint is kept in {workdir}/{CHECKPOINTS_DIR} (resumes from there). "
                         "Lower the learning rate or check the inputs, then rerun the stage."
                     )
-                engine.backward(loss)
-                engine.step()
+                engine.backward(losses["loss"])
+                stepped = engine.step()
                 progress.step += 1
-                progress.step_in_epoch = batch_index + 1
-                last = {key: float(value.detach()) for key, value in losses.items()}
+                progress.step_in_epoch += 1
                 zero_watch.update(progress.step, last)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
                 events.update(progress.step, last)
                 if progress.step % config.log_every == 0 or progress.step == total:
-                    tracker.log_metrics({f"{name}/{k}": v for k, v in last.items()}, step=progress.step)
-                if progress.step % config.checkpoint_every == 0 and progress.step < total:
-                    save_resume_state(workdir, module, engine.optimizer, progress)
+                    now = time.perf_counter()
+                    pace = {"step_seconds": (now - since) / max(1, progress.step - since_step), **_peak_memory()}
+                    since, since_step = now, progress.step
+                    tracker.log_metrics({f"{name}/{k}": v for k, v in {**last, **pace}.items()}, step=progress.step)
+                # The end of training is a resume point too: a failure in final validation or
+                # saving then redoes none of the steps.
+                due = progress.step % config.checkpoint_every == 0 and stepped
+                if due or progress.step == total:
+                    engine.save_checkpoint(checkpoints, progress, state.state_tensors() if state else {})
                     if on_checkpoint:
                         on_checkpoint()
             else:
@@ -104,6 +139,13 @@ def run_training(
         bar.close()
     zero_watch.finish(progress.step)
     return LoopResult(steps=progress.step, resumed_from=resumed_from, last_losses=last)
+
+
+def _peak_memory() -> dict[str, float]:
+    """This rank's peak accelerator memory so far (what bench/gpu_smoke.py and MLflow show)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
 
 
 def seeded_order(num_items: int, seed: int, epoch: int) -> list[int]:

@@ -56,5 +56,14 @@ class HistoryRecorder:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.inner.log_artifact(path, artifact_path)
 
+    def rewind(self, step: int) -> None:
+        """Forget points after ``step``: a resumed run logs them again from its checkpoint."""
+        if not self.path.is_file():
+            return
+        from medsight.io_utils import atomic_write_text
+
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
     def set_tags(self, tags: dict[str, str]) -> None:
         self.inner.set_tags(tags)
