@@ -39,10 +39,12 @@ def test_tiny_preset_output_shapes_and_heads_reuse() -> None:
     torch.testing.assert_close(perceiver.classify(out.queries), out.class_logits)
 
 
-def test_full_preset_output_shapes() -> None:
+def test_medsight_perceiver_at_paper_scale_output_shapes() -> None:
+    """The project's own perceiver stays available at full scale by name (the full preset uses
+    the authors' architecture; see tests/test_authors_checkpoints.py)."""
     torch.manual_seed(0)
     experiment = full()
-    config = experiment.model.perceiver
+    config = dataclasses.replace(experiment.model.perceiver, architecture="medsight", dim=256, head_dim=0, ffn_dim=1024)
     perceiver = RegionPerceiver(experiment.model.encoder.width, config)
     grid = experiment.model.encoder.grid_size  # 24
     with torch.no_grad():

@@ -52,7 +52,7 @@ def predict_command(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: predictions/<image name>).")] = None,
     base: Annotated[Path | None, typer.Option(help="base-models output (default: read from the checkpoint's stage.json).")] = None,
     modality: Annotated[str | None, typer.Option(help="Modality name (e.g. CT) to pick the sub-codebook; default: predicted.")] = None,
-    max_new_tokens: int = 48,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default: the checkpoint's evaluate.max_new_tokens (512 at full scale).")] = None,
     temperature: float = 0.0,
     device: str = "cpu",
 ) -> None:
@@ -64,6 +64,8 @@ def predict_command(
     except DataError as error:
         _fail(str(error))
     model = _load_model(checkpoint, base, device)
+    if max_new_tokens is None:
+        max_new_tokens = model.config.evaluate.max_new_tokens
     try:
         prediction = predict_image(model, pixels, question, modality, max_new_tokens, temperature,
                                    taxonomy=getattr(model, "taxonomy", None))
@@ -90,16 +92,26 @@ def run_command(
     base: Annotated[Path | None, typer.Option(help="base-models output (default: from stage.json).")] = None,
     batch_size: int = 16,
     device: str = "cpu",
+    protocol: Annotated[str | None, typer.Option(help="Scoring that leads the tables: llava-med (LLaVA-Med's run_eval.py, as the paper) or strict; both are always computed. Default: the checkpoint's evaluate.protocol.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default: the checkpoint's evaluate.max_new_tokens.")] = None,
 ) -> None:
     """Evaluate a checkpoint on the benchmarks of a manifest (real releases or synthetic)."""
+    from medsight.eval.protocols import PROTOCOLS
     from medsight.eval.stage import evaluate_model, headline_metrics
 
+    if protocol is not None and protocol not in PROTOCOLS:
+        _fail(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     model = _load_model(checkpoint, base, device)
     config = model.config
     config.evaluate.batch_size = batch_size
+    if protocol is not None:
+        config.evaluate.protocol = protocol
+    if max_new_tokens is not None:
+        config.evaluate.max_new_tokens = max_new_tokens
     document = evaluate_model(model, benchmarks, out, config, {"model": str(checkpoint)}, [checkpoint], device)
+    console.print(f"scoring: {config.evaluate.protocol} leads the tables; metrics ending in _llava_med are LLaVA-Med's")
     for name, value in headline_metrics(document).items():
-        console.print(f"{name:>20}: {value:.4f}")
+        console.print(f"{name:>30}: {value:.4f}")
     console.print(f"report: {out / 'report.html'}")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medsight.eval.examples import EXAMPLES_FILE
+from medsight.eval.protocols import LABELS, LLAVA_MED_SUFFIX, ordered
 from medsight.data.region_tokens import highlight_spans
 from medsight.eval.results_io import read_results, summaries_from
 from medsight.eval.tables import BENCHMARK_TITLES, Table, all_tables, ordered_benchmarks
@@ -143,7 +144,16 @@ def build_report(eval_dir: Path, curves: Curves | None = None, title: str = "Med
             f"<td>{entry['samples_per_second']:.2f}</td><td>{html.escape(entry['source'])}</td></tr>"
         )
     parts.append("</table>")
-    parts.append("<h2>Results</h2>" + "".join(_table_html(table) for table in all_tables(summaries)))
+    protocol = run.get("protocol", "strict")
+    scoring = "".join(
+        f"<li><b>{html.escape(name)}</b>{' (leads the tables)' if name == protocol else ''}: {html.escape(LABELS[name])}</li>"
+        for name in ordered(protocol)
+    )
+    parts.append(
+        f"<h2>Results</h2><div class='note'>Text answers are scored under two protocols, both shown and labelled:"
+        f"<ul>{scoring}</ul>Per-benchmark tables list llava-med metrics with the suffix <code>{LLAVA_MED_SUFFIX}</code>.</div>"
+    )
+    parts.append("".join(_table_html(table) for table in all_tables(summaries, protocol=protocol)))
     skipped = [(n, s) for n, e in document.get("benchmarks", {}).items() for s in e["skipped"]]
     if skipped:
         rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{html.escape(s['id'])}</td><td>{html.escape(s['reason'])}</td></tr>" for n, s in skipped[:200])

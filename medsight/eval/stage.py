@@ -23,6 +23,7 @@ from medsight.data.taxonomy import Taxonomy, resolve_taxonomy
 from medsight.eval.benchmarks.manifest import load_manifest
 from medsight.eval.curves import collect_curves
 from medsight.eval.examples import write_examples
+from medsight.eval.protocols import LLAVA_MED_SUFFIX, PROTOCOLS, check_protocol, protocol_metric
 from medsight.eval.report import build_report
 from medsight.eval.results_io import flat_metrics, results_document, summaries_from, write_predictions, write_results
 from medsight.eval.runner import GenerationSettings, evaluate_all, peak_memory_mb
@@ -68,18 +69,24 @@ def headline_metrics(document: dict) -> dict[str, float]:
         summary = summaries.get(benchmark, {}).get(metric)
         return summary[average] if summary and summary["n"] else float("nan")
 
-    avg_cell = comprehension_table(summaries).rows[0][-1]
+    def average(protocol: str) -> float:
+        cell = comprehension_table(summaries, protocol=protocol).rows[0][-1]
+        return float(cell) / 100 if cell != "-" else float("nan")
+
     box_benchmarks = tuple(name for name in ("schain", "medtrinity") if name in summaries)
-    return {
-        "closed_accuracy": _pooled(summaries, VQA_BENCHMARKS, "closed_accuracy"),
-        "open_recall": _pooled(summaries, VQA_BENCHMARKS, "open_recall"),
+    headline = {
         "seg_dice": get("diagseg", "dice", "macro"),
-        "diagnosis_recall": get("diagseg", "diagnosis_recall", "macro"),
         "mc_accuracy": _pooled(summaries, ("mmmu_med", "omnimedvqa"), "mc_accuracy"),
         "mecovqa_dice": get("mecovqa_g", "dice", "macro"),
         "box_miou": _pooled(summaries, box_benchmarks, "box_miou"),
-        "comprehension_avg": float(avg_cell) / 100 if avg_cell != "-" else float("nan"),
     }
+    # Text metrics under both protocols: the plain names are strict, "_llava_med" ones LLaVA-Med's.
+    for protocol in PROTOCOLS:
+        for metric in ("closed_accuracy", "open_recall"):
+            headline[protocol_metric(metric, protocol)] = _pooled(summaries, VQA_BENCHMARKS, protocol_metric(metric, protocol))
+        headline[protocol_metric("diagnosis_recall", protocol)] = get("diagseg", protocol_metric("diagnosis_recall", protocol), "macro")
+        headline["comprehension_avg" + ("" if protocol == "strict" else LLAVA_MED_SUFFIX)] = average(protocol)
+    return headline
 
 
 def evaluate_model(
@@ -107,8 +114,10 @@ def evaluate_model(
                            taxonomy=getattr(model, "taxonomy", None))
     seconds = time.perf_counter() - started
     evaluated = sum(len(r.results) for r in results)
+    protocol = check_protocol(config.evaluate.protocol)
     run_info = {
         **run_info,
+        "protocol": protocol,
         "samples": evaluated,
         "seconds": round(seconds, 2),
         "samples_per_second": round(evaluated / seconds, 3) if seconds else 0.0,
@@ -120,7 +129,7 @@ def evaluate_model(
     write_results(output / "results.json", document)
     write_predictions(output / "predictions.jsonl", results)
     write_examples(results, output)
-    atomic_write_text(output / "tables.md", render_markdown(all_tables(summaries_from(document))))
+    atomic_write_text(output / "tables.md", render_markdown(all_tables(summaries_from(document), protocol=protocol)))
     build_report(output, curves=collect_curves(list(curve_dirs)))
     return document
 

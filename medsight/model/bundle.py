@@ -16,13 +16,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from medsight.config.schema import ExperimentConfig
+from medsight.data.conversation_dataset import PromptFormat
 from medsight.data.taxonomy import TAXONOMY_FILE, Taxonomy, check_model_matches, resolve_taxonomy
 from medsight.data.tokenizer import load_tokenizer
 from medsight.model.codebook import ModalityCodebook
 from medsight.model.encoder import ImageEncoder
 from medsight.model.llm import load_llm
 from medsight.model.medsight import MedSight
-from medsight.model.region_perceiver import RegionPerceiver
+from medsight.model.perceiver_factory import build_codebook, build_perceiver
 from medsight.model.region_vocabulary import RegionVocabulary
 from medsight.model.weights import load_weights, save_weights
 
@@ -103,14 +104,16 @@ def load_encoder(config: ExperimentConfig, inputs: dict[str, Path]) -> ImageEnco
     return ImageEncoder.load(config.model.encoder, Path(inputs["base"]) / "encoder")
 
 
-def new_perceiver(config: ExperimentConfig, taxonomy: Taxonomy) -> RegionPerceiver:
+def new_perceiver(config: ExperimentConfig, taxonomy: Taxonomy) -> nn.Module:
+    """The configured perceiver (``model.perceiver.architecture``), checked against the taxonomy."""
     check_model_matches(config, taxonomy)
-    return RegionPerceiver(config.model.encoder.width, config.model.perceiver)
+    return build_perceiver(config.model.encoder.width, config.model.perceiver)
 
 
 def new_codebook(config: ExperimentConfig, taxonomy: Taxonomy) -> ModalityCodebook:
     check_model_matches(config, taxonomy)
-    return ModalityCodebook(config.model.perceiver.dim, config.model.codebook, config.model.encoder.width)
+    model = config.model
+    return build_codebook(model.perceiver.dim, model.codebook, model.encoder.width, model.perceiver.num_classes)
 
 
 def load_module(module: nn.Module, modules: dict[str, Path], name: str, stage_hint: str) -> nn.Module:
@@ -168,7 +171,7 @@ def build_medsight(
         codebook,
         llm,
         base_vocab_size=base_size,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_id=PromptFormat.from_tokenizer(tokenizer, config.model.llm).image_id,
     )
     loaded = set()
     for name in ("v2t", "t2v", "region_tokens"):

@@ -17,6 +17,7 @@ from torch import nn
 
 from medsight.config.schema import EncoderConfig
 
+logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
 
@@ -30,7 +31,7 @@ class EncoderOutput:
 def open_clip_config(config: EncoderConfig) -> dict:
     """An open_clip model config for the encoder dims; the text tower is a stub we never run."""
     return {
-        "embed_dim": config.width,
+        "embed_dim": config.embed_dim or config.width,
         "quick_gelu": True,
         "vision_cfg": {
             "image_size": config.image_size,
@@ -101,6 +102,7 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"model.encoder.feature_layer={config.feature_layer} out of range for {config.layers} layers")
         self.requires_grad_(False)
         self.eval()
+        self.load_report = None  # set by from_open_clip_weights: what a release held besides the ViT
 
     @classmethod
     def random_init(cls, config: EncoderConfig) -> ImageEncoder:
@@ -108,13 +110,31 @@ class ImageEncoder(nn.Module):
 
     @classmethod
     def from_open_clip_weights(cls, config: EncoderConfig, weights_path: Path) -> ImageEncoder:
-        """Import released CLIP weights (e.g. UniMed-CLIP) through open_clip's own loader."""
+        """Import released CLIP weights: the vision tower of an open_clip / UniMed-CLIP checkpoint.
+
+        UniMed-CLIP's release (``unimed_clip_vit_l14_base_text_encoder.pt``) holds the ViT under
+        ``visual.*`` beside a BiomedBERT text tower (``text_encoder.*``) and ``logit_scale``,
+        possibly inside ``{"state_dict": ...}`` with DDP's ``module.`` prefix. The vision tower is
+        loaded strictly; everything else is ignored and listed in ``load_report``.
+        """
+        from medsight.model.unimed_clip import read_vision_tower
+
         if not Path(weights_path).exists():
             raise FileNotFoundError(
                 f"model.encoder.weights_path: {weights_path} does not exist; download the weights "
                 "there or `dvc pull` them first"
             )
-        return cls(config, _create_visual(config, pretrained=str(weights_path)))
+        state, report = read_vision_tower(Path(weights_path))
+        encoder = cls.random_init(config)
+        missing, unexpected = encoder.visual.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path}: the vision tower does not fit model.encoder ({config.model_name}: width "
+                f"{config.width}, layers {config.layers}); missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        encoder.load_report = report
+        logger.info("%s", report.summary())
+        return encoder
 
     @classmethod
     def load(cls, config: EncoderConfig, directory: Path) -> ImageEncoder:

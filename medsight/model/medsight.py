@@ -15,7 +15,6 @@ from medsight.model.codebook import ModalityCodebook
 from medsight.model.criterion import ordered_mask_loss
 from medsight.model.encoder import ImageEncoder
 from medsight.model.projectors import TextToVisionProjector, VisionToTextProjector
-from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.region_vocabulary import RegionTokenEmbeddings, RegionVocabulary
 from medsight.model.visual_cache import VisualContextCache
 from medsight.model.visual_merge import merge_visual_tokens
@@ -49,7 +48,7 @@ class MedSight(nn.Module):
         self,
         config: ModelConfig,
         encoder: ImageEncoder,
-        perceiver: RegionPerceiver,
+        perceiver: nn.Module,  # RegionPerceiver or AuthorsRegionPerceiver
         codebook: ModalityCodebook,
         llm: PreTrainedModel,
         base_vocab_size: int,
@@ -66,7 +65,7 @@ class MedSight(nn.Module):
         )
         hidden = llm.config.hidden_size
         self.v2t = VisionToTextProjector(config.encoder.width, config.perceiver.dim, hidden, config.patch_merge)
-        self.t2v = TextToVisionProjector(hidden, config.perceiver.dim)
+        self.t2v = TextToVisionProjector(hidden, config.perceiver.dim, config.t2v_activation)
         self.region_tokens = RegionTokenEmbeddings(len(self.vocabulary), hidden)
         self.base_vocab_size = base_vocab_size
         self.image_token_id = image_token_id
@@ -144,10 +143,14 @@ class MedSight(nn.Module):
             self.embed_tokens(input_ids), input_ids, self.visual_embeddings(context), self.image_token_id
         )
 
-    def decode_region_masks(self, hidden: torch.Tensor, pixel_features: torch.Tensor) -> torch.Tensor:
-        """hidden [K, H] of emitted region tokens, pixel_features [d, Hr, Wr] -> mask logits [K, Hr, Wr]."""
-        queries = self.t2v(hidden).to(pixel_features.dtype)
-        return self.perceiver.decode_masks(queries.unsqueeze(0), pixel_features.unsqueeze(0))[0]
+    def decode_region_masks(self, hidden: torch.Tensor, context: VisualContext, row: int) -> torch.Tensor:
+        """hidden [K, H] of the region tokens of one answer, for image ``row`` of ``context`` ->
+        mask logits [K, Hr, Wr]. How P_t2v's queries become masks is the perceiver's choice: the
+        mask head against I_r, or (authors' architecture) a new perceiver pass with them as queries."""
+        pixel_features = context.pixel_features[row : row + 1]
+        queries = self.t2v(hidden).to(pixel_features.dtype).unsqueeze(0)  # [1, K, d]
+        patch_tokens = context.patch_tokens[row : row + 1].to(pixel_features.dtype)
+        return self.perceiver.decode_llm_queries(queries, patch_tokens, pixel_features)[0]
 
     # ----------------------------------------------------------------- training
     def forward(
@@ -194,7 +197,7 @@ class MedSight(nn.Module):
                 )
             if positions.numel() == 0:
                 continue
-            logits = self.decode_region_masks(hidden[b, positions], context.pixel_features[b])
+            logits = self.decode_region_masks(hidden[b, positions], context, b)
             losses.append(ordered_mask_loss(logits, target.to(logits.dtype), self.config.loss))
         if not losses:
             return zero, 0

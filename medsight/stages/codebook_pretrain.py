@@ -11,13 +11,13 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from medsight.config.schema import ExperimentConfig
 from medsight.data.taxonomy import check_model_matches
 from medsight.model.codebook import ModalityCodebook
 from medsight.model.criterion import SetCriterion
 from medsight.model.matcher import HungarianMatcher
-from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.bundle import (
     copy_modules,
     find_modules,
@@ -38,21 +38,20 @@ RESEED_EVERY = 25  # steps between dead-code reseeds; only during the first half
 
 
 @torch.no_grad()
-def _all_queries(perceiver: RegionPerceiver, split: SegmentationSplit) -> torch.Tensor:
+def _all_queries(perceiver: nn.Module, split: SegmentationSplit) -> torch.Tensor:
     return torch.cat([perceiver(b["patch_tokens"]).queries for b in iterate_batches(split, list(range(len(split))), 64)])
 
 
 @torch.no_grad()
 def codes_used_by_regions(
-    perceiver: RegionPerceiver, codebook: ModalityCodebook, split: SegmentationSplit, matcher: HungarianMatcher
+    perceiver: nn.Module, codebook: ModalityCodebook, split: SegmentationSplit, matcher: HungarianMatcher
 ) -> dict[int, int]:
     """Distinct codes that ground-truth regions are assigned to, per modality id."""
     used: dict[int, set[int]] = {}
     for batch in iterate_batches(split, list(range(len(split))), 64):
         out = perceiver(batch["patch_tokens"])
         quantized = codebook(out.queries, batch["modality"])
-        masks = perceiver.decode_masks(quantized.quantized, out.pixel_features)
-        classes = perceiver.classify(quantized.quantized)
+        masks, classes = codebook.decode(perceiver, quantized.quantized, out.pixel_features)
         for b, (query_index, _) in enumerate(matcher(masks, classes, batch["masks"], batch["labels"])):
             modality = int(batch["modality"][b])
             used.setdefault(modality, set()).update(quantized.indices[b, query_index].tolist())
@@ -89,11 +88,8 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         with torch.no_grad():
             out = perceiver(batch["patch_tokens"])
         quantized = engine.model(out.queries, batch["modality"])
-        prediction = SimpleNamespace(
-            mask_logits=perceiver.decode_masks(quantized.quantized, out.pixel_features),
-            class_logits=perceiver.classify(quantized.quantized),
-            aux=[],
-        )
+        mask_logits, class_logits = codebook.decode(perceiver, quantized.quantized, out.pixel_features)
+        prediction = SimpleNamespace(mask_logits=mask_logits, class_logits=class_logits, aux=[])
         grounding = criterion(prediction, batch["masks"], batch["labels"]).total
         loss = quantized.vq_loss + quantized.recon_loss + grounding
         losses = {"vq": quantized.vq_loss, "recon": quantized.recon_loss, "grounding": grounding}
@@ -124,11 +120,13 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     copy_modules(modules, output, ("perceiver",))
 
     matcher = HungarianMatcher(config.model.loss)
-    quantize = lambda queries, batch: codebook(queries, batch["modality"]).quantized  # noqa: E731
+    def quantize(out, batch):
+        return codebook.decode(perceiver, codebook(out.queries, batch["modality"]).quantized, out.pixel_features)
+
     metrics: dict[str, float] = {"train_steps": float(result.steps)}
     for name in ("val", "test"):
         continuous = matched_dice(perceiver, splits[name], matcher)
-        discrete = matched_dice(perceiver, splits[name], matcher, queries_fn=quantize)
+        discrete = matched_dice(perceiver, splits[name], matcher, decode_fn=quantize)
         metrics[f"{name}_dice"] = continuous
         metrics[f"{name}_dice_quantized"] = discrete
         metrics[f"{name}_dice_retention"] = discrete / max(continuous, 1e-6)

@@ -15,6 +15,7 @@ from medsight.data.llava import Conversation, read_conversations
 from medsight.data.taxonomy import Taxonomy
 from medsight.data.conversation_dataset import IGNORE_INDEX
 from medsight.model.dice import hard_dice
+from medsight.model.lora import lora_parameter
 from medsight.model.medsight import MedSight
 from medsight.model.visual_cache import VisualContextCache
 from medsight.train.engine import DeepSpeedEngine
@@ -28,10 +29,15 @@ TRAINABLE_MODULES: dict[str, tuple[str, ...]] = {
     "instruct-tune": ("llm", "region_tokens", "v2t", "t2v"),
 }
 
-def apply_freezing(model: MedSight, stage: str) -> None:
+def apply_freezing(model: MedSight, stage: str, lora: bool = False) -> None:
+    """``lora``: the LLM carries LoRA adapters; only they train inside it (instruct_tune.lora_rank)."""
     model.requires_grad_(False)
     for name in TRAINABLE_MODULES[stage]:
-        getattr(model, name).requires_grad_(True)
+        if name == "llm" and lora:
+            for parameter_name, parameter in model.llm.named_parameters():
+                parameter.requires_grad_(lora_parameter(parameter_name))
+        else:
+            getattr(model, name).requires_grad_(True)
 
 def load_conversations(path: Path, image_root: Path) -> list[Conversation]:
     if not Path(path).is_file():
@@ -71,9 +77,10 @@ def make_language_data(
             max_length=config.model.llm.max_position_embeddings,
             taxonomy=taxonomy,
             decoded_cache_bytes=cache_mb * 1024 * 1024,
+            llm=config.model.llm,
         )
 
-    return LanguageData(dataset(train), dataset(val), PromptFormat.from_tokenizer(tokenizer).pad_id)
+    return LanguageData(dataset(train), dataset(val), PromptFormat.from_tokenizer(tokenizer, config.model.llm).pad_id)
 
 
 def _loader(dataset, order: list[int], batch_size: int, pad_id: int) -> DataLoader:
@@ -107,9 +114,10 @@ def train_language_stage(
     output: Path,
     tracker: Tracker,
     seg_weight: float,
+    lora: bool = False,
 ) -> LoopResult:
     torch.manual_seed(train_config.seed)
-    apply_freezing(model, stage)
+    apply_freezing(model, stage, lora)
     # Stays on the model for the stage's validation pass, which sees the same val images.
     model.visual_cache = VisualContextCache.from_megabytes(train_config.visual_cache_mb)
     engine = DeepSpeedEngine(model, train_config, deepspeed_config)
@@ -160,6 +168,6 @@ def _teacher_forced_dice(model: MedSight, batch: dict) -> torch.Tensor:
     for b in range(hidden.shape[0]):
         positions = regions[b].nonzero().flatten()
         if positions.numel():
-            logits = model.decode_region_masks(hidden[b, positions], context.pixel_features[b])
+            logits = model.decode_region_masks(hidden[b, positions], context, b)
             scores.append(hard_dice(logits, batch["masks"][b]))
     return torch.cat(scores) if scores else torch.zeros(0)

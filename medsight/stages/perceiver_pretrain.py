@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from medsight.config.schema import ExperimentConfig
 from medsight.data.taxonomy import check_model_matches
 from medsight.model.criterion import SetCriterion
 from medsight.model.dice import hard_dice
 from medsight.model.matcher import HungarianMatcher
-from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.bundle import load_encoder, new_perceiver, save_modules, stage_taxonomy
 from medsight.stages.segmentation_data import (
     SegmentationSplit,
@@ -26,25 +26,24 @@ from medsight.train.tracker import Tracker
 
 @torch.no_grad()
 def matched_dice(
-    perceiver: RegionPerceiver,
+    perceiver: nn.Module,
     split: SegmentationSplit,
     matcher: HungarianMatcher,
-    queries_fn=None,
+    decode_fn=None,
     batch_size: int = 32,
 ) -> float:
     """Mean Dice over every ground-truth region, each paired with its Hungarian-matched query.
 
-    ``queries_fn(queries, batch)`` lets stage 2 score quantized queries with the same code.
+    ``decode_fn(out, batch) -> (mask_logits, class_logits)`` lets stage 2 score quantized
+    queries with the same code.
     """
     perceiver.eval()
     scores = []
     for batch in iterate_batches(split, list(range(len(split))), batch_size):
         out = perceiver(batch["patch_tokens"])
         mask_logits, class_logits = out.mask_logits, out.class_logits
-        if queries_fn is not None:
-            queries = queries_fn(out.queries, batch)
-            mask_logits = perceiver.decode_masks(queries, out.pixel_features)
-            class_logits = perceiver.classify(queries)
+        if decode_fn is not None:
+            mask_logits, class_logits = decode_fn(out, batch)
         indices = matcher(mask_logits, class_logits, batch["masks"], batch["labels"])
         for b, (query_index, target_index) in enumerate(indices):
             scores.append(hard_dice(mask_logits[b, query_index], batch["masks"][b][target_index]))
