@@ -126,12 +126,17 @@ class ImageEncoder(nn.Module):
             )
         state, report = read_vision_tower(Path(weights_path))
         encoder = cls.random_init(config)
-        missing, unexpected = encoder.visual.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        expected = encoder.visual.state_dict()
+        missing = [key for key in expected if key not in state]
+        unexpected = [key for key in state if key not in expected]
+        resized = [key for key in state if key in expected and state[key].shape != expected[key].shape]
+        if missing or unexpected or resized:
             raise ValueError(
                 f"{weights_path}: the vision tower does not fit model.encoder ({config.model_name}: width "
-                f"{config.width}, layers {config.layers}); missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f"{config.width}, layers {config.layers}); missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"other shape {resized[:3]}"
             )
+        encoder.visual.load_state_dict(state, strict=True)
         encoder.load_report = report
         logger.info("%s", report.summary())
         return encoder

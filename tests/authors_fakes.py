@@ -1,0 +1,158 @@
+"""Fabricated checkpoints in the layout of the authors' release, from a written-down key/shape list.
+
+Every key and shape below is a fact read from Aofei-Chang/MedSIGHT at commit 670585b; the comment
+on each entry names the file and line that defines it. Values are random: these are layouts, not
+weights. Nothing here imports or copies the authors' code.
+
+  P  = source/regtok/region_perceiver.py
+  VQ = source/regtok/vq_model.py
+  TR = source/regtok/vq_train.py
+  RS = RegLLM/RegSeg.py
+  TS = RegLLM/llava/train/train_seg.py
+  PB = RegLLM/llava/model/multimodal_projector/builder.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# The released configuration: VQ L172-177 builds RegionPerceiver(dim=1024, dim_head=64, heads=8,
+# ff_mult=4); source/regtok/regtok_config.yaml: num_queries 20, num_stages 3, num_classes 17;
+# source/scripts/train_vq_full.sh: 18 modalities x 32 codes of dimension 64.
+FULL = dict(dim=1024, heads=8, head_dim=64, ffn=4096, queries=20, layers=3, classes=17, modalities=18, codes=32, code_dim=64)
+
+
+def _attention_keys(prefix: str, d: int, inner: int) -> dict[str, tuple[int, ...]]:
+    """P L42-54 (PerceiverCrossAttention): two LayerNorms, bias-free q, fused kv and out projections."""
+    return {
+        f"{prefix}.norm_media.weight": (d,), f"{prefix}.norm_media.bias": (d,),  # P L49
+        f"{prefix}.norm_latents.weight": (d,), f"{prefix}.norm_latents.bias": (d,),  # P L50
+        f"{prefix}.to_q.weight": (inner, d),  # P L52
+        f"{prefix}.to_kv.weight": (2 * inner, d),  # P L53
+        f"{prefix}.to_out.weight": (d, inner),  # P L54
+    }
+
+
+def _ffn_keys(prefix: str, d: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """P L24-31 (FeedForward): Sequential(LayerNorm [0], Linear no bias [1], GELU [2], Linear no bias [3])."""
+    return {f"{prefix}.0.weight": (d,), f"{prefix}.0.bias": (d,), f"{prefix}.1.weight": (hidden, d), f"{prefix}.3.weight": (d, hidden)}
+
+
+def _norm(prefix: str, d: int) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.weight": (d,), f"{prefix}.bias": (d,)}
+
+
+def perceiver_key_shapes(dim: int, heads: int, head_dim: int, ffn: int, queries: int, layers: int, classes: int, **_) -> dict[str, tuple[int, ...]]:
+    """Keys of ``RegionPerceiver`` (P L671-735) with upsample_mode "conv", no self-attention."""
+    inner = heads * head_dim
+    keys = {
+        "region_queries": (1, queries, dim),  # P L702
+        "region_position_embed.weight": (queries, dim),  # P L704
+        **_attention_keys("init_cross_attn", dim, inner),  # P L708
+        **_norm("init_cross_norm", dim),  # P L709
+        **_ffn_keys("init_ff", dim, ffn),  # P L710
+        **_norm("init_ff_norm", dim),  # P L711
+    }
+    for i in range(layers):
+        keys[f"conv_adapters.{i}.conv.weight"] = (dim, dim, 3, 3)  # P L717 -> ConvAdapter P L298
+        keys[f"conv_adapters.{i}.conv.bias"] = (dim,)
+        block = f"bi_blocks.{i}"  # P L720-723 -> BiDirectionalBlock P L469-492
+        keys.update(_attention_keys(f"{block}.region_to_image", dim, inner))  # P L477
+        keys.update(_norm(f"{block}.region_to_image_norm", dim))  # P L478
+        keys.update(_attention_keys(f"{block}.image_to_region", dim, inner))  # P L485
+        keys.update(_norm(f"{block}.image_to_region_norm", dim))  # P L486
+        keys.update(_ffn_keys(f"{block}.ff_region", dim, ffn))  # P L488
+        keys.update(_norm(f"{block}.ff_region_norm", dim))  # P L489
+        keys.update(_ffn_keys(f"{block}.ff_image", dim, ffn))  # P L491
+        keys.update(_norm(f"{block}.ff_image_norm", dim))  # P L492
+    keys.update({
+        "segmentation_cls_head.proj.weight": (dim, dim), "segmentation_cls_head.proj.bias": (dim,),  # P L735 -> L222
+        "segmentation_cls_head.class_embed.weight": (classes + 1, dim),  # P L226
+        "segmentation_cls_head.class_embed.bias": (classes + 1,),
+    })
+    return keys
+
+
+def codebook_key_shapes(dim: int, classes: int, modalities: int, codes: int, code_dim: int, encoder_width: int | None = None, **_) -> dict[str, tuple[int, ...]]:
+    """Trainable keys of a stage-2 checkpoint (TR L186-203: quantizer, code_decoder, to_code and
+    modality_predictor train; RegTok registers its quantizer before the perceiver, VQ L147-177,
+    so the shared codebooks keep the name ``quantizer.``)."""
+    width = encoder_width or dim
+    keys: dict[str, tuple[int, ...]] = {
+        f"quantizer.codebooks.{m}.embedding.weight": (codes, code_dim) for m in range(modalities)  # VQ L159-166, L511
+    }
+    keys.update({"modality_predictor.weight": (modalities, width), "modality_predictor.bias": (modalities,)})  # VQ L155
+    to_code = "region_perceiver.to_code"  # P L743-750: Linear, GELU, LayerNorm, Linear, GELU, LayerNorm
+    keys.update({f"{to_code}.0.weight": (dim, dim), f"{to_code}.0.bias": (dim,), **_norm(f"{to_code}.2", dim),
+                 f"{to_code}.3.weight": (code_dim, dim), f"{to_code}.3.bias": (code_dim,), **_norm(f"{to_code}.5", code_dim)})
+    from_code = "region_perceiver.code_decoder.from_code"  # P L586-593
+    keys.update({f"{from_code}.0.weight": (dim, code_dim), f"{from_code}.0.bias": (dim,), **_norm(f"{from_code}.2", dim),
+                 f"{from_code}.3.weight": (dim, dim), f"{from_code}.3.bias": (dim,), **_norm(f"{from_code}.5", dim)})
+    head = "region_perceiver.code_decoder.segmentation_cls_head_quant"  # P L596-597 (quant_use_seg) -> L220-226
+    keys.update({f"{head}.proj.weight": (dim, dim), f"{head}.proj.bias": (dim,),
+                 f"{head}.class_embed.weight": (classes + 1, dim), f"{head}.class_embed.bias": (classes + 1,)})
+    return keys
+
+
+def projector_key_shapes(encoder_width: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """mm_projector.bin (TS L267-293 saves named parameters matching 'mm_projector'); mlp2x_gelu = PB L40-47."""
+    return {"model.mm_projector.0.weight": (hidden, encoder_width), "model.mm_projector.0.bias": (hidden,),
+            "model.mm_projector.2.weight": (hidden, hidden), "model.mm_projector.2.bias": (hidden,)}
+
+
+def _is_layernorm(key: str) -> bool:
+    return "norm" in key or bool(re.search(r"(init_ff|ff_region|ff_image)\.0\.|(to_code|from_code)\.(2|5)\.", key))
+
+
+def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Values that keep a post-norm network well scaled: LayerNorms near (1, 0), weights ~ 1/sqrt(fan_in)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if _is_layernorm(key):
+            base = 1.0 if key.endswith("weight") else 0.0
+            value = base + 0.1 * torch.randn(shape, generator=generator, dtype=torch.float64)
+        elif len(shape) == 1:
+            value = 0.02 * torch.randn(shape, generator=generator, dtype=torch.float64)
+        else:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            value = torch.randn(shape, generator=generator, dtype=torch.float64) / fan_in**0.5
+        state[key] = value.to(dtype)
+    return state
+
+
+def save_vq_train_checkpoint(path: Path, model: dict[str, torch.Tensor], steps: int = 79280) -> Path:
+    """A ``vq_train.py`` checkpoint (TR L494-499): trainable weights under "model", the step, the
+    argparse Namespace of the run, and the optimizer state."""
+    torch.save({
+        "model": model,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.99), "params": [0]}]},
+        "steps": steps,
+        "args": argparse.Namespace(num_queries=20, num_stages=3, up_sample_mode="conv", results_dir="RegTok"),
+    }, path)
+    return path
+
+
+def save_projector(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    torch.save(state, path)  # TS L293: torch.save(weight_to_save, .../mm_projector.bin)
+    return path
+
+
+def save_llava_model(folder: Path, llm_state: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], llm_config: dict, tokenizer) -> Path:
+    """The final model folder: a Hugging Face save of RegSegForCausalLM (RS L300-316) whose
+    config says model_type "llava_qwen" (RegLLM/llava/model/language_model/llava_qwen3.py L37-38),
+    with the tokenizer the region tokens were added to (TS L1448-1450)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({**llm_state, **extra}, str(folder / "model.safetensors"))
+    config = {**llm_config, "model_type": "llava_qwen", "architectures": ["RegSegForCausalLM"],
+              "mm_hidden_size": 1024, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -1,
+              "use_mm_proj": True, "use_sep_proj": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(str(folder))
+    return folder
