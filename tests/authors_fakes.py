@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 # The released configuration: VQ L172-177 builds RegionPerceiver(dim=1024, dim_head=64, heads=8,
 # ff_mult=4); source/regtok/regtok_config.yaml: num_queries 20, num_stages 3, num_classes 17;
@@ -156,3 +158,54 @@ def save_llava_model(folder: Path, llm_state: dict[str, torch.Tensor], extra: di
     (folder / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+# The template the authors render prompts with (RegLLM/llava/eval/chatbot.py L342-347); for a
+# system + user turn with a generation prompt it gives the same text as Qwen3's own template.
+AUTHORS_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
+
+
+def qwen_like_tokenizer(modalities: int = 2, codes: int = 3) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=QWEN_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(["Is there a tumor in the liver? yes, no. The kidney is normal."] * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = AUTHORS_TEMPLATE
+    # train_seg.py L1448-1449: [M{i}_{j}] for i in modalities, j in codes, added as plain tokens.
+    tokenizer.add_tokens([f"[M{i}_{j}]" for i in range(modalities) for j in range(codes)])
+    return tokenizer
+
+
+def fabricate_final_model(folder, hidden=32, perceiver_dim=16, modalities=2, codes=3, seed=0, emit_region_tokens=False):
+    """A tiny Qwen3 RegSegForCausalLM save. ``emit_region_tokens``: the LM head makes every step
+    pick [M0_0] or [M0_1] (rows +-50 u, the rest scaled down), so generated answers carry region
+    tokens whatever the random weights, and masks get decoded."""
+    tokenizer = qwen_like_tokenizer(modalities, codes)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, head_dim=hidden // 4, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    llm = Qwen3ForCausalLM(config)
+    g = torch.Generator().manual_seed(seed + 1)
+    if emit_region_tokens:
+        with torch.no_grad():
+            direction = torch.randn(hidden, generator=g)
+            llm.lm_head.weight.mul_(0.01)
+            first, second = tokenizer.convert_tokens_to_ids(["[M0_0]", "[M0_1]"])
+            llm.lm_head.weight[first] = 50 * direction / direction.norm()
+            llm.lm_head.weight[second] = -50 * direction / direction.norm()
+    extra = {  # RegSeg.py L84-88 (token_projection), L100 (visual_feature_norm); mm_projector: mlp2x_gelu
+        "model.mm_projector.0.weight": torch.randn(hidden, perceiver_dim, generator=g), "model.mm_projector.0.bias": torch.randn(hidden, generator=g),
+        "model.mm_projector.2.weight": torch.randn(hidden, hidden, generator=g), "model.mm_projector.2.bias": torch.randn(hidden, generator=g),
+        "model.token_projection.0.weight": torch.randn(hidden, hidden, generator=g), "model.token_projection.0.bias": torch.randn(hidden, generator=g),
+        "model.token_projection.2.weight": torch.randn(perceiver_dim, hidden, generator=g), "model.token_projection.2.bias": torch.randn(perceiver_dim, generator=g),
+        "model.visual_feature_norm.weight": torch.ones(perceiver_dim), "model.visual_feature_norm.bias": torch.zeros(perceiver_dim),
+    }
+    state = {k: v.contiguous() for k, v in llm.state_dict().items()}
+    save_llava_model(folder, state, extra, config.to_dict(), tokenizer)
+    return llm, tokenizer, extra

@@ -140,6 +140,7 @@ def _perceiver(files: AuthorsFiles, config: ExperimentConfig, result: ImportResu
         raise CheckpointError(f"{files.perceiver}: attention width {inner} is not a multiple of head_dim {perceiver_cfg.head_dim}")
     perceiver_cfg.num_heads = inner // perceiver_cfg.head_dim
     perceiver_cfg.num_classes = state["class_head.weight"].shape[0] - 1
+    config.model.patch_merge = 1  # the released P_v2t reads every patch (576 tokens at 336 px)
     if config.model.encoder.width != perceiver_cfg.dim:
         raise CheckpointError(
             f"{files.perceiver}: perceiver width {perceiver_cfg.dim} must equal model.encoder.width "
@@ -178,7 +179,11 @@ def _llm_config(config: ExperimentConfig, converted) -> None:
     llm.hidden_size, llm.num_layers = hf.hidden_size, hf.num_hidden_layers
     llm.num_heads, llm.num_kv_heads = hf.num_attention_heads, hf.num_key_value_heads
     llm.intermediate_size = hf.intermediate_size
+    # The authors' conventions (RegLLM/llava/eval/chatbot.py): Qwen's ChatML with the default
+    # system message, every patch a visual token, P_t2v with ReLU, LLaVA-Med scoring.
+    llm.prompt_format, llm.image_token, llm.system_prompt = "chat_template", "<|image_pad|>", "You are a helpful assistant."
     config.model.t2v_activation = "relu"
+    config.evaluate.protocol = "llava-med"
 
 
 def _write_bundle(root: Path, stage: str, config: ExperimentConfig, modules: dict, taxonomy: Taxonomy, sources: list[Path], extra=None) -> Path:

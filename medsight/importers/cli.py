@@ -12,6 +12,11 @@ from rich.table import Table
 import_app = typer.Typer(help="Import checkpoints trained elsewhere as stage outputs.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)
 
+@import_app.callback()
+def _group() -> None:
+    """Import checkpoints trained elsewhere as stage outputs (``medsight import authors ...``)."""
+
+
 def _fail(message: str, code: int) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
