@@ -65,7 +65,8 @@ def predict_command(
         _fail(str(error))
     model = _load_model(checkpoint, base, device)
     if max_new_tokens is None:
-        max_new_tokens = model.config.evaluate.max_new_tokens
+        config = getattr(model, "config", None)  # a trained model's own setting; 48 otherwise
+        max_new_tokens = config.evaluate.max_new_tokens if config is not None else 48
     try:
         prediction = predict_image(model, pixels, question, modality, max_new_tokens, temperature,
                                    taxonomy=getattr(model, "taxonomy", None))
