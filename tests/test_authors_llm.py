@@ -46,6 +46,9 @@ def test_final_model_converts_strictly_with_the_same_logits(tmp_path):
         # Transformer blocks are untouched: hidden states of a base-token prompt agree.
         prompt = torch.tensor([[1, 20, 30, 40, 2]])
         torch.testing.assert_close(llm.model(prompt).last_hidden_state, source.model(prompt).last_hidden_state)
+    # Any Hugging Face causal LM from a local folder: backbone "auto".
+    auto = load_llm(tmp_path / "llm", LLMConfig(backbone="auto"))
+    assert type(auto).__name__ == "Qwen3ForCausalLM" and auto.base_model is auto.model
     assert torch.equal(converted.t2v["mlp.2.weight"], extra["model.token_projection.2.weight"])
     assert torch.equal(converted.v2t["mlp.0.bias"], extra["model.mm_projector.0.bias"])
 

@@ -106,8 +106,8 @@ class NormedCrossAttention(nn.Module):
             # Fully blocked rows are opened for the kernel (no NaN) and replaced by the mean below.
             allowed = ~blocked | empty[..., None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
-            if bool(empty.any()):
-                out = torch.where(empty[:, None, :, None], v.mean(dim=2, keepdim=True), out)
+            # Unconditional (no host sync on GPU); only the [B, h, Q, d_h] query side is touched.
+            out = torch.where(empty[:, None, :, None], v.mean(dim=2, keepdim=True), out)
         return self.to_out(out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
 
 

@@ -1,7 +1,7 @@
 """LoRA adapters on the LLM (stage 5's parameter-efficient variant, App. F.4), through ``peft``.
 
 The adapters are injected into the Hugging Face model in place, so ``MedSight`` keeps calling
-``llm.model(...)`` unchanged; after training they are merged into the base weights and removed,
+``llm.base_model(...)`` unchanged; after training they are merged into the base weights and removed,
 and the saved LLM is a plain model that every later stage loads as usual.
 """
 

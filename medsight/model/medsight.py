@@ -165,7 +165,7 @@ class MedSight(nn.Module):
     ) -> LanguageOutput:
         context = self.encode_images(images, image_keys)
         embeddings = self.input_embeddings(input_ids, context)
-        hidden = self.llm.model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
+        hidden = self.llm.base_model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
         logits = self.logits(hidden)  # [B, T, V]
         lm_loss = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX

@@ -162,7 +162,7 @@ def validate_language(model: MedSight, data: LanguageData, batch_size: int) -> d
 def _teacher_forced_dice(model: MedSight, batch: dict) -> torch.Tensor:
     context = model.encode_images(batch["images"], batch["image_keys"])
     embeddings = model.input_embeddings(batch["input_ids"], context)
-    hidden = model.llm.model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.llm.base_model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).last_hidden_state
     regions = model.is_region_token(batch["input_ids"]) & (batch["labels"] != IGNORE_INDEX)
     scores = []
     for b in range(hidden.shape[0]):
