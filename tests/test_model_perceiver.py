@@ -13,6 +13,7 @@ from medsight.config.schema import LossConfig, PerceiverConfig
 from medsight.model.criterion import SetCriterion
 from medsight.model.perceiver_layer import RegionToImageLayer, masked_attention_mask
 from medsight.model.position_encoding import SinePositionEncoding2D
+from medsight.model.perceiver_factory import build_perceiver
 from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.upsample_adapter import UpsampleAdapter
 
@@ -142,10 +143,13 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-def test_perceiver_and_criterion_overfit_a_toy_batch(single_thread: None) -> None:
+@pytest.mark.parametrize("architecture", ["medsight", "authors"])
+def test_perceiver_and_criterion_overfit_a_toy_batch(single_thread: None, architecture: str) -> None:
     torch.manual_seed(0)
-    config = small_config()
-    perceiver = RegionPerceiver(16, config)  # grid 4 -> masks at 16x16
+    # The authors' layout has no input projection: its width is the encoder's (16 here).
+    extra = {"dim": 16, "head_dim": 4, "num_heads": 2} if architecture == "authors" else {}
+    config = small_config(architecture=architecture, **extra)
+    perceiver = build_perceiver(16, config)  # grid 4 -> masks at 16x16
     criterion = SetCriterion(config.num_classes, LossConfig())
     tokens = torch.randn(2, 16, 16)
     target_masks = [
