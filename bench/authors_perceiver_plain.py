@@ -39,7 +39,7 @@ def _block(block, reader, context, blocked=None):
 
 
 def _positions(module, batch, height, width, like):
-    code = module.positions.encode(height, width, like.device, like.dtype)  # [H*W, d]
+    code = module.positions._build(height, width, like.device, like.dtype)  # [H*W, d], rebuilt every time
     return code.t().reshape(1, -1, height, width).repeat(batch, 1, 1, 1)  # [B, d, H, W] per image
 
 

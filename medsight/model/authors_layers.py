@@ -50,6 +50,9 @@ class SinePositions(nn.Module):
         self.dim = dim
         self.per_axis = dim // 2
         self.temperature = temperature
+        # Codes are constants of (H, W, device, dtype): built once, not per step (at 192x192 the
+        # sin/cos over 37K x 1024 entries cost about a second of CPU per forward).
+        self._codes: dict[tuple, torch.Tensor] = {}
 
     def _axis(self, length: int, device: torch.device) -> torch.Tensor:
         """Code of one axis -> [length, d/2] (float32, then cast by the caller)."""
@@ -61,7 +64,14 @@ class SinePositions(nn.Module):
         return torch.where(even, angles.sin(), angles.cos())
 
     def encode(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """-> [H*W, d], row-major (token index = y * W + x)."""
+        """-> [H*W, d], row-major (token index = y * W + x); read-only, shared between calls."""
+        key = (height, width, str(device), dtype)
+        if key not in self._codes:
+            with torch.no_grad():
+                self._codes[key] = self._build(height, width, device, dtype)
+        return self._codes[key]
+
+    def _build(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         y = self._axis(height, device)[:, None, :].expand(height, width, self.per_axis)
         x = self._axis(width, device)[None, :, :].expand(height, width, self.per_axis)
         code = torch.cat([y, x], dim=-1).reshape(height * width, 2 * self.per_axis)
@@ -157,8 +167,11 @@ class DualAttentionLayer(nn.Module):
 class ConvUpsampleAdapter(nn.Module):
     """Bilinear upsampling by ``factor`` then a 3x3 conv, on pixel tokens.
 
-    The token tensor [B, H*W, d] viewed as [B, d, H, W] is already channels-last in memory, so the
-    upsampling and the conv run in NHWC and the result reads back as tokens without a copy.
+    The token tensor [B, H*W, d] viewed as [B, d, H, W] is already channels-last in memory: on a
+    GPU the upsampling and the conv run in NHWC (cuDNN's layout for tensor-core convs) and the
+    result reads back as tokens without a copy. On a CPU, oneDNN's 3x3 conv and its backward at
+    d = 1024 measured ~20% faster in NCHW than in NHWC (BENCHMARKS.md), more than the two layout
+    copies cost, so there the map is made NCHW first.
     """
 
     def __init__(self, dim: int, factor: int = 2) -> None:
@@ -172,9 +185,11 @@ class ConvUpsampleAdapter(nn.Module):
         """pixels [B, H*W, d] -> ([B, fH*fW, d], fH, fW)."""
         batch, _, dim = pixels.shape
         feature_map = pixels.view(batch, height, width, dim).permute(0, 3, 1, 2)  # channels-last view
+        layout = torch.channels_last if feature_map.is_cuda else torch.contiguous_format
+        feature_map = feature_map.contiguous(memory_format=layout)
         if self.factor > 1:
             feature_map = F.interpolate(feature_map, scale_factor=self.factor, mode="bilinear", align_corners=False)
-        feature_map = self.conv(feature_map.contiguous(memory_format=torch.channels_last))
+        feature_map = self.conv(feature_map.contiguous(memory_format=layout))
         out_h, out_w = feature_map.shape[-2:]
         tokens = feature_map.permute(0, 2, 3, 1).reshape(batch, out_h * out_w, dim)  # a view when NHWC
         return tokens, out_h, out_w
