@@ -3,7 +3,8 @@
 Same parameters (an ``AuthorsRegionPerceiver``'s), same function, written the direct way: maps
 kept as NCHW-contiguous tensors and copied to and from token layout around every conv, attention
 as explicit einsum -> masked_fill(-1e9) -> softmax -> einsum with the mask repeated per head,
-sine positions rebuilt per image and added out of place, mask logits materialised as [B, Q, H, W].
+sine positions rebuilt per image and added out of place, mask logits materialised as [B, Q, H, W],
+and autograd keeping GELU's [B, H*W, 4d] output.
 ``bench_perceiver.py`` times it against the module's own forward (SDPA, channels-last views,
 batch-shared positions added in place, token-layout heads) and checks both agree.
 """
@@ -33,9 +34,13 @@ def _attention(attn, reader, context, blocked=None):
     return attn.to_out(out.permute(0, 2, 1, 3).reshape(reader.shape[0], reader.shape[1], -1))
 
 
+def _ffn(ffn, tokens):
+    return ffn.fc2(F.gelu(ffn.fc1(ffn.norm(tokens))))  # autograd keeps GELU's output too
+
+
 def _block(block, reader, context, blocked=None):
     reader = block.attn_out_norm(_attention(block.attn, reader, context, blocked) + reader)
-    return block.ffn_out_norm(block.ffn(reader) + reader)
+    return block.ffn_out_norm(_ffn(block.ffn, reader) + reader)
 
 
 def _positions(module, batch, height, width, like):

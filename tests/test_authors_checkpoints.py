@@ -229,3 +229,35 @@ def test_pickles_load_with_weights_only_and_unsafe_ones_are_refused(tmp_path, ca
     with pytest.raises(CheckpointError, match=r"evil\.pt: refused: .*weights_only=True"):
         load_checkpoint_file(bad)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while ``fn`` runs (distinct storages)."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_feed_forward_recomputes_gelu_instead_of_keeping_it():
+    """Same values and gradients as LN -> W1 -> GELU -> W2, without storing GELU's [L, 4d] output."""
+    from medsight.model.authors_layers import NormedFeedForward
+
+    torch.manual_seed(0)
+    ffn = NormedFeedForward(16, 64).double()
+    x = torch.randn(2, 50, 16, dtype=torch.float64, requires_grad=True)
+    plain = lambda: ffn.fc2(F.gelu(ffn.fc1(ffn.norm(x))))  # noqa: E731
+    out, ref = ffn(x), plain()
+    assert torch.equal(out, ref)
+    weights = (x, ffn.fc1.weight, ffn.fc2.weight)
+    grads = torch.autograd.grad(out.sum() * 3, weights)
+    expected = torch.autograd.grad(ref.sum() * 3, weights)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    gelu_output = 2 * 50 * 64 * 8  # bytes of GELU(h) in float64
+    assert _saved_bytes(plain) - _saved_bytes(lambda: ffn(x)) == gelu_output
