@@ -65,8 +65,18 @@ def _without_random_init_warning() -> Iterator[None]:
         root.removeHandler(handler)
 
 
+def _registered_by_us(name: str) -> bool:
+    """A config this module registered earlier (its stub text tower tells it from open_clip's own)."""
+    from open_clip.factory import get_model_config
+
+    registered = get_model_config(name)
+    return registered is not None and registered.get("text_cfg") == open_clip_config(EncoderConfig())["text_cfg"]
+
+
 def _create_visual(config: EncoderConfig, pretrained: str | None) -> nn.Module:
-    builtin = config.model_name in open_clip.list_models()
+    # open_clip's registry is process-wide: a custom name registered with other dims (another
+    # run in this process) is registered again with this config's.
+    builtin = config.model_name in open_clip.list_models() and not _registered_by_us(config.model_name)
     if not builtin:
         # Custom (tiny) architectures are registered from a config file, as open_clip expects.
         with tempfile.TemporaryDirectory() as tmp:
