@@ -82,7 +82,7 @@ def perceiver_key_shapes(dim: int, heads: int, head_dim: int, ffn: int, queries:
 
 
 def codebook_key_shapes(dim: int, classes: int, modalities: int, codes: int, code_dim: int, encoder_width: int | None = None, **_) -> dict[str, tuple[int, ...]]:
-    """Trainable keys of a stage-2 checkpoint (TR L186-203: quantizer, code_decoder, to_code and
+    """Trainable keys of a stage-2 checkpoint (TR L201-206: quantizer, code_decoder, to_code and
     modality_predictor train; RegTok registers its quantizer before the perceiver, VQ L147-177,
     so the shared codebooks keep the name ``quantizer.``)."""
     width = encoder_width or dim
@@ -103,7 +103,7 @@ def codebook_key_shapes(dim: int, classes: int, modalities: int, codes: int, cod
 
 
 def projector_key_shapes(encoder_width: int, hidden: int) -> dict[str, tuple[int, ...]]:
-    """mm_projector.bin (TS L267-293 saves named parameters matching 'mm_projector'); mlp2x_gelu = PB L40-47."""
+    """mm_projector.bin (TS L267-293 saves named parameters matching 'mm_projector'); mlp2x_gelu = PB L39-46."""
     return {"model.mm_projector.0.weight": (hidden, encoder_width), "model.mm_projector.0.bias": (hidden,),
             "model.mm_projector.2.weight": (hidden, hidden), "model.mm_projector.2.bias": (hidden,)}
 

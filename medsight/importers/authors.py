@@ -78,15 +78,21 @@ def _trainable_model(path: Path) -> dict[str, torch.Tensor]:
     return strip_prefix(tensors_only(raw, path, where), "module.")
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, known: dict[Path, str] | None = None) -> str:
+    """sha256 of a file; ``known`` remembers source files several bundles record."""
+    path = Path(path).resolve()
+    if known is not None and path in known:
+        return known[path]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
+    if known is not None:
+        known[path] = digest.hexdigest()
     return digest.hexdigest()
 
 
-def write_import_record(directory: Path, stage: str, sources: list[Path]) -> None:
+def write_import_record(directory: Path, stage: str, sources: list[Path], known: dict[Path, str] | None = None) -> None:
     """stage.json of an imported output (written last: its presence marks the folder complete).
 
     fingerprint = sha256 over (relative path, sha256) of every written file, so later stages that
@@ -102,7 +108,7 @@ def write_import_record(directory: Path, stage: str, sources: list[Path]) -> Non
         "stage": stage,
         "fingerprint": digest.hexdigest(),
         "inputs": {},
-        "imported_from": {str(f.resolve()): _sha256(f) for f in source_files},
+        "imported_from": {str(f.resolve()): _sha256(f, known) for f in source_files},
         "medsight_version": medsight.__version__,
     })
 
@@ -186,7 +192,8 @@ def _llm_config(config: ExperimentConfig, converted) -> None:
     config.evaluate.protocol = "llava-med"
 
 
-def _write_bundle(root: Path, stage: str, config: ExperimentConfig, modules: dict, taxonomy: Taxonomy, sources: list[Path], extra=None) -> Path:
+def _write_bundle(root: Path, stage: str, config: ExperimentConfig, modules: dict, taxonomy: Taxonomy, sources: list[Path],
+                  extra=None, known: dict[Path, str] | None = None) -> Path:
     folder = root / stage
     (folder / MODULES_DIR).mkdir(parents=True, exist_ok=True)
     save_config(config, folder / "config.yaml")
@@ -197,7 +204,7 @@ def _write_bundle(root: Path, stage: str, config: ExperimentConfig, modules: dic
         extra(folder)
     atomic_write_json(folder / "metrics.json", {"imported": 1.0, "parameters": float(sum(
         p.numel() for m in modules.values() for p in m.parameters()))})
-    write_import_record(folder, stage, sources)
+    write_import_record(folder, stage, sources, known)
     return folder
 
 
@@ -245,6 +252,7 @@ def import_authors(files: AuthorsFiles, base_config: ExperimentConfig, out: Path
 
 
 def _write_all(out, files, config, taxonomy, perceiver, codebook, projector, converted, encoder, result) -> ImportResult:
+    known: dict[Path, str] = {}  # source file -> sha256, hashed once for all bundles
     with atomic_directory(Path(out)) as tmp:
         small = {"perceiver": perceiver}
         if encoder is not None:
@@ -253,21 +261,21 @@ def _write_all(out, files, config, taxonomy, perceiver, codebook, projector, con
                 if converted is not None:
                     converted.tokenizer.save_pretrained(str(folder / "tokenizer"))
             sources = [p for p in (files.encoder, files.model) if p is not None]
-            result.written["base-models"] = _write_bundle(tmp, "base-models", config, {}, taxonomy, sources, base_extra)
-        result.written["perceiver-pretrain"] = _write_bundle(tmp, "perceiver-pretrain", config, small, taxonomy, [files.perceiver])
+            result.written["base-models"] = _write_bundle(tmp, "base-models", config, {}, taxonomy, sources, base_extra, known)
+        result.written["perceiver-pretrain"] = _write_bundle(tmp, "perceiver-pretrain", config, small, taxonomy, [files.perceiver], known=known)
         if codebook is not None:
             small["codebook"] = codebook
-            result.written["codebook-pretrain"] = _write_bundle(tmp, "codebook-pretrain", config, dict(small), taxonomy, [files.perceiver, files.codebook])
+            result.written["codebook-pretrain"] = _write_bundle(tmp, "codebook-pretrain", config, dict(small), taxonomy, [files.perceiver, files.codebook], known=known)
         if projector is not None:
             sources = [p for p in (files.perceiver, files.codebook, files.projector) if p is not None]
-            result.written["v2t-align"] = _write_bundle(tmp, "v2t-align", config, {**small, "v2t": projector}, taxonomy, sources)
+            result.written["v2t-align"] = _write_bundle(tmp, "v2t-align", config, {**small, "v2t": projector}, taxonomy, sources, known=known)
         if converted is not None:
-            result.written["instruct-tune"] = _write_final(tmp, files, config, taxonomy, small, converted)
+            result.written["instruct-tune"] = _write_final(tmp, files, config, taxonomy, small, converted, known)
     result.written = {stage: Path(out) / folder.name for stage, folder in result.written.items()}
     return result
 
 
-def _write_final(tmp: Path, files: AuthorsFiles, config: ExperimentConfig, taxonomy: Taxonomy, small: dict, converted) -> Path:
+def _write_final(tmp: Path, files: AuthorsFiles, config: ExperimentConfig, taxonomy: Taxonomy, small: dict, converted, known: dict) -> Path:
     model = config.model
     v2t = VisionToTextProjector(model.encoder.width, model.perceiver.dim, converted.llm.config.hidden_size, model.patch_merge)
     _load_strict(v2t, converted.v2t, f"{files.model} (P_v2t)")
@@ -286,4 +294,4 @@ def _write_final(tmp: Path, files: AuthorsFiles, config: ExperimentConfig, taxon
         })
 
     sources = [p for p in (files.perceiver, files.codebook, files.model) if p is not None]
-    return _write_bundle(tmp, "instruct-tune", config, {**small, "v2t": v2t, "t2v": t2v, "region_tokens": rows}, taxonomy, sources, final_extra)
+    return _write_bundle(tmp, "instruct-tune", config, {**small, "v2t": v2t, "t2v": t2v, "region_tokens": rows}, taxonomy, sources, final_extra, known)
