@@ -334,6 +334,12 @@ def _mount_optional_apps() -> None:
     except ImportError:
         pass
     try:
+        from medsight.importers.cli import import_app
+
+        app.add_typer(import_app, name="import", help="Import checkpoints trained elsewhere (the authors' weights).")
+    except ImportError:
+        pass
+    try:
         from medsight.eval.cli import eval_app, predict_command
 
         app.add_typer(eval_app, name="eval", help="Evaluation, reports, ablations, data generation.")

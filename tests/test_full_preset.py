@@ -8,11 +8,10 @@ import torch
 from medsight.config import get_preset
 from medsight.data.taxonomy import check_model_matches
 from medsight.data.taxonomy_template import TaxonomyTemplate
-from medsight.model.codebook import ModalityCodebook
 from medsight.model.encoder import ImageEncoder
 from medsight.model.llm import random_init_llm
 from medsight.model.projectors import TextToVisionProjector, VisionToTextProjector
-from medsight.model.region_perceiver import RegionPerceiver
+from medsight.model.perceiver_factory import build_codebook, build_perceiver
 
 
 def test_full_encoder_gives_576_patch_tokens_of_width_1024():
@@ -24,21 +23,28 @@ def test_full_encoder_gives_576_patch_tokens_of_width_1024():
 
 
 def test_full_perceiver_codebook_projectors_shapes():
+    """The authors' widths; the map is run on a 6x6 grid (x8 per axis, as 24 -> 192 at 336 px),
+    since the 192x192 pass takes a minute on a CPU (bench/bench_perceiver.py times it)."""
     config = get_preset("full")
     # The counts come from the prepared release: the biomedparse-18 template with 17 collected classes.
     release = TaxonomyTemplate.load("biomedparse-18").complete([f"class {i}" for i in range(17)], "release")
     check_model_matches(config, release)
     model = config.model
-    perceiver = RegionPerceiver(model.encoder.width, model.perceiver)
-    out = perceiver(torch.randn(1, 576, 1024))
-    assert out.queries.shape == (1, 20, 256)
-    assert out.pixel_features.shape == (1, 256, 192, 192)  # 24 -> 48 -> 96 -> 192
-    codebook = ModalityCodebook(model.perceiver.dim, model.codebook, model.encoder.width)
-    assert codebook.all_code_queries().shape == (18 * 32, 256)
+    assert (model.perceiver.architecture, model.codebook.architecture) == ("authors", "authors")
+    perceiver = build_perceiver(model.encoder.width, model.perceiver)
+    with torch.no_grad():
+        out = perceiver(torch.randn(1, 36, 1024))
+    assert out.queries.shape == (1, 20, 1024)
+    assert out.pixel_features.shape == (1, 1024, 48, 48)  # 6 -> 12 -> 24 -> 48
+    assert out.class_logits.shape == (1, 20, 18)  # 17 classes + no-object
+    codebook = build_codebook(model.perceiver.dim, model.codebook, model.encoder.width, model.perceiver.num_classes)
+    assert codebook.all_code_queries().shape == (18 * 32, 1024)
     v2t = VisionToTextProjector(model.encoder.width, model.perceiver.dim, model.llm.hidden_size)
+    assert isinstance(v2t.region_lift, torch.nn.Identity)  # d = C: patches and regions share one MLP input
     visual = v2t(torch.randn(1, 576, 1024), out.queries)
     assert visual.shape == (1, 596, 4096)
-    assert TextToVisionProjector(model.llm.hidden_size, model.perceiver.dim)(torch.randn(2, 4096)).shape == (2, 256)
+    t2v = TextToVisionProjector(model.llm.hidden_size, model.perceiver.dim, model.t2v_activation)
+    assert isinstance(t2v.mlp[1], torch.nn.ReLU) and t2v(torch.randn(2, 4096)).shape == (2, 1024)
 
 
 @pytest.mark.parametrize("preset, billions", [("full", 8.2), ("full-qwen2.5", 7.6)])

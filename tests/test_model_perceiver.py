@@ -13,6 +13,7 @@ from medsight.config.schema import LossConfig, PerceiverConfig
 from medsight.model.criterion import SetCriterion
 from medsight.model.perceiver_layer import RegionToImageLayer, masked_attention_mask
 from medsight.model.position_encoding import SinePositionEncoding2D
+from medsight.model.perceiver_factory import build_perceiver
 from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.upsample_adapter import UpsampleAdapter
 
@@ -39,10 +40,12 @@ def test_tiny_preset_output_shapes_and_heads_reuse() -> None:
     torch.testing.assert_close(perceiver.classify(out.queries), out.class_logits)
 
 
-def test_full_preset_output_shapes() -> None:
+def test_medsight_perceiver_at_paper_scale_output_shapes() -> None:
+    """The project's own perceiver stays available at full scale by name (the full preset uses
+    the authors' architecture; see tests/test_authors_checkpoints.py)."""
     torch.manual_seed(0)
     experiment = full()
-    config = experiment.model.perceiver
+    config = dataclasses.replace(experiment.model.perceiver, architecture="medsight", dim=256, head_dim=0, ffn_dim=1024)
     perceiver = RegionPerceiver(experiment.model.encoder.width, config)
     grid = experiment.model.encoder.grid_size  # 24
     with torch.no_grad():
@@ -140,10 +143,13 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-def test_perceiver_and_criterion_overfit_a_toy_batch(single_thread: None) -> None:
+@pytest.mark.parametrize("architecture", ["medsight", "authors"])
+def test_perceiver_and_criterion_overfit_a_toy_batch(single_thread: None, architecture: str) -> None:
     torch.manual_seed(0)
-    config = small_config()
-    perceiver = RegionPerceiver(16, config)  # grid 4 -> masks at 16x16
+    # The authors' layout has no input projection: its width is the encoder's (16 here).
+    extra = {"dim": 16, "head_dim": 4, "num_heads": 2} if architecture == "authors" else {}
+    config = small_config(architecture=architecture, **extra)
+    perceiver = build_perceiver(16, config)  # grid 4 -> masks at 16x16
     criterion = SetCriterion(config.num_classes, LossConfig())
     tokens = torch.randn(2, 16, 16)
     target_masks = [

@@ -80,19 +80,31 @@ def full() -> ExperimentConfig:
     config = ExperimentConfig(
         preset="full",
         model=ModelConfig(
+            # UniMed-CLIP's official release: the ViT is taken out of the combined checkpoint
+            # (a BiomedBERT text tower sits beside it and is ignored).
             encoder=EncoderConfig(
                 model_name="ViT-L-14-336-quickgelu",
-                weights_path="models/unimed-clip-vit-l14-336/open_clip_model.safetensors",
+                weights_path="models/unimed-clip/unimed_clip_vit_l14_base_text_encoder.pt",
                 image_size=336,
                 patch_size=14,
                 width=1024,
                 layers=24,
                 heads=16,
+                embed_dim=768,
             ),
-            # Class and modality counts come from the prepared release's taxonomy.json (0 = from the
-            # data): with the shipped biomedparse-18 template that is M = 18 sub-codebooks (App. D).
-            perceiver=PerceiverConfig(dim=256, num_heads=8, ffn_dim=1024, num_classes=FROM_DATA),
-            codebook=CodebookConfig(num_modalities=FROM_DATA, codes_per_modality=32, code_dim=64),
+            # The authors' perceiver: width 1024 (= the encoder's), 8 heads of 64, FFN x4, one
+            # 2x doubling per layer (24 -> 192). Class and modality counts come from the prepared
+            # release's taxonomy.json (0 = from the data): with the shipped biomedparse-18
+            # template that is M = 18 sub-codebooks (App. D) and the authors' 17 classes.
+            perceiver=PerceiverConfig(
+                architecture="authors",
+                dim=1024,
+                num_heads=8,
+                head_dim=64,
+                ffn_dim=4096,
+                num_classes=FROM_DATA,
+            ),
+            codebook=CodebookConfig(architecture="authors", num_modalities=FROM_DATA, codes_per_modality=32, code_dim=64),
             llm=LLMConfig(
                 backbone="qwen3",
                 weights_path="models/Qwen3-8B",
@@ -103,8 +115,13 @@ def full() -> ExperimentConfig:
                 intermediate_size=12288,
                 max_position_embeddings=4096,
                 gradient_checkpointing=True,
+                # Qwen's own ChatML template and image placeholder: no new, untrained rows.
+                prompt_format="chat_template",
+                image_token="<|image_pad|>",
+                system_prompt="You are a helpful assistant.",
             ),
             loss=LossConfig(bce_weight=5.0, dice_weight=5.0),
+            t2v_activation="relu",
         ),
         data=DataConfig(source="biomedparse", image_size=336),
     )
@@ -134,6 +151,9 @@ def full() -> ExperimentConfig:
         stage.num_workers = 4
         stage.deepspeed = DeepSpeedConfig(zero_stage=3, bf16=True, gradient_accumulation_steps=accumulation)
     config.evaluate.temperature = 0.2
+    # The authors generate up to 512 tokens: long answers and DiagSeg's region tokens fit.
+    config.evaluate.max_new_tokens = 512
+    config.evaluate.protocol = "llava-med"
     return config
 
 
@@ -151,6 +171,9 @@ def full_qwen25() -> ExperimentConfig:
         intermediate_size=18944,
         max_position_embeddings=4096,
         gradient_checkpointing=True,
+        prompt_format="chat_template",
+        image_token="<|image_pad|>",
+        system_prompt="You are a helpful assistant.",
     )
     return config
 

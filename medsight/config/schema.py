@@ -21,8 +21,13 @@ class EncoderConfig:
     width: int = 64
     layers: int = 2
     heads: int = 4
-    # Which transformer block feeds the patch tokens (-2 = penultimate, as LLaVA).
+    # Which transformer block feeds the patch tokens (-2 = penultimate, as LLaVA and the authors'
+    # training scripts). The authors' released final model was trained with -1 (their eval config
+    # says so): import it with `medsight import authors --feature-layer -1` (the default there).
     feature_layer: int = -2
+    # Width of CLIP's image-text projection (`visual.proj`, never used for patch tokens); 0 = width.
+    # Released checkpoints must match it to load strictly (ViT-L/14-336: 768).
+    embed_dim: int = 0
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -35,14 +40,29 @@ class EncoderConfig:
         return self.grid_size**2
 
 
+PERCEIVER_ARCHITECTURES = ("medsight", "authors")
+
+
 @dataclass
 class PerceiverConfig:
-    """Region Perceiver (Sec. 2.2, App. A.1)."""
+    """Region Perceiver (Sec. 2.2, App. A.1).
 
+    ``architecture``: "medsight" = this project's pre-norm layers with an input projection to
+    ``dim`` (the tiny preset's); "authors" = the layer order of the authors' released code
+    (medsight/model/authors_perceiver.py): no input projection (``dim`` = encoder width),
+    post-norm residual blocks around pre-normed attention/FFN, plain conv adapters, sine
+    positions added to the map itself, and LLM region tokens decoded by re-running the perceiver
+    with them as initial queries. Both stay selectable by name.
+    """
+
+    architecture: str = "medsight"
     num_queries: int = 20
     dim: int = 64
     num_layers: int = 3
     num_heads: int = 4
+    # Attention inner width is num_heads * head_dim; 0 = dim / num_heads (inner width = dim).
+    # The authors' perceiver: 8 heads of 64 (inner 512) at dim 1024.
+    head_dim: int = 0
     ffn_dim: int = 128
     dropout: float = 0.0
     # Upsampling factor of the conv adapter before each layer (one per layer). The paper doubles
@@ -54,6 +74,10 @@ class PerceiverConfig:
     # Number of region classes (structures + lesion kinds); +1 no-object is added by the head.
     # 0 = from the data's taxonomy (an explicit count that disagrees with it is refused).
     num_classes: int = 0
+
+    @property
+    def attention_dim(self) -> int:
+        return self.num_heads * self.head_dim if self.head_dim else self.dim
 
 
 @dataclass
@@ -72,8 +96,15 @@ class LossConfig:
 
 @dataclass
 class CodebookConfig:
-    """Modality-aware VQ codebook (Sec. 2.3, App. A.2)."""
+    """Modality-aware VQ codebook (Sec. 2.3, App. A.2).
 
+    ``architecture``: "medsight" = GELU-MLP projections P_q/P_d, raw codes, masks of quantized
+    queries decoded by the perceiver's own heads; "authors" = the released code's variant
+    (LayerNorm'd two-layer projections, L2-normalised codes and queries, a linear modality
+    predictor, and a separate mask/class head for quantized queries).
+    """
+
+    architecture: str = "medsight"
     # 0 = from the data's taxonomy (an explicit count that disagrees with it is refused).
     num_modalities: int = 0
     codes_per_modality: int = 16
@@ -97,6 +128,14 @@ class LLMConfig:
     max_position_embeddings: int = 512
     tokenizer_vocab_size: int = 600
     gradient_checkpointing: bool = False
+    # "medsight": <|user|>/<|assistant|> marker tokens (the tiny tokenizer has them);
+    # "chat_template": the tokenizer's own chat template (Qwen3's), through apply_chat_template.
+    prompt_format: str = "medsight"
+    # Placeholder token the visual tokens replace; it must be a single (special) token of the
+    # tokenizer. Qwen tokenizers already hold "<|image_pad|>", so no untrained row is added.
+    image_token: str = "<image>"
+    # System message of the chat template ("" = none); the authors use Qwen's default one.
+    system_prompt: str = ""
 
 
 @dataclass
@@ -113,6 +152,8 @@ class ModelConfig:
     # P_v2t merges each s x s block of patch tokens into one LLM token (Qwen2-VL's merger).
     # 1 = every patch is a token, as in the paper (576 at full scale).
     patch_merge: int = 1
+    # Activation inside P_t2v (Linear, act, Linear): "gelu" here, "relu" in the authors' code.
+    t2v_activation: str = "gelu"
 
     @property
     def num_patch_tokens(self) -> int:
@@ -216,6 +257,13 @@ class T2VAlignConfig(LanguageTrainConfig):
 class InstructTuneConfig(LanguageTrainConfig):
     epochs: float = 3.0
     lr: float = 2e-5
+    # LoRA on the LLM's linear layers instead of full fine-tuning (App. F.4: all linear layers,
+    # rank 32); 0 = off. Region-token rows, P_v2t and P_t2v still train in full. The adapters
+    # are merged into the saved LLM, so later stages read a plain model.
+    lora_rank: int = 0
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -225,6 +273,10 @@ class EvaluateConfig:
     temperature: float = 0.0  # paper: 0.2 with sampling; 0 = greedy, deterministic tests
     repetition_penalty: float = 1.2
     report_samples: int = 8
+    # Which scoring leads the tables: "strict" (whole words, a closed miss counts 0) or
+    # "llava-med" (LLaVA-Med's run_eval.py, as the paper's tables). Both are always computed
+    # and both appear, labelled, in results.json and the report.
+    protocol: str = "strict"
 
 
 @dataclass

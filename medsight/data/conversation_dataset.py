@@ -15,7 +15,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from medsight.config.schema import LLMConfig
 from medsight.data import image_io
+from medsight.data.chat_template import chat_prompt_ids
 from medsight.data.errors import DataError
 from medsight.data.llava import GPT, Conversation
 from medsight.data.region_tokens import find_region_tokens
@@ -68,34 +70,62 @@ def check_region_tokens(conversations: list[Conversation], vocabulary: Iterable[
         logger.warning("dropped %d conversation(s) whose region tokens do not fit the model; first: %s",
                        len(problems), problems[0])
     return kept
+PROMPT_STYLES = ("medsight", "chat_template")
 
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """Token ids of the chat markers, read once from the tokenizer."""
+    """How prompts are built, and the token ids that matter, read once from the tokenizer.
+
+    ``style`` "medsight": ``<|user|> <image>xN \n question <|assistant|>`` with this project's
+    marker tokens; "chat_template": the tokenizer's own chat template (Qwen's ChatML), with the
+    configured image placeholder token repeated N times where the image goes.
+    """
 
     user_id: int
     assistant_id: int
     image_id: int
     eos_id: int
     pad_id: int
+    style: str = "medsight"
+    image_token: str = IMAGE_TOKEN
+    system_prompt: str = ""
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
-        ids = tokenizer.convert_tokens_to_ids([USER_TOKEN, ASSISTANT_TOKEN, IMAGE_TOKEN])
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-            raise ValueError(f"tokenizer lacks one of {USER_TOKEN}, {ASSISTANT_TOKEN}, {IMAGE_TOKEN}")
-        return cls(ids[0], ids[1], ids[2], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, llm: LLMConfig | None = None) -> PromptFormat:
+        style = llm.prompt_format if llm is not None else "medsight"
+        image_token = llm.image_token if llm is not None else IMAGE_TOKEN
+        image_id = _single_token_id(tokenizer, image_token)
+        if style == "medsight":
+            ids = tokenizer.convert_tokens_to_ids([USER_TOKEN, ASSISTANT_TOKEN])
+            if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+                raise ValueError(f"tokenizer lacks one of {USER_TOKEN}, {ASSISTANT_TOKEN} (model.llm.prompt_format=medsight)")
+            return cls(ids[0], ids[1], image_id, tokenizer.eos_token_id, tokenizer.pad_token_id, style, image_token)
+        if style == "chat_template":
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("model.llm.prompt_format=chat_template but the tokenizer has no chat template")
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            return cls(-1, -1, image_id, tokenizer.eos_token_id, pad, style, image_token, llm.system_prompt)
+        raise ValueError(f"model.llm.prompt_format: {style!r} is not one of {', '.join(PROMPT_STYLES)}")
 
 
-def _strip_image_marker(text: str) -> str:
-    return text.replace(IMAGE_TOKEN, "").strip()
+def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (tokenizer.unk_token_id is not None and token_id == tokenizer.unk_token_id):
+        raise ValueError(f"tokenizer lacks the image placeholder token {token!r} (model.llm.image_token)")
+    return int(token_id)
+
+
+def _strip_image_marker(text: str, marker: str = IMAGE_TOKEN) -> str:
+    return text.replace(IMAGE_TOKEN, "").replace(marker, "").strip()
 
 
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, question: str, num_visual_tokens: int
 ) -> list[int]:
     """The ids a model sees before it answers the first question."""
+    if fmt.style == "chat_template":
+        return chat_prompt_ids(tokenizer, fmt, _strip_image_marker(question, fmt.image_token), num_visual_tokens)
     text_ids = tokenizer.encode("\n" + _strip_image_marker(question), add_special_tokens=False)
     return [fmt.user_id] + [fmt.image_id] * num_visual_tokens + text_ids + [fmt.assistant_id]
 
@@ -118,6 +148,8 @@ def encode_conversation(
         question, answer = pair[0][1], pair[1][1]
         if index == 0:
             prompt = encode_prompt(tokenizer, fmt, question, num_visual_tokens)
+        elif fmt.style == "chat_template":
+            prompt = chat_prompt_ids(tokenizer, fmt, question, 0)
         else:
             prompt = [fmt.user_id] + tokenizer.encode("\n" + question, add_special_tokens=False) + [fmt.assistant_id]
         reply = tokenizer.encode(answer, add_special_tokens=False) + [fmt.eos_id]
@@ -167,15 +199,17 @@ class ConversationDataset(Dataset):
         taxonomy: Taxonomy,
         decoded_cache_bytes: int = 0,
         region_tokens: Iterable[str] | None = None,
+        llm: LLMConfig | None = None,
     ):
         """``region_tokens``: the model's region-token names; given, every conversation is checked
-        against them (``check_region_tokens``) before any training step."""
+        against them (``check_region_tokens``) before any training step. ``llm``: the prompt
+        style (``llm.prompt_style``: medsight's own turn tokens, or the model's chat template)."""
         if region_tokens is not None:
             conversations = check_region_tokens(conversations, region_tokens)
         self.conversations = conversations
         self.taxonomy = taxonomy
         self.tokenizer = tokenizer
-        self.format = PromptFormat.from_tokenizer(tokenizer)
+        self.format = PromptFormat.from_tokenizer(tokenizer, llm)
         self.num_visual_tokens = num_visual_tokens
         self.image_size = image_size
         self.max_length = max_length

@@ -51,8 +51,9 @@ def _load_model(checkpoint: Path, base: Path | None, device: str):
     return MedSightInference.load(checkpoint, _base_for(checkpoint, base), device=device)
 
 
-def _check_question(checkpoint: Path, base: Path | None, question: str, max_new_tokens: int) -> None:
-    """Before the model loads (minutes at full scale): does the question fit the context?"""
+def _check_question(checkpoint: Path, base: Path | None, question: str, max_new_tokens: int | None) -> None:
+    """Before the model loads (minutes at full scale): does the question fit the context?
+    ``max_new_tokens`` None: the checkpoint's own ``evaluate.max_new_tokens``."""
     from medsight.config.io import load_config
     from medsight.data.tokenizer import load_tokenizer
     from medsight.eval.predict import check_question_fits
@@ -61,7 +62,9 @@ def _check_question(checkpoint: Path, base: Path | None, question: str, max_new_
     config_file = checkpoint / "config.yaml"
     if not config_file.is_file():
         return  # loading the model reports it
-    config = load_config(config_file).model
+    full = load_config(config_file)
+    config = full.model
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else full.evaluate.max_new_tokens
     tokenizer_dir = find_dir({"model": checkpoint, "base": _base_for(checkpoint, base)}, "tokenizer")
     if tokenizer_dir is None:
         return
@@ -77,7 +80,7 @@ def predict_command(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: predictions/<image name>).")] = None,
     base: Annotated[Path | None, typer.Option(help="base-models output (default: read from the checkpoint's stage.json).")] = None,
     modality: Annotated[str | None, typer.Option(help="Modality name (e.g. CT) to pick the sub-codebook; default: predicted.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 48,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest answer, in tokens. Default: the checkpoint's evaluate.max_new_tokens (512 at full scale).")] = None,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     device: str = "cpu",
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest image accepted, in pixels (width x height).")] = DEFAULT_MAX_PIXELS,
@@ -93,6 +96,9 @@ def predict_command(
     _check_checkpoint(checkpoint)
     _check_question(checkpoint, base, question, max_new_tokens)
     model = _load_model(checkpoint, base, device)
+    if max_new_tokens is None:
+        config = getattr(model, "config", None)  # a trained model's own setting; 48 otherwise
+        max_new_tokens = config.evaluate.max_new_tokens if config is not None else 48
     try:
         prediction = predict_image(model, pixels, question, modality, max_new_tokens, temperature,
                                    taxonomy=getattr(model, "taxonomy", None))
@@ -118,21 +124,31 @@ def run_command(
     base: Annotated[Path | None, typer.Option(help="base-models output (default: from stage.json).")] = None,
     batch_size: int = 16,
     device: str = "cpu",
+    protocol: Annotated[str | None, typer.Option(help="Scoring that leads the tables: llava-med (LLaVA-Med's run_eval.py, as the paper) or strict; both are always computed. Default: the checkpoint's evaluate.protocol.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default: the checkpoint's evaluate.max_new_tokens.")] = None,
 ) -> None:
     """Evaluate a checkpoint on the benchmarks of a manifest (real releases or synthetic)."""
     from medsight.eval.benchmarks.manifest import load_manifest
+    from medsight.eval.protocols import PROTOCOLS
     from medsight.eval.stage import evaluate_model, headline_metrics
     from medsight.io_utils import ensure_writable_dir
 
+    if protocol is not None and protocol not in PROTOCOLS:
+        _fail(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}", code=2)
     ensure_writable_dir(out, "--out")
     _check_checkpoint(checkpoint)
     load_manifest(benchmarks)  # a broken manifest or benchmark file is named before the model loads
     model = _load_model(checkpoint, base, device)
     config = model.config
     config.evaluate.batch_size = batch_size
+    if protocol is not None:
+        config.evaluate.protocol = protocol
+    if max_new_tokens is not None:
+        config.evaluate.max_new_tokens = max_new_tokens
     document = evaluate_model(model, benchmarks, out, config, {"model": str(checkpoint)}, [checkpoint], device)
+    console.print(f"scoring: {config.evaluate.protocol} leads the tables; metrics ending in _llava_med are LLaVA-Med's")
     for name, value in headline_metrics(document).items():
-        console.print(f"{name:>20}: {value:.4f}")
+        console.print(f"{name:>30}: {value:.4f}")
     console.print(f"report: {out / 'report.html'}")
 
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medsight.eval.protocols import LABELS, LLAVA_MED_SUFFIX, ordered
 from medsight.data.region_tokens import highlight_spans
 from medsight.eval.charts import training_charts
 from medsight.eval.coverage import untrained_benchmarks
@@ -180,8 +181,17 @@ def build_report(eval_dir: Path, curves: Curves | None = None, title: str = "Med
         parts.append(f"<div class='note'>\u2020 {html.escape(names)}: multiple-choice questions, a format absent from the "
                      "model's instruction data; the score shows the format, not the model, and is "
                      f"{'included in' if include_untrained else 'left out of'} the averages.</div>")
-    tables = all_tables(summaries, label, untrained, include_untrained)
-    parts.append("<h2>Results</h2>" + "".join(_table_html(table) for table in tables))
+    protocol = run.get("protocol", "strict")
+    scoring = "".join(
+        f"<li><b>{html.escape(name)}</b>{' (leads the tables)' if name == protocol else ''}: {html.escape(LABELS[name])}</li>"
+        for name in ordered(protocol)
+    )
+    parts.append(
+        f"<h2>Results</h2><div class='note'>Text answers are scored under two protocols, both shown and labelled:"
+        f"<ul>{scoring}</ul>Per-benchmark tables list llava-med metrics with the suffix <code>{LLAVA_MED_SUFFIX}</code>.</div>"
+    )
+    tables = all_tables(summaries, label, untrained, include_untrained, protocol=protocol)
+    parts.append("".join(_table_html(table) for table in tables))
     skipped = [(n, s) for n, e in document.get("benchmarks", {}).items() for s in e["skipped"]]
     if skipped:
         rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{html.escape(s['id'])}</td><td>{html.escape(s['reason'])}</td></tr>" for n, s in skipped[:200])

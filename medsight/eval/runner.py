@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from medsight.data.image_io import DataError
 from medsight.data.taxonomy import Taxonomy
+from medsight.eval import llava_med_scoring as llava_med
 from medsight.eval import metrics
+from medsight.eval.protocols import LLAVA_MED_SUFFIX
 from medsight.eval.benchmarks.common import BenchmarkData, EvalSample, SkippedEntry, model_modality
 from medsight.data.region_tokens import known_token_masks, strip_region_tokens
 from medsight.eval.visuals import load_gt_regions, load_sample_image, resize_image
@@ -111,17 +113,23 @@ def score_sample(
     closed: closed_accuracy (miss = 0); open: open_recall; both also feed all_score (the
     paper's "all" column). mc: mc_accuracy. diagseg: diagnosis_recall (+ diagnosis_hit when the
     entry names its diagnosis), dice, box_miou. grounding: dice, box_miou. box: box_miou.
+    Text scores come in both protocols: the names above are ``strict``; the same names with
+    ``LLAVA_MED_SUFFIX`` are LLaVA-Med's run_eval.py scoring (``llava_med_scoring``).
     """
     scores: dict[str, float] = {}
     boxes = [b for b in (metrics.box_from_mask(mask) for mask in pred_masks) if b is not None]
     if sample.task == "closed":
         scores["closed_accuracy"] = scores["all_score"] = metrics.closed_hit(prediction, sample.answer)
+        scores["closed_accuracy" + LLAVA_MED_SUFFIX] = scores["all_score" + LLAVA_MED_SUFFIX] = llava_med.closed_hit(prediction, sample.answer)
     elif sample.task == "open":
         scores["open_recall"] = scores["all_score"] = metrics.open_recall(prediction, sample.answer)
+        scores["open_recall" + LLAVA_MED_SUFFIX] = scores["all_score" + LLAVA_MED_SUFFIX] = llava_med.open_recall(prediction, sample.answer)
     elif sample.task == "mc":
         scores["mc_accuracy"] = metrics.mc_hit(prediction, sample.options, sample.answer_index)
     if sample.task == "diagseg":
-        scores["diagnosis_recall"] = metrics.open_recall(strip_region_tokens(prediction), strip_region_tokens(sample.answer))
+        said, expected = strip_region_tokens(prediction), strip_region_tokens(sample.answer)
+        scores["diagnosis_recall"] = metrics.open_recall(said, expected)
+        scores["diagnosis_recall" + LLAVA_MED_SUFFIX] = llava_med.open_recall(said, expected)
         if sample.diagnosis:
             scores["diagnosis_hit"] = metrics.term_recalled(prediction, sample.diagnosis)
     if sample.task in ("diagseg", "grounding"):

@@ -25,6 +25,7 @@ from medsight.eval.benchmarks.manifest import load_manifest
 from medsight.eval.coverage import trained_formats, untrained_benchmarks
 from medsight.eval.curves import collect_curves
 from medsight.eval.examples import write_examples
+from medsight.eval.protocols import LLAVA_MED_SUFFIX, PROTOCOLS, check_protocol, protocol_metric
 from medsight.eval.report import build_report, run_label
 from medsight.eval.results_io import flat_metrics, results_document, summaries_from, write_predictions, write_results
 from medsight.eval.runner import GenerationSettings, evaluate_all, peak_memory_mb
@@ -74,18 +75,25 @@ def headline_metrics(document: dict) -> dict[str, float]:
 
     # Benchmarks in a format the model never trained on stay out of the average (coverage.py).
     untrained = untrained_benchmarks(summaries, document.get("run", {}).get("trained_formats"))
-    avg_cell = comprehension_table(summaries, untrained=untrained).rows[0][-1]
+
+    def average(protocol: str) -> float:
+        cell = comprehension_table(summaries, untrained=untrained, protocol=protocol).rows[0][-1]
+        return float(cell) / 100 if cell != "-" else float("nan")
+
     box_benchmarks = tuple(name for name in ("schain", "medtrinity") if name in summaries)
-    return {
-        "closed_accuracy": _pooled(summaries, VQA_BENCHMARKS, "closed_accuracy"),
-        "open_recall": _pooled(summaries, VQA_BENCHMARKS, "open_recall"),
+    headline = {
         "seg_dice": get("diagseg", "dice", "macro"),
-        "diagnosis_recall": get("diagseg", "diagnosis_recall", "macro"),
         "mc_accuracy": _pooled(summaries, ("mmmu_med", "omnimedvqa"), "mc_accuracy"),
         "mecovqa_dice": get("mecovqa_g", "dice", "macro"),
         "box_miou": _pooled(summaries, box_benchmarks, "box_miou"),
-        "comprehension_avg": float(avg_cell) / 100 if avg_cell != "-" else float("nan"),
     }
+    # Text metrics under both protocols: the plain names are strict, "_llava_med" ones LLaVA-Med's.
+    for protocol in PROTOCOLS:
+        for metric in ("closed_accuracy", "open_recall"):
+            headline[protocol_metric(metric, protocol)] = _pooled(summaries, VQA_BENCHMARKS, protocol_metric(metric, protocol))
+        headline[protocol_metric("diagnosis_recall", protocol)] = get("diagseg", protocol_metric("diagnosis_recall", protocol), "macro")
+        headline["comprehension_avg" + ("" if protocol == "strict" else LLAVA_MED_SUFFIX)] = average(protocol)
+    return headline
 
 
 def evaluate_model(
@@ -115,8 +123,10 @@ def evaluate_model(
     if not distributed.is_main():
         return {}  # rank 0 holds every rank's results and writes them
     evaluated = sum(len(r.results) for r in results)
+    protocol = check_protocol(config.evaluate.protocol)
     run_info = {
         **run_info,
+        "protocol": protocol,
         "samples": evaluated,
         "seconds": round(seconds, 2),
         "samples_per_second": round(evaluated / seconds, 3) if seconds else 0.0,
@@ -131,7 +141,7 @@ def evaluate_model(
     summaries = summaries_from(document)
     untrained = untrained_benchmarks(summaries, run_info.get("trained_formats"))
     label = run_label(read_lineage(output))
-    atomic_write_text(output / "tables.md", render_markdown(all_tables(summaries, label, untrained)))
+    atomic_write_text(output / "tables.md", render_markdown(all_tables(summaries, label, untrained, protocol=protocol)))
     build_report(output, curves=collect_curves(list(curve_dirs)))
     return document
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medsight.eval.benchmarks.common import modality_sort_key
+from medsight.eval.protocols import LABELS, ordered, protocol_metric
 
 Summaries = dict[str, dict[str, dict[str, Any]]]  # benchmark -> metric -> MetricSummary.to_dict()
 
@@ -81,23 +82,25 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def comprehension_table(summaries: Summaries, label: str = "model", untrained: tuple[str, ...] | list[str] = (),
-                        include_untrained: bool = False) -> Table:
+                        include_untrained: bool = False, protocol: str = "strict") -> Table:
     """Table 2: close/all accuracy per VQA set, MC accuracy, DiagSeg diagnosis recall, average.
 
     ``untrained``: benchmarks asking in a format the model was never trained on (``coverage.py``);
     their columns are marked with a dagger and left out of Avg. unless ``include_untrained``.
+    ``protocol`` picks the text metrics' scoring (``protocols.py``); MC accuracy is shared.
     """
     untrained = set(untrained)
-    values = [_value(summaries, b, m, a) for _, b, m, a in COMPREHENSION_COLUMNS]
+    values = [_value(summaries, b, protocol_metric(m, protocol), a) for _, b, m, a in COMPREHENSION_COLUMNS]
     averaged = [v for v, (_, b, _, _) in zip(values, COMPREHENSION_COLUMNS) if include_untrained or b not in untrained]
     marked = [c for c in COMPREHENSION_COLUMNS if c[1] in untrained and c[1] in summaries]
-    note = "close = closed accuracy (a miss counts 0); all = closed hits and open recall over all questions; Avg. over the columns present"
+    close = "closed accuracy (a miss counts 0)" if protocol == "strict" else "LLaVA-Med's closed rule (yes/no substring test)"
+    note = f"close = {close}; all = closed hits and open recall over all questions; Avg. over the columns present"
     if marked:
         names = ", ".join(c[0] for c in marked)
         note += (f". \u2020 {names}: a question format the model was not trained to answer (no such questions in its "
                  f"instruction data); {'included in' if include_untrained else 'left out of'} Avg")
     return Table(
-        title="Table 2 - Medical visual comprehension",
+        title=f"Table 2 - Medical visual comprehension [{LABELS[protocol]}]",
         first_column="Model",
         columns=[c[0] + (" \u2020" if c in marked else "") for c in COMPREHENSION_COLUMNS] + ["Avg."],
         rows=[[label] + [fmt(v) for v in values] + [fmt(_mean(averaged))]],
@@ -121,16 +124,18 @@ def per_modality_table(summaries: Summaries, benchmark: str, metric: str, title:
     return Table(title=title, first_column="Model", columns=modalities + ["Avg."], rows=[row], note=f"n per modality - {counts}")
 
 
-def diagseg_table(summaries: Summaries, label: str = "model") -> Table:
+def diagseg_table(summaries: Summaries, label: str = "model", protocol: str = "strict") -> Table:
     """Table 3: DiagSeg diagnosis recall and segmentation Dice per modality, with macro averages."""
-    modalities = _modalities(summaries, "diagseg", ("diagnosis_recall", "dice"))
+    recall = protocol_metric("diagnosis_recall", protocol)
+    modalities = _modalities(summaries, "diagseg", (recall, "dice"))
     row = [label]
-    for metric in ("diagnosis_recall", "dice"):
+    for metric in (recall, "dice"):
         summary = summaries.get("diagseg", {}).get(metric, {})
         row += [fmt(summary.get("per_modality", {}).get(m)) for m in modalities]
         row.append(fmt(summary.get("macro")) if summary else "-")
     columns = [f"Diag {m}" for m in modalities] + ["Diag Avg."] + [f"Seg {m}" for m in modalities] + ["Seg Avg."]
-    return Table("Table 3 - Grounded diagnostic segmentation (DiagSeg)", columns, [row], "Diag = diagnosis recall; Seg = Dice of masks decoded from generated region tokens.", "Model")
+    title = f"Table 3 - Grounded diagnostic segmentation (DiagSeg) [{LABELS[protocol]}]"
+    return Table(title, columns, [row], "Diag = diagnosis recall; Seg = Dice of masks decoded from generated region tokens.", "Model")
 
 
 def box_table(summaries: Summaries, label: str = "model") -> Table:
@@ -165,11 +170,13 @@ def benchmark_table(summaries: Summaries, benchmark: str) -> Table:
 
 
 def all_tables(summaries: Summaries, label: str = "model", untrained: tuple[str, ...] | list[str] = (),
-               include_untrained: bool = False) -> list[Table]:
-    """Every paper-shaped table plus one per-modality table for each benchmark."""
-    tables = [comprehension_table(summaries, label, untrained, include_untrained)]
+               include_untrained: bool = False, protocol: str = "strict") -> list[Table]:
+    """Every paper-shaped table plus one per-modality table for each benchmark; the text-scored
+    tables once per scoring protocol, ``protocol`` first, each labelled with its protocol."""
+    protocols = ordered(protocol)
+    tables = [comprehension_table(summaries, label, untrained, include_untrained, p) for p in protocols]
     if "diagseg" in summaries:
-        tables.append(diagseg_table(summaries, label))
+        tables += [diagseg_table(summaries, label, p) for p in protocols]
     if "mecovqa_g" in summaries:
         tables.append(per_modality_table(summaries, "mecovqa_g", "dice", "Table 4 - Text-prompted segmentation (MeCoVQA-G Dice)", label))
     if any("box_miou" in metrics_ for metrics_ in summaries.values()):

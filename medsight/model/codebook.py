@@ -58,17 +58,36 @@ class ModalityCodebook(nn.Module):
         self.config = config
         self.num_modalities = config.num_modalities
         self.codes_per_modality = config.codes_per_modality
-        self.project_in = _projection(query_dim, config.code_dim)  # P_q
-        self.project_out = _projection(config.code_dim, query_dim)  # P_d
+        self.project_in = self._projection(query_dim, config.code_dim)  # P_q
+        self.project_out = self._projection(config.code_dim, query_dim)  # P_d
         bound = 1.0 / config.codes_per_modality
         self.codes = nn.Parameter(
             torch.empty(config.num_modalities, config.codes_per_modality, config.code_dim).uniform_(-bound, bound)
         )  # [M, K, d_q]
         self.modality_predictor: nn.Module | None = (
-            nn.Sequential(nn.LayerNorm(encoder_width), nn.Linear(encoder_width, config.num_modalities))
-            if config.modality_predictor
-            else None
+            self._modality_head(encoder_width, config.num_modalities) if config.modality_predictor else None
         )
+
+    # ---- what a variant may change (AuthorsCodebook) -----------------------------------------
+
+    def _projection(self, in_dim: int, out_dim: int) -> nn.Module:
+        return _projection(in_dim, out_dim)
+
+    def _modality_head(self, encoder_width: int, num_modalities: int) -> nn.Module:
+        return nn.Sequential(nn.LayerNorm(encoder_width), nn.Linear(encoder_width, num_modalities))
+
+    def unit(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The space codes are compared in: raw here, L2-normalised in the authors' variant."""
+        return vectors
+
+    def decode(self, perceiver: nn.Module, quantized: torch.Tensor, pixel_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks [B, K, H, W] and classes [B, K, C+1] of quantized queries [B, K, d]: here the
+        perceiver's own heads (the authors' variant has a head of its own)."""
+        return perceiver.decode_masks(quantized, pixel_features), perceiver.classify(quantized)
+
+    def _quantized_codes(self, z: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Straight-through: value = chosen code, gradient = identity to z."""
+        return z + (chosen - z).detach()
 
     # ---- quantization ----------------------------------------------------------------------
 
@@ -79,19 +98,19 @@ class ModalityCodebook(nn.Module):
     def nearest_codes(self, z: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """z [B, Q, d_q], modality [B] -> index [B, Q] of the nearest code inside each image's modality."""
         self._check_modality(modality)
-        sub_codebooks = self.codes[modality].detach()  # [B, K, d_q]
-        distances = torch.cdist(z.detach(), sub_codebooks)  # [B, Q, K]
+        sub_codebooks = self.unit(self.codes[modality].detach())  # [B, K, d_q]
+        distances = torch.cdist(self.unit(z.detach()), sub_codebooks)  # [B, Q, K]
         return distances.argmin(dim=-1)
 
     def forward(self, queries: torch.Tensor, modality: torch.Tensor) -> CodebookOutput:
         """queries [B, Q, d], modality [B] long -> CodebookOutput."""
         z = self.project_in(queries)  # [B, Q, d_q]
         indices = self.nearest_codes(z, modality)  # [B, Q]
-        sub_codebooks = self.codes[modality]  # [B, K, d_q]
+        sub_codebooks = self.unit(self.codes[modality])  # [B, K, d_q]
         chosen = torch.gather(sub_codebooks, 1, indices[..., None].expand(-1, -1, z.shape[-1]))  # [B, Q, d_q]
         codebook_loss = F.mse_loss(chosen, z.detach())  # moves codes towards the queries
         commitment_loss = self.config.commitment * F.mse_loss(z, chosen.detach())  # keeps P_q near its codes
-        z_q = z + (chosen - z).detach()  # value = chosen code, gradient = identity to z
+        z_q = self._quantized_codes(z, chosen)
         quantized = self.project_out(z_q)  # [B, Q, d]
         return CodebookOutput(
             quantized=quantized,
@@ -109,11 +128,11 @@ class ModalityCodebook(nn.Module):
     def embed_codes(self, modality_ids: torch.Tensor, code_ids: torch.Tensor) -> torch.Tensor:
         """modality_ids, code_ids [...] long -> P_d(e_{m,k}) [..., d] (initial LLM token embeddings)."""
         self._check_modality(modality_ids)
-        return self.project_out(self.codes[modality_ids, code_ids])
+        return self.project_out(self.unit(self.codes[modality_ids, code_ids]))
 
     def all_code_queries(self) -> torch.Tensor:
         """P_d(e) for every code -> [M*K, d], row m*K + k = modality m, code k."""
-        return self.project_out(self.codes.reshape(-1, self.codes.shape[-1]))
+        return self.project_out(self.unit(self.codes.reshape(-1, self.codes.shape[-1])))
 
     def predict_modality(self, cls_token: torch.Tensor) -> torch.Tensor:
         """cls_token [B, C_enc] -> modality logits [B, M]."""

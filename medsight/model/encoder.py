@@ -17,6 +17,7 @@ from torch import nn
 
 from medsight.config.schema import EncoderConfig
 
+logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
 
@@ -30,7 +31,7 @@ class EncoderOutput:
 def open_clip_config(config: EncoderConfig) -> dict:
     """An open_clip model config for the encoder dims; the text tower is a stub we never run."""
     return {
-        "embed_dim": config.width,
+        "embed_dim": config.embed_dim or config.width,
         "quick_gelu": True,
         "vision_cfg": {
             "image_size": config.image_size,
@@ -64,8 +65,18 @@ def _without_random_init_warning() -> Iterator[None]:
         root.removeHandler(handler)
 
 
+def _registered_by_us(name: str) -> bool:
+    """A config this module registered earlier (its stub text tower tells it from open_clip's own)."""
+    from open_clip.factory import get_model_config
+
+    registered = get_model_config(name)
+    return registered is not None and registered.get("text_cfg") == open_clip_config(EncoderConfig())["text_cfg"]
+
+
 def _create_visual(config: EncoderConfig, pretrained: str | None) -> nn.Module:
-    builtin = config.model_name in open_clip.list_models()
+    # open_clip's registry is process-wide: a custom name registered with other dims (another
+    # run in this process) is registered again with this config's.
+    builtin = config.model_name in open_clip.list_models() and not _registered_by_us(config.model_name)
     if not builtin:
         # Custom (tiny) architectures are registered from a config file, as open_clip expects.
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +112,7 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"model.encoder.feature_layer={config.feature_layer} out of range for {config.layers} layers")
         self.requires_grad_(False)
         self.eval()
+        self.load_report = None  # set by from_open_clip_weights: what a release held besides the ViT
 
     @classmethod
     def random_init(cls, config: EncoderConfig) -> ImageEncoder:
@@ -108,13 +120,36 @@ class ImageEncoder(nn.Module):
 
     @classmethod
     def from_open_clip_weights(cls, config: EncoderConfig, weights_path: Path) -> ImageEncoder:
-        """Import released CLIP weights (e.g. UniMed-CLIP) through open_clip's own loader."""
+        """Import released CLIP weights: the vision tower of an open_clip / UniMed-CLIP checkpoint.
+
+        UniMed-CLIP's release (``unimed_clip_vit_l14_base_text_encoder.pt``) holds the ViT under
+        ``visual.*`` beside a BiomedBERT text tower (``text_encoder.*``) and ``logit_scale``,
+        possibly inside ``{"state_dict": ...}`` with DDP's ``module.`` prefix. The vision tower is
+        loaded strictly; everything else is ignored and listed in ``load_report``.
+        """
+        from medsight.model.unimed_clip import read_vision_tower
+
         if not Path(weights_path).exists():
             raise FileNotFoundError(
                 f"model.encoder.weights_path: {weights_path} does not exist; download the weights "
                 "there or `dvc pull` them first"
             )
-        return cls(config, _create_visual(config, pretrained=str(weights_path)))
+        state, report = read_vision_tower(Path(weights_path))
+        encoder = cls.random_init(config)
+        expected = encoder.visual.state_dict()
+        missing = [key for key in expected if key not in state]
+        unexpected = [key for key in state if key not in expected]
+        resized = [key for key in state if key in expected and state[key].shape != expected[key].shape]
+        if missing or unexpected or resized:
+            raise ValueError(
+                f"{weights_path}: the vision tower does not fit model.encoder ({config.model_name}: width "
+                f"{config.width}, layers {config.layers}); missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"other shape {resized[:3]}"
+            )
+        encoder.visual.load_state_dict(state, strict=True)
+        encoder.load_report = report
+        logger.info("%s", report.summary())
+        return encoder
 
     @classmethod
     def load(cls, config: EncoderConfig, directory: Path) -> ImageEncoder:

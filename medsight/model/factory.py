@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from medsight.config.schema import ExperimentConfig
+from medsight.data.conversation_dataset import PromptFormat
 from medsight.data.taxonomy import Taxonomy
 from medsight.data.tokenizer import load_tokenizer
 from medsight.model.bundle import find_dir, find_modules, load_module
@@ -81,7 +82,7 @@ def build_medsight(
         codebook,
         llm,
         base_vocab_size=base_size,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_id=PromptFormat.from_tokenizer(tokenizer, config.model.llm).image_id,
         vocabulary=None if region_tokens else RegionVocabulary.empty(),
     )
     loaded = set()

@@ -56,7 +56,7 @@ def generate(
     batch = input_ids.shape[0]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     embeddings = model.input_embeddings(input_ids, context)
-    out = model.llm.model(inputs_embeds=embeddings, attention_mask=attention, position_ids=positions, use_cache=True)
+    out = model.llm.base_model(inputs_embeds=embeddings, attention_mask=attention, position_ids=positions, use_cache=True)
     cache, last_hidden = out.past_key_values, out.last_hidden_state[:, -1]
     vocab = model.base_vocab_size + len(model.vocabulary)
     # Penalise text already in the prompt, not the image placeholders.
@@ -81,7 +81,7 @@ def generate(
         seen[torch.arange(batch, device=device), choice] = True
         # Feed the chosen token: its own hidden state comes back (and the next logits with it).
         attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype, device=device)], dim=1)
-        out = model.llm.model(
+        out = model.llm.base_model(
             inputs_embeds=model.embed_tokens(choice[:, None]),
             attention_mask=attention,
             position_ids=next_position[:, None],

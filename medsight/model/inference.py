@@ -32,7 +32,7 @@ class MedSightInference:
         self.taxonomy = taxonomy  # the label space it was trained on; None = unknown
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.format = PromptFormat.from_tokenizer(tokenizer)
+        self.format = PromptFormat.from_tokenizer(tokenizer, config.model.llm)
         self.image_size = config.model.encoder.image_size
 
     @classmethod
@@ -94,7 +94,7 @@ class MedSightInference:
             is_region = self.model.is_region_token(token_tensor) if tokens else torch.zeros(0, dtype=torch.bool)
             positions = is_region.nonzero().flatten()
             if positions.numel():
-                logits = self.model.decode_region_masks(hidden[positions.to(hidden.device)], context.pixel_features[row])
+                logits = self.model.decode_region_masks(hidden[positions.to(hidden.device)], context, row)
                 masks = torch.sigmoid(
                     F.interpolate(logits[None].float(), size=images.shape[-2:], mode="bilinear", align_corners=False)[0]
                 ).cpu()

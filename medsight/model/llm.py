@@ -1,4 +1,8 @@
-"""The language model: Qwen3 (or Qwen2 for the Qwen2.5 backbone variant), tiny or from local weights."""
+"""The language model: Qwen3 (or Qwen2 for the Qwen2.5 backbone variant), tiny or from local weights;
+``backbone: auto`` loads any Hugging Face causal LM from a local directory (never downloads).
+
+MedSight calls the LM's inner transformer as ``llm.base_model`` (Qwen's ``model``, GPT-2's
+``transformer``, ...) with ``inputs_embeds``, and its input/output embeddings."""
 
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ _BACKBONES = {
 
 def _backbone(name: str):
     if name not in _BACKBONES:
-        raise ValueError(f"model.llm.backbone: {name!r} is not one of {', '.join(_BACKBONES)}")
+        raise ValueError(f"model.llm.backbone: {name!r} is not one of {', '.join(_BACKBONES)}, auto")
     return _BACKBONES[name]
 
 
 def random_init_llm(config: LLMConfig, vocab_size: int, seed: int = 0) -> PreTrainedModel:
     """A random-init model with the config's dims (tiny preset); deterministic for a seed."""
+    if config.backbone == "auto":
+        raise ValueError("model.llm.backbone=auto needs model.llm.weights_path (a local Hugging Face model directory)")
     config_cls, model_cls = _backbone(config.backbone)
     hf_config = config_cls(
         vocab_size=vocab_size,
@@ -53,9 +59,15 @@ def load_llm(directory: Path, config: LLMConfig, dtype: torch.dtype = torch.floa
         raise FileNotFoundError(
             f"{directory}: no LLM here (config.json missing); set model.llm.weights_path or run base-models"
         )
-    _, model_cls = _backbone(config.backbone)
     try:
-        model = model_cls.from_pretrained(str(directory), dtype=dtype, use_safetensors=True)
+        if config.backbone == "auto":
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True,
+                                                         local_files_only=True)
+        else:
+            _, model_cls = _backbone(config.backbone)
+            model = model_cls.from_pretrained(str(directory), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         # A truncated shard, a config.json that is not JSON, shapes that disagree with the config.
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -15,7 +15,6 @@ from medsight.model.codebook import ModalityCodebook
 from medsight.model.criterion import ordered_mask_loss
 from medsight.model.encoder import ImageEncoder
 from medsight.model.projectors import TextToVisionProjector, VisionToTextProjector
-from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.region_vocabulary import RegionTokenEmbeddings, RegionVocabulary
 from medsight.model.visual_cache import VisualContextCache
 from medsight.model.visual_merge import merge_visual_tokens
@@ -49,7 +48,7 @@ class MedSight(nn.Module):
         self,
         config: ModelConfig,
         encoder: ImageEncoder,
-        perceiver: RegionPerceiver,
+        perceiver: nn.Module,  # RegionPerceiver or AuthorsRegionPerceiver
         codebook: ModalityCodebook | None,
         llm: PreTrainedModel,
         base_vocab_size: int,
@@ -70,7 +69,7 @@ class MedSight(nn.Module):
         self.vocabulary = vocabulary
         hidden = llm.config.hidden_size
         self.v2t = VisionToTextProjector(config.encoder.width, config.perceiver.dim, hidden, config.patch_merge)
-        self.t2v = TextToVisionProjector(hidden, config.perceiver.dim)
+        self.t2v = TextToVisionProjector(hidden, config.perceiver.dim, config.t2v_activation)
         self.region_tokens = RegionTokenEmbeddings(len(self.vocabulary), hidden)
         self.base_vocab_size = base_vocab_size
         self.image_token_id = image_token_id
@@ -152,33 +151,40 @@ class MedSight(nn.Module):
             self.embed_tokens(input_ids), input_ids, self.visual_embeddings(context), self.image_token_id
         )
 
-    def decode_region_masks(self, hidden: torch.Tensor, pixel_features: torch.Tensor) -> torch.Tensor:
-        """hidden [K, H] of emitted region tokens, pixel_features [d, Hr, Wr] -> mask logits [K, Hr, Wr]."""
-        queries = self.t2v(hidden).to(pixel_features.dtype)
-        return self.perceiver.decode_masks(queries.unsqueeze(0), pixel_features.unsqueeze(0))[0]
+    def decode_region_masks(self, hidden: torch.Tensor, context: VisualContext, row: int) -> torch.Tensor:
+        """hidden [K, H] of the region tokens of one answer, for image ``row`` of ``context`` ->
+        mask logits [K, Hr, Wr]. How P_t2v's queries become masks is the perceiver's choice: the
+        mask head against I_r, or (authors' architecture) a new perceiver pass with them as queries."""
+        pixel_features = context.pixel_features[row : row + 1]
+        queries = self.t2v(hidden).to(pixel_features.dtype).unsqueeze(0)  # [1, K, d]
+        patch_tokens = context.patch_tokens[row : row + 1].to(pixel_features.dtype)
+        return self.perceiver.decode_llm_queries(queries, patch_tokens, pixel_features)[0]
 
     def classify_region_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [K, H] of emitted region tokens -> class logits [K, C+1] (last = no-object),
         read from the same P_t2v query that ``decode_region_masks`` decodes."""
         queries = self.t2v(hidden)
         return self.perceiver.classify(queries.unsqueeze(0).to(self.perceiver.class_head.weight.dtype))[0]
-    def decode_batch_region_masks(
-        self, hidden: torch.Tensor, positions: list[torch.Tensor], pixel_features: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """hidden [B, T, H]; per sample the positions of its region tokens (possibly none);
-        pixel_features [B, d, Hr, Wr] -> per sample mask logits [K_b, Hr, Wr].
 
-        One P_t2v call and one mask-decoder call for the whole batch, however many region tokens
+    def decode_batch_region_masks(
+        self, hidden: torch.Tensor, positions: list[torch.Tensor], context: VisualContext
+    ) -> list[torch.Tensor]:
+        """hidden [B, T, H]; per sample the positions of its region tokens (possibly none); the
+        batch's images as ``context`` -> per sample mask logits [K_b, Hr, Wr].
+
+        One P_t2v call and one perceiver decode for the whole batch, however many region tokens
         each sample holds: under DeepSpeed ZeRO-3 every rank must call the same modules as often
         (each call gathers partitioned weights collectively), whatever its share of the data.
         """
+        pixel_features = context.pixel_features
         width = max(1, max((len(p) for p in positions), default=0))
         index = torch.zeros(len(positions), width, dtype=torch.long, device=hidden.device)
         for b, sample in enumerate(positions):
             index[b, : len(sample)] = sample.to(hidden.device)
         rows = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, K, H]
         queries = self.t2v(rows).to(pixel_features.dtype)  # [B, K, d]
-        logits = self.perceiver.decode_masks(queries, pixel_features)  # [B, K, Hr, Wr]
+        patch_tokens = context.patch_tokens.to(pixel_features.dtype)
+        logits = self.perceiver.decode_llm_queries(queries, patch_tokens, pixel_features)  # [B, K, Hr, Wr]
         return [logits[b, : len(sample)] for b, sample in enumerate(positions)]
 
     # ----------------------------------------------------------------- training
@@ -194,7 +200,7 @@ class MedSight(nn.Module):
     ) -> LanguageOutput:
         context = self.encode_images(images, image_keys)
         embeddings = self.input_embeddings(input_ids, context)
-        hidden = self.llm.model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
+        hidden = self.llm.base_model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
         logits = self.logits(hidden)  # [B, T, V]
         lm_loss = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
@@ -222,7 +228,7 @@ class MedSight(nn.Module):
                     f"batch sample {b}: {sample.numel()} region tokens in the answer but "
                     f"{target.shape[0]} masks; mask_files must list one mask per region token"
                 )
-        decoded = self.decode_batch_region_masks(hidden, positions, context.pixel_features)
+        decoded = self.decode_batch_region_masks(hidden, positions, context)
         losses = [ordered_mask_loss(logits, masks[b].to(logits.dtype), self.config.loss)
                   for b, logits in enumerate(decoded) if logits.shape[0]]
         if not losses:

@@ -12,8 +12,9 @@ class VisionToTextProjector(nn.Module):
     """Token-wise 2-layer GELU MLP over [patch tokens ; region tokens] into LLM embedding space.
 
     Patch and region tokens share one MLP (as in the paper). When the perceiver width d differs
-    from the encoder width C (full preset: 256 vs 1024) region tokens are first lifted to C by a
-    linear map, so the shared MLP still sees one input space; at equal widths it is the identity.
+    from the encoder width C (the medsight perceiver at d < C) region tokens are first lifted to C
+    by a linear map, so the shared MLP still sees one input space; at equal widths (the authors'
+    perceiver, d = C = 1024) it is the identity.
     With ``patch_merge`` s > 1, each s x s block of neighbouring patches is concatenated and
     mapped back to C first (Qwen2-VL's merger), so the LLM reads s^2 times fewer patch tokens.
     """
@@ -59,14 +60,22 @@ class VisionToTextProjector(nn.Module):
         return self.mlp(sequence)
 
 
-class TextToVisionProjector(nn.Module):
-    """Maps an emitted region token's last hidden state into the perceiver's query space."""
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
-    def __init__(self, llm_dim: int, query_dim: int):
+
+class TextToVisionProjector(nn.Module):
+    """Maps an emitted region token's last hidden state into the perceiver's query space.
+
+    ``activation``: "gelu" (this project) or "relu" (the authors' released projector).
+    """
+
+    def __init__(self, llm_dim: int, query_dim: int, activation: str = "gelu"):
         super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"model.t2v_activation: {activation!r} is not one of {', '.join(_ACTIVATIONS)}")
         self.mlp = nn.Sequential(
             nn.Linear(llm_dim, llm_dim),
-            nn.GELU(),
+            _ACTIVATIONS[activation](),
             nn.Linear(llm_dim, query_dim),
         )
 

@@ -67,6 +67,11 @@ class RegionPerceiver(nn.Module):
     def __init__(self, encoder_width: int, config: PerceiverConfig) -> None:
         super().__init__()
         dim = config.dim
+        if config.head_dim and config.head_dim * config.num_heads != dim:
+            raise ValueError(
+                f"model.perceiver.head_dim={config.head_dim}: the medsight perceiver's attention width is "
+                f"its model width ({dim} = num_heads x head_dim); set head_dim=0 or use architecture=authors"
+            )
         self.config = config
         # CLIP's penultimate-layer tokens have a large, outlier-heavy scale: normalise after the
         # projection so the attention logits start in a sane range.
@@ -104,6 +109,10 @@ class RegionPerceiver(nn.Module):
     def classify(self, query_like: torch.Tensor) -> torch.Tensor:
         """query_like [B, K, d] -> class logits [B, K, C+1] (last = no-object)."""
         return self.class_head(query_like)
+
+    def decode_llm_queries(self, queries: torch.Tensor, patch_tokens: torch.Tensor, pixel_features: torch.Tensor) -> torch.Tensor:
+        """Masks of LLM region tokens (P_t2v outputs [B, K, d]): the mask head against I_r."""
+        return self.decode_masks(queries, pixel_features)
 
     def _predict(self, queries: torch.Tensor, pixels: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, ...]:
         """Residual-stream queries [B, Q, d], pixel tokens [B, H*W, d] -> (normed queries, masks, classes)."""

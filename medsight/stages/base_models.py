@@ -27,6 +27,15 @@ def _corpus_lines(data_dir: Path) -> list[str]:
     return corpus.read_text().splitlines()
 
 
+def _missing_markers(tokenizer, llm_cfg) -> list[str]:
+    """Tokens the prompt format needs that a released tokenizer lacks (padded vocab rows usually
+    absorb them). The chat-template format uses the tokenizer's own markers and, with Qwen's
+    ``<|image_pad|>`` as placeholder, adds nothing; the medsight format adds its three markers."""
+    wanted = CHAT_MARKERS if llm_cfg.prompt_format == "medsight" else (llm_cfg.image_token,)
+    vocab = tokenizer.get_vocab()
+    return [token for token in wanted if token not in vocab]
+
+
 def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker: Tracker) -> dict[str, float]:
     encoder_cfg, llm_cfg = config.model.encoder, config.model.llm
     if encoder_cfg.weights_path:
@@ -41,8 +50,9 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         from medsight.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(source)
-        # Released tokenizers lack our chat/image markers; padded vocab rows usually absorb them.
-        tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_MARKERS)})
+        missing = _missing_markers(tokenizer, llm_cfg)
+        if missing:
+            tokenizer.add_tokens(missing, special_tokens=True)
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(len(tokenizer))
         save_llm(llm, output / "llm")

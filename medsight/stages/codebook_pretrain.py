@@ -20,7 +20,6 @@ from medsight.data.taxonomy import check_model_matches
 from medsight.model.bundle import copy_modules, find_modules, load_module, save_modules, stage_taxonomy
 from medsight.model.codebook import ModalityCodebook
 from medsight.model.matcher import HungarianMatcher
-from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.vision_modules import load_encoder, new_codebook, new_perceiver
 from medsight.stages.perceiver_pretrain import matched_dice, set_criterion
 from medsight.stages.segmentation_data import (
@@ -79,7 +78,7 @@ def _interleaved(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _initial_queries(perceiver: RegionPerceiver, train: SegmentationSamples, encoder: FrozenEncoder,
+def _initial_queries(perceiver: nn.Module, train: SegmentationSamples, encoder: FrozenEncoder,
                      limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Region queries [N, Q, d] and modalities [N] of the first ``limit`` training images
     (bounded, whatever the dataset's size). Every rank computes the same, in the same order."""
@@ -93,7 +92,7 @@ def _initial_queries(perceiver: RegionPerceiver, train: SegmentationSamples, enc
 
 @torch.no_grad()
 def codes_used_by_regions(
-    perceiver: RegionPerceiver, codebook: ModalityCodebook, samples: SegmentationSamples,
+    perceiver: nn.Module, codebook: ModalityCodebook, samples: SegmentationSamples,
     encoder: FrozenEncoder, matcher: HungarianMatcher,
 ) -> dict[int, int]:
     """Distinct codes that ground-truth regions are assigned to, per modality id (all ranks' shards)."""
@@ -101,8 +100,7 @@ def codes_used_by_regions(
     for batch in iterate(eval_loader(samples, INIT_BATCH), encoder.device):
         out = perceiver(encoder(batch).patch_tokens)
         quantized = codebook(out.queries, batch["modality"])
-        masks = perceiver.decode_masks(quantized.quantized, out.pixel_features)
-        classes = perceiver.classify(quantized.quantized)
+        masks, classes = codebook.decode(perceiver, quantized.quantized, out.pixel_features)
         for b, (query_index, _) in enumerate(matcher(masks, classes, batch["masks"], batch["labels"])):
             modality = int(batch["modality"][b])
             used.setdefault(modality, set()).update(quantized.indices[b, query_index.to(masks.device)].tolist())
@@ -161,11 +159,8 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         with torch.no_grad():
             out = perceiver(features.patch_tokens)
         quantized, modality_logits = engine.model(out.queries, batch["modality"], features.cls_tokens)
-        prediction = SimpleNamespace(
-            mask_logits=perceiver.decode_masks(quantized.quantized, out.pixel_features),
-            class_logits=perceiver.classify(quantized.quantized),
-            aux=[],
-        )
+        mask_logits, class_logits = codebook.decode(perceiver, quantized.quantized, out.pixel_features)
+        prediction = SimpleNamespace(mask_logits=mask_logits, class_logits=class_logits, aux=[])
         grounding = criterion(prediction, batch["masks"], batch["labels"]).total
         loss = quantized.vq_loss + quantized.recon_loss + grounding
         losses = {"vq": quantized.vq_loss, "recon": quantized.recon_loss, "grounding": grounding}
@@ -198,12 +193,14 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
         copy_modules(modules, output, ("perceiver",))
 
     matcher = HungarianMatcher(config.model.loss)
-    quantize = lambda queries, batch: codebook(queries, batch["modality"]).quantized  # noqa: E731
+    def quantize(out, batch):
+        return codebook.decode(perceiver, codebook(out.queries, batch["modality"]).quantized, out.pixel_features)
+
     metrics: dict[str, float] = {"train_steps": float(result.steps)}
     with engine.autocast():
         for name in ("val", "test"):
             continuous = matched_dice(perceiver, splits[name], encoder, matcher, num_workers=stage.num_workers)
-            discrete = matched_dice(perceiver, splits[name], encoder, matcher, queries_fn=quantize,
+            discrete = matched_dice(perceiver, splits[name], encoder, matcher, decode_fn=quantize,
                                     num_workers=stage.num_workers)
             metrics[f"{name}_dice"] = continuous
             metrics[f"{name}_dice_quantized"] = discrete

@@ -59,8 +59,7 @@ def extract_region_tokens(
     names = vocabulary.names
     out = perceiver(encoder(batch).patch_tokens)
     quantized = codebook(out.queries, batch["modality"])
-    masks = perceiver.decode_masks(quantized.quantized, out.pixel_features)
-    classes = perceiver.classify(quantized.quantized)
+    masks, classes = codebook.decode(perceiver, quantized.quantized, out.pixel_features)
     for b, (query_index, target_index) in enumerate(matcher(masks, classes, batch["masks"], batch["labels"])):
         per_region = [""] * len(target_index)
         modality = int(batch["modality"][b])

@@ -12,6 +12,7 @@ import torch
 from medsight.config.schema import ExperimentConfig
 from medsight.model.bundle import copy_modules, find_modules, stage_taxonomy
 from medsight.model.factory import build_medsight
+from medsight.model.lora import attach_lora
 from medsight.stages.language_training import (
     llm_dtype,
     load_conversations,
@@ -41,12 +42,14 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     val = load_conversations(prepared / "instruct_val.jsonl", data_root)
     val += load_conversations(grounding / "conversations" / "val.json", data_root)
     data = make_language_data(config, model, tokenizer, train, val, taxonomy, stage.visual_cache_mb)
+    # LoRA (App. F.4): adapters injected into the LLM in place; folded back in when it is saved.
+    lora = attach_lora(model.llm, stage) if stage.lora_rank > 0 else None
     result, engine = train_language_stage(
         stage=STAGE, model=model, data=data, train_config=stage, deepspeed_config=stage.deepspeed,
-        output=output, tracker=tracker, seg_weight=1.0,
+        output=output, tracker=tracker, seg_weight=1.0, lora=lora is not None,
     )
     save_trained_modules(output, engine, model, ("t2v", "region_tokens", "v2t"), inputs, taxonomy)
-    save_trained_llm(output, engine, model, llm_dtype(stage))
+    save_trained_llm(output, engine, model, llm_dtype(stage), lora)
     if distributed.is_main():
         copy_modules(find_modules(inputs), output, ("perceiver", "codebook"))
         tokenizer.save_pretrained(str(output / "tokenizer"))
@@ -54,6 +57,7 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     return {
         **metrics,
         "t2v_from_stage4": float("t2v" in loaded),
+        "lora_rank": float(stage.lora_rank),
         "train_steps": float(result.steps),
         **{f"final_{k}": v for k, v in result.last_losses.items()},
     }

@@ -30,6 +30,7 @@ from medsight.data.llava import Conversation, read_conversations
 from medsight.data.taxonomy import Taxonomy
 from medsight.model.bundle import module_file, taxonomy_file
 from medsight.model.dice import hard_dice
+from medsight.model.lora import lora_parameter
 from medsight.model.medsight import MedSight
 from medsight.model.visual_cache import VisualContextCache
 from medsight.train import distributed
@@ -55,10 +56,15 @@ EXPECTED_LOSSES: dict[str, tuple[str, ...]] = {
 }
 
 
-def apply_freezing(model: MedSight, stage: str) -> None:
+def apply_freezing(model: MedSight, stage: str, lora: bool = False) -> None:
+    """``lora``: the LLM carries LoRA adapters; only they train inside it (instruct_tune.lora_rank)."""
     model.requires_grad_(False)
     for name in TRAINABLE_MODULES[stage]:
-        getattr(model, name).requires_grad_(True)
+        if name == "llm" and lora:
+            for parameter_name, parameter in model.llm.named_parameters():
+                parameter.requires_grad_(lora_parameter(parameter_name))
+        else:
+            getattr(model, name).requires_grad_(True)
 
 
 def load_conversations(path: Path, image_root: Path) -> list[Conversation]:
@@ -103,9 +109,10 @@ def make_language_data(
             taxonomy=taxonomy,
             decoded_cache_bytes=cache_mb * 1024 * 1024,
             region_tokens=model.vocabulary.names,
+            llm=config.model.llm,
         )
 
-    return LanguageData(dataset(train), dataset(val), PromptFormat.from_tokenizer(tokenizer).pad_id)
+    return LanguageData(dataset(train), dataset(val), PromptFormat.from_tokenizer(tokenizer, config.model.llm).pad_id)
 
 
 def _forward(model_call, batch: dict, seg_weight: float):
@@ -152,9 +159,10 @@ def train_language_stage(
     output: Path,
     tracker: Tracker,
     seg_weight: float,
+    lora: bool = False,
 ) -> tuple[LoopResult, DeepSpeedEngine]:
     torch.manual_seed(train_config.seed)
-    apply_freezing(model, stage)
+    apply_freezing(model, stage, lora)
     # Stays on the model for the stage's validation pass, which sees the same val images.
     model.visual_cache = VisualContextCache.from_megabytes(train_config.visual_cache_mb)
     if model.visual_cache is not None and deepspeed_config.zero_stage == 3 and distributed.world_size() > 1:
@@ -231,10 +239,10 @@ def validate_language(model: MedSight, data: LanguageData, batch_size: int, engi
 def _teacher_forced_dice(model: MedSight, batch: dict) -> torch.Tensor:
     context = model.encode_images(batch["images"], batch["image_keys"])
     embeddings = model.input_embeddings(batch["input_ids"], context)
-    hidden = model.llm.model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.llm.base_model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).last_hidden_state
     regions = model.is_region_token(batch["input_ids"]) & (batch["labels"] != IGNORE_INDEX)
     positions = [regions[b].nonzero().flatten() for b in range(hidden.shape[0])]
-    decoded = model.decode_batch_region_masks(hidden, positions, context.pixel_features)
+    decoded = model.decode_batch_region_masks(hidden, positions, context)
     scores = [hard_dice(logits.float(), batch["masks"][b]).cpu() for b, logits in enumerate(decoded) if logits.shape[0]]
     return torch.cat(scores) if scores else torch.zeros(0)
 
@@ -273,12 +281,17 @@ def save_trained_modules(
         taxonomy.save(taxonomy_file(output))
 
 
-def save_trained_llm(output: Path, engine: DeepSpeedEngine, model: MedSight, dtype: torch.dtype) -> None:
+def save_trained_llm(output: Path, engine: DeepSpeedEngine, model: MedSight, dtype: torch.dtype,
+                     lora=None) -> None:
     """The LLM in Hugging Face's safetensors layout, consolidated on rank 0 in ``dtype`` (the
-    dtype it trained in: bf16 at full scale, as the released Qwen weights)."""
+    dtype it trained in: bf16 at full scale, as the released Qwen weights). ``lora``: the peft
+    wrapper of adapters trained in place; they are folded into the saved weights (a plain model)."""
     from medsight.io_utils import atomic_directory
+    from medsight.model.lora import merged_lora_state
 
     state = engine.full_state(model.llm)
+    if distributed.is_main() and lora is not None:
+        state = merged_lora_state(state, lora)
     if distributed.is_main():
         with atomic_directory(Path(output) / "llm") as tmp:
             model.llm.save_pretrained(str(tmp), state_dict={k: v.to(dtype) for k, v in state.items()},

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from medsight.config.schema import ExperimentConfig
 from medsight.data.taxonomy import check_model_matches
@@ -17,7 +18,6 @@ from medsight.model.bundle import save_modules, stage_taxonomy
 from medsight.model.criterion import SetCriterion
 from medsight.model.dice import hard_dice
 from medsight.model.matcher import HungarianMatcher
-from medsight.model.region_perceiver import RegionPerceiver
 from medsight.model.vision_modules import load_encoder, new_perceiver
 from medsight.stages.segmentation_data import (
     FrozenEncoder,
@@ -44,27 +44,26 @@ def set_criterion(config: ExperimentConfig) -> SetCriterion:
 
 @torch.no_grad()
 def matched_dice(
-    perceiver: RegionPerceiver,
+    perceiver: nn.Module,
     samples: SegmentationSamples,
     encoder: FrozenEncoder,
     matcher: HungarianMatcher,
-    queries_fn: Callable | None = None,
+    decode_fn: Callable | None = None,
     num_workers: int = 0,
 ) -> float:
     """Mean Dice over every ground-truth region, each paired with its Hungarian-matched query;
     each rank scores its shard, the sums are added over ranks.
 
-    ``queries_fn(queries, batch)`` lets stage 2 score quantized queries with the same code.
+    ``decode_fn(out, batch) -> (mask_logits, class_logits)`` lets stage 2 score quantized
+    queries with the same code.
     """
     perceiver.eval()
     total = count = 0.0
     for batch in iterate(eval_loader(samples, EVAL_BATCH, num_workers), encoder.device):
         out = perceiver(encoder(batch).patch_tokens)
         mask_logits, class_logits = out.mask_logits, out.class_logits
-        if queries_fn is not None:
-            queries = queries_fn(out.queries, batch)
-            mask_logits = perceiver.decode_masks(queries, out.pixel_features)
-            class_logits = perceiver.classify(queries)
+        if decode_fn is not None:
+            mask_logits, class_logits = decode_fn(out, batch)
         indices = matcher(mask_logits, class_logits, batch["masks"], batch["labels"])
         for b, (query_index, target_index) in enumerate(indices):
             scores = hard_dice(mask_logits[b, query_index.to(mask_logits.device)].float(),

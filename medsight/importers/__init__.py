@@ -1,0 +1,1 @@
+"""Importers of checkpoints trained elsewhere (the authors' released MedSIGHT weights)."""
