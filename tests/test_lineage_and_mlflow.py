@@ -168,11 +168,11 @@ def test_mlflow_structure_reads_back(pipeline: dict) -> None:
     assert data.source_type == "dvc" and source["md5"] == pipeline["results"]["synth-data"].ref.md5
     assert source["remote"] == "s3://lineage/store/dvc" and data.digest == source["md5"].removesuffix(".dir")
     assert any(key.startswith("system/") for key in instruct.data.metrics), sorted(instruct.data.metrics)
+    # The stages here are fakes, so the evaluated "model" cannot be packaged for serving: that is
+    # reported on the evaluation's run and never loses the evaluation (a real chain's model is
+    # logged in test_model_registry.py::test_registered_model_is_an_mlflow_model).
     evaluation = children["evaluate"]
-    models = client.search_logged_models([experiment.experiment_id])
-    [model] = [m for m in models if m.source_run_id == evaluation.info.run_id]
-    assert str(model.status) == "READY" and model.name == "medsight"
-    assert model.tags["dvc.model"] == pipeline["results"]["instruct-tune"].ref.md5
-    assert [o.model_id for o in evaluation.outputs.model_outputs] == [model.model_id]
-    artifacts = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
-    assert "MLmodel" in artifacts
+    assert "not a base-models output" in evaluation.data.tags["medsight.final_model_error"]
+    assert evaluation.info.status == "FINISHED"
+    assert not [m for m in client.search_logged_models([experiment.experiment_id])
+                if m.source_run_id == evaluation.info.run_id]

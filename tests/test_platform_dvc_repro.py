@@ -36,10 +36,11 @@ def test_dvc_repro_reproduces_stages_and_skips_unchanged(tmp_path: Path) -> None
     _run([str(BIN / "dvc"), "init", "-q"], repo)
 
     _run([str(BIN / "dvc"), "repro", "base-models"], repo)
-    for stage in ("synth-data", "base-models"):
+    # base-models runs after the data check (a gate: an 'after' edge in dvc.yaml).
+    for stage in ("synth-data", "data-check", "base-models"):
         assert (repo / "outputs" / stage / "stage.json").is_file()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"synth-data", "base-models"}
+    assert set(lock) == {"synth-data", "data-check", "base-models"}
     assert "outputs/synth-data" in [dep["path"] for dep in lock["base-models"]["deps"]]
 
     again = _run([str(BIN / "dvc"), "repro", "base-models"], repo)

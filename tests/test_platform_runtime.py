@@ -11,7 +11,8 @@ import yaml
 
 from medsight.config.access import covered
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
-from medsight.platform.component_runtime import artifact_ref, execute_stage, resolve_config, run_component
+from medsight.config import ConfigError
+from medsight.platform.component_runtime import WORK_DIR_ENV, artifact_ref, execute_stage, resolve_config, run_component
 from medsight.stages.registry import StageSpec
 from platform_fixtures import s3_server, store_env  # noqa: F401 - fixtures
 
@@ -82,7 +83,7 @@ class _FakeArtifact:
         self.metrics[name] = value
 
 
-def test_run_component_writes_kfp_outputs(store_env: dict, tmp_path: Path) -> None:
+def test_run_component_writes_kfp_outputs(store_env: dict, tmp_path: Path, monkeypatch) -> None:
     """The component body runs the stage CLI in a child process, then fills its KFP outputs."""
     output, metrics = _FakeArtifact(tmp_path / "out" / "output"), _FakeArtifact(tmp_path / "out" / "metrics")
     card = _FakeArtifact(tmp_path / "out" / "card")
@@ -107,11 +108,19 @@ def test_run_component_writes_kfp_outputs(store_env: dict, tmp_path: Path) -> No
     run_component("synth-data", preset="tiny", overrides=[*small, "data.seed=4"], inputs={}, output=used,
                   metrics=_FakeArtifact(tmp_path / "m3"), card=_FakeArtifact(tmp_path / "c3"), use_existing=ref.md5)
     assert used.metadata["dvc_md5"] == ref.md5
-    # A failing stage fails the component, naming it.
-    with pytest.raises(RuntimeError, match="stage synth-data failed"):
+    # A bad setting is refused in the component's own process, naming the key.
+    with pytest.raises(ConfigError, match="data.train_images"):
         run_component("synth-data", preset="tiny", overrides=["data.train_images=-1"], inputs={},
                       output=_FakeArtifact(tmp_path / "f"), metrics=_FakeArtifact(tmp_path / "m4"),
                       card=_FakeArtifact(tmp_path / "c4"))
+    # A stage process that fails (here: its work folder is a file) fails the component, naming it.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv(WORK_DIR_ENV, str(blocker))
+    with pytest.raises(RuntimeError, match="stage synth-data failed"):
+        run_component("synth-data", preset="tiny", overrides=[*small, "data.seed=5"], inputs={},
+                      output=_FakeArtifact(tmp_path / "f"), metrics=_FakeArtifact(tmp_path / "m5"),
+                      card=_FakeArtifact(tmp_path / "c5"))
 
 
 def test_input_artifacts_carry_dvc_references(tmp_path: Path) -> None:

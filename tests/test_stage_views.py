@@ -22,7 +22,7 @@ SMALL = [
                                          "instruct_tune") for key in ("max_steps=1", "batch_size=2")),
     "evaluate.max_new_tokens=8", "evaluate.report_samples=2",
 ]
-LANGUAGE_SIDE = {"v2t-align", "t2v-align", "instruct-tune", "evaluate"}
+LANGUAGE_SIDE = {"v2t-align", "t2v-align", "instruct-tune", "evaluate", "register-model"}
 
 
 def test_recorder_sees_leaf_reads_through_nested_objects_and_properties() -> None:

@@ -65,12 +65,15 @@ def trained_chain(tmp_path_factory) -> SimpleNamespace:
     with log.open("w") as handle:
         done = subprocess.run(command, env=python_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=3600)
     assert done.returncode == 0, f"tiny chain failed; see {log}"
-    # The chain prints its last output (evaluate); its stage.json names the model it evaluated.
+    # The chain prints its last output (register-model or evaluate); stage.json files name the rest.
     lines = [line for line in log.read_text().splitlines() if line.startswith("Done. Last output: ")]
     return _chain_of(Path(lines[-1].removeprefix("Done. Last output: ").strip()))
 
 
-def _chain_of(evaluate_dir: Path) -> SimpleNamespace:
+def _chain_of(last_dir: Path) -> SimpleNamespace:
+    record = json.loads((last_dir / "stage.json").read_text())
+    # The chain ends in register-model when the registry gates on the evaluation; follow it back.
+    evaluate_dir = Path(record["inputs"]["evaluation"]) if "evaluation" in record["inputs"] else last_dir
     record = json.loads((evaluate_dir / "stage.json").read_text())
     workdir = evaluate_dir.parent.parent
     test_images = sorted(Path(record["inputs"]["data"]).glob("biomedparse/test/*.png"))
