@@ -98,7 +98,8 @@ def reference_forward(sd, tokens, heads, layers, stats):
 
 def _full_perceiver_config():
     config = get_preset("full").model
-    config.perceiver.num_classes = FULL["classes"]  # the release's 17 (the preset takes the dataset's)
+    # The preset takes both counts from the dataset's taxonomy; the release has 17 classes, 18 modalities.
+    config.perceiver.num_classes, config.codebook.num_modalities = FULL["classes"], FULL["modalities"]
     return config
 
 

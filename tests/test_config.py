@@ -96,7 +96,8 @@ print(json.dumps([cfg.zero_optimization_stage, cfg.bfloat16_config.enabled, cfg.
     assert out.returncode == 0, out.stderr[-2000:]
     zero, bf16, batch = json.loads(out.stdout.strip().splitlines()[-1])
     stage_config = getattr(get_preset("full"), stage)
-    assert zero == 3 and bf16 is True and batch == stage_config.batch_size
+    # DeepSpeed's train_batch_size: micro-batch x accumulation x ranks (one here).
+    assert zero == 3 and bf16 is True and batch == stage_config.batch_size * stage_config.deepspeed.gradient_accumulation_steps
     assert get_preset("full").model.llm.gradient_checkpointing is True
 
 

@@ -191,7 +191,7 @@ FAILED = [*RUNNING, condition("Failed", "TrainingFailed",
 def _run(cluster: FakeCluster, **kw) -> str:
     runner = TrainJobRun(sdk_client(cluster), poll_interval_s=1, sleep=lambda s: None, **kw)
     trainer, options = trainjob_request(SETTINGS, "instruct-tune", node_command("instruct-tune", "full", ["x=1"], REFS),
-                                        "run-42", {"KFP_RUN_ID": "run-42", "AWS_SECRET_ACCESS_KEY": "never-forwarded"})
+                                        "run-42", {"KFP_RUN_ID": "run-42", "AWS_SECRET_ACCESS_KEY": "dummy-never-forwarded"})
     name = runner.submit(SETTINGS.runtime, trainer, options, "ms-instruct-tune-run-42")
     runner.wait(name, SETTINGS.timeout_s)
     return name

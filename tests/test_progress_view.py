@@ -35,16 +35,16 @@ def test_training_loop_writes_rate_limited_step_events(tmp_path: Path, monkeypat
     model = nn.Linear(4, 1)
     config = TrainConfig(epochs=5, lr=0.01, warmup_ratio=0.0, checkpoint_every=1000)
 
-    def batches(epoch: int):
+    def batches(epoch: int, skip: int):
         order = seeded_order(len(data), 0, epoch)
-        for start in range(0, len(order), 8):
+        for start in range(8 * skip, len(order), 8):
             yield data[order[start:start + 8]], target[order[start:start + 8]]
 
     def step(batch):
         x, y = batch
         return {"loss": ((model(x).squeeze(-1) - y) ** 2).mean()}
 
-    run_training(name="toy-stage", module=model, engine=TorchEngine(model, config), make_batches=batches,
+    run_training(name="toy-stage", engine=TorchEngine(model, config), make_batches=batches,
                  steps_per_epoch=4, step_fn=step, config=config, workdir=tmp_path / "w", tracker=NullTracker())
     written = _events(events)
     assert written[-1]["step"] == written[-1]["total"] == 20  # the last step always

@@ -97,7 +97,7 @@ def evaluation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config.evaluate.batch_size = 8
     config.evaluate.report_samples = 3
     patch = pytest.MonkeyPatch()
-    patch.setattr(inference.MedSightInference, "load", classmethod(lambda cls, m, b, device="cpu": FakeModel()))
+    patch.setattr(inference.MedSightInference, "load", classmethod(lambda cls, m, b, device="cpu", dtype=None: FakeModel()))
     for key, value in {"KFP_RUN_ID": RUN_ID, "MEDSIGHT_GIT_COMMIT": COMMIT, "MEDSIGHT_VARIANT": "full",
                        "MEDSIGHT_HASH_INDEX": str(root / "index.sqlite")}.items():
         patch.setenv(key, value)

@@ -85,17 +85,18 @@ def test_no_vocabulary_checks_nothing(tiny_model, tmp_path):
     assert len(_dataset(path, tmp_path, tokenizer, [])) == 1
 
 
-def test_the_unknown_tokens_case_trained_a_silent_zero_seg_loss_before(tiny_model, tmp_path):
-    """What the check prevents: with the check off, such a batch's seg loss is exactly 0."""
+def test_unknown_tokens_past_the_check_are_refused_by_the_model(tiny_model, tmp_path):
+    """What the check prevents used to train a silent seg loss of exactly 0; with the check off,
+    the model now refuses such a batch itself (its answer holds no region token for its mask)."""
     from medsight.data.conversation_dataset import collate_conversations
 
     model, tokenizer = tiny_model
     path = _conversations(tmp_path, ["Here is the liver [C77_3].", "Here is the liver [C88_1]."])
     unchecked = _dataset(path, tmp_path, tokenizer, None, model.num_visual_tokens, model.config.encoder.image_size)
     batch = collate_conversations([unchecked[0], unchecked[1]], unchecked.format.pad_id)
-    out = model(images=batch["images"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                masks=batch["masks"])
-    assert float(out.seg_loss) == 0.0 and out.num_region_tokens == 0
+    with pytest.raises(ValueError, match="0 region tokens in the answer but 1 masks"):
+        model(images=batch["images"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              labels=batch["labels"], masks=batch["masks"])
 
 
 class _Recorder(NullTracker):
@@ -147,8 +148,8 @@ def test_a_loss_term_stuck_at_zero_is_warned_in_the_log_and_in_mlflow(tmp_path, 
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with caplog.at_level(logging.WARNING), MLflowTracker(uri, run_name="zero") as tracker:
-        run_training(name="t2v-align", module=module, engine=TorchEngine(module, config),
-                     make_batches=lambda epoch: iter(batches), steps_per_epoch=len(batches), step_fn=step,
+        run_training(name="t2v-align", engine=TorchEngine(module, config),
+                     make_batches=lambda epoch, skip: iter(batches[skip:]), steps_per_epoch=len(batches), step_fn=step,
                      config=config, workdir=tmp_path, tracker=tracker)
     assert "loss term 'seg' has been exactly 0 for 20 step(s)" in caplog.text
     assert "'fit'" not in caplog.text

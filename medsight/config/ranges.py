@@ -75,6 +75,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "model_name": ANY_TEXT, "weights_path": ANY_TEXT,
         "image_size": AT_LEAST_1, "patch_size": AT_LEAST_1, "width": AT_LEAST_1, "layers": AT_LEAST_1,
         "heads": AT_LEAST_1, "feature_layer": Range(ge=-64, le=64),
+        "embed_dim": NON_NEGATIVE,  # 0 = the width
         "mean": Range(ge=0, le=1), "std": POSITIVE,
     },
     s.PerceiverConfig: {
@@ -82,6 +83,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "ffn_dim": AT_LEAST_1, "dropout": FRACTION, "upsample_factors": AT_LEAST_1,
         # 0 = taken from the prepared dataset's taxonomy (the full preset's default).
         "mask_threshold": PROBABILITY, "num_classes": NON_NEGATIVE,
+        "architecture": Range(choices=s.PERCEIVER_ARCHITECTURES), "head_dim": NON_NEGATIVE,  # 0 = dim / heads
     },
     s.LossConfig: {
         "bce_weight": NON_NEGATIVE, "dice_weight": NON_NEGATIVE, "class_weight": NON_NEGATIVE,
@@ -90,15 +92,18 @@ RANGES: dict[type, dict[str, Range]] = {
     },
     s.CodebookConfig: {
         "num_modalities": NON_NEGATIVE, "codes_per_modality": AT_LEAST_1, "code_dim": AT_LEAST_1,
-        "commitment": NON_NEGATIVE,
+        "commitment": NON_NEGATIVE, "architecture": Range(choices=("medsight", "authors")),
     },
     s.LLMConfig: {
-        "backbone": Range(choices=("qwen3", "qwen2")), "weights_path": ANY_TEXT,
+        "backbone": Range(choices=("qwen3", "qwen2", "auto")), "weights_path": ANY_TEXT,
+        "prompt_format": Range(choices=("medsight", "chat_template")), "image_token": ANY_TEXT,
+        "system_prompt": ANY_TEXT,
         "hidden_size": AT_LEAST_1, "num_layers": AT_LEAST_1, "num_heads": AT_LEAST_1, "num_kv_heads": AT_LEAST_1,
         "intermediate_size": AT_LEAST_1, "max_position_embeddings": Range(ge=16),
         "tokenizer_vocab_size": Range(ge=64),
     },
-    s.ModelConfig: {"grounding": Range(choices=("codebook", "seg_token")), "patch_merge": AT_LEAST_1},
+    s.ModelConfig: {"grounding": Range(choices=("codebook", "seg_token")), "patch_merge": AT_LEAST_1,
+                    "t2v_activation": Range(choices=("gelu", "relu"))},
     s.DeepSpeedConfig: {"zero_stage": Range(ge=0, le=3), "gradient_accumulation_steps": AT_LEAST_1},
     s.TrainConfig: {
         "epochs": POSITIVE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "batch_size": AT_LEAST_1,
@@ -106,8 +111,11 @@ RANGES: dict[type, dict[str, Range]] = {
         "checkpoint_every": AT_LEAST_1, "log_every": AT_LEAST_1, "num_workers": NON_NEGATIVE,
         "max_steps": NON_NEGATIVE,
     },
-    s.PerceiverPretrainConfig: {"max_masks_per_image": AT_LEAST_1},
-    s.CodebookPretrainConfig: {"max_masks_per_image": AT_LEAST_1},
+    s.PerceiverPretrainConfig: {"max_masks_per_image": AT_LEAST_1, "feature_cache_mb": NON_NEGATIVE},
+    s.CodebookPretrainConfig: {"max_masks_per_image": AT_LEAST_1, "feature_cache_mb": NON_NEGATIVE,
+                               "init_images": AT_LEAST_1},
+    s.InstructTuneConfig: {"lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE, "lora_dropout": FRACTION,
+                           "lora_targets": ANY_TEXT},
     s.LanguageTrainConfig: {"visual_cache_mb": NON_NEGATIVE},
     s.GroundingDataConfig: {
         "generator": Range(choices=("template", "llm")), "seed": NON_NEGATIVE,
@@ -116,6 +124,7 @@ RANGES: dict[type, dict[str, Range]] = {
     s.EvaluateConfig: {
         "batch_size": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "temperature": NON_NEGATIVE,
         "repetition_penalty": POSITIVE, "report_samples": NON_NEGATIVE,
+        "protocol": Range(choices=("strict", "llava-med")),
     },
     s.DataConfig: {
         "source": Range(choices=("synthetic", "biomedparse")), "image_size": AT_LEAST_1,
