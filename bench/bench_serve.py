@@ -48,8 +48,12 @@ def package_from_chain(chain: Path, out: Path) -> tuple[Path, list[Path]]:
 
     model = newest("instruct-tune")
     record = json.loads((model / "stage.json").read_text())
-    images = sorted(newest("synth-data").glob("biomedparse/test/*.png"))
-    return build_package(model, Path(record["inputs"]["base"]), out / "package"), images
+    from medsight.data.prepared_index import read_split
+    from medsight.data.taxonomy import resolve_taxonomy
+
+    data = newest("synth-data")
+    images = sorted(r.image_path for r in read_split(data, "test", resolve_taxonomy(data, "")))
+    return build_package(model, Path(record["inputs"]["base"]["path"]), out / "package"), images
 
 
 class Server:

@@ -41,10 +41,13 @@ def samples(data: Path, out: Path) -> None:
 
     base = data.parent / "base"
     tokenizer = load_tokenizer(find_dir({"base": base}, "tokenizer"))
-    captions = load_conversations(data / "llava" / "alignment_train.json", data)
+    captions = load_conversations(data / "pubmedvision" / "alignment_train.jsonl", data)
 
-    class Stub:  # the dataset needs only the visual token count from the model
+    from medsight.model.region_vocabulary import RegionVocabulary
+
+    class Stub:  # the dataset needs only the visual token count and the region vocabulary
         num_visual_tokens = 4
+        vocabulary = RegionVocabulary.empty()
 
     language = make_language_data(config, Stub(), tokenizer, captions, captions[:1], taxonomy)
     loader = make_loader(language.train, 2, ResumableSampler(language.train, seed=5),

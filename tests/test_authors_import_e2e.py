@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from medsight.config import load_config
 from medsight.config.schema import DataConfig
+from medsight.data.prepared_index import read_split
 from medsight.data.synthetic import generate_dataset
 from medsight.data.taxonomy import Taxonomy
 from medsight.importers.cli import import_app
@@ -108,7 +109,7 @@ def test_import_then_predict_evaluate_and_finetune(tmp_path):
     # medsight predict: every generated token is a region token here, each decoded to a mask by
     # re-running the imported perceiver with it as a query.
     predicted = CliRunner().invoke(_predict_app(), [
-        "--checkpoint", str(final), "--base", str(out / "base-models"), "--image", str(next((data / "biomedparse" / "test").glob("*.png"))),
+        "--checkpoint", str(final), "--base", str(out / "base-models"), "--image", str(read_split(data, "test", taxonomy)[0].image_path),
         "--question", "Where is the lesion?", "--out", str(tmp_path / "pred"), "--max-new-tokens", "3",
     ])
     assert predicted.exit_code == 0, predicted.output
@@ -119,7 +120,7 @@ def test_import_then_predict_evaluate_and_finetune(tmp_path):
     # The evaluate stage on the imported model, both protocols in its results.
     stage_config.evaluate.max_new_tokens = 2
     stage_config.evaluate.report_samples = 1
-    metrics, _ = run_stage("evaluate", stage_config, {**bundles, "model": final, "grounding": tmp_path / "grounding"}, tmp_path / "eval")
+    metrics = run_stage("evaluate", stage_config, {**bundles, "model": final, "grounding": tmp_path / "grounding"}, tmp_path / "eval").metrics
     assert "closed_accuracy_llava_med" in metrics and 0.0 <= metrics["seg_dice"] <= 1.0
     assert (tmp_path / "eval" / "report.html").is_file()
 
@@ -127,7 +128,7 @@ def test_import_then_predict_evaluate_and_finetune(tmp_path):
     tune = load_config(final / "config.yaml")
     tune.instruct_tune.max_steps, tune.instruct_tune.batch_size, tune.instruct_tune.lora_rank = 2, 2, 4
     tune.instruct_tune.visual_cache_mb = 0
-    metrics, _ = run_stage("instruct-tune", tune, {**bundles, "codebook": out / "codebook-pretrain", "grounding": tmp_path / "grounding", "t2v": final}, tmp_path / "tuned")
+    metrics = run_stage("instruct-tune", tune, {**bundles, "codebook": out / "codebook-pretrain", "grounding": tmp_path / "grounding", "t2v": final}, tmp_path / "tuned").metrics
     assert metrics["train_steps"] == 2 and metrics["lora_rank"] == 4 and torch.isfinite(torch.tensor(metrics["val_lm_loss"]))
     before = load_llm(final / "llm", tune.model.llm).state_dict()
     after = load_llm(tmp_path / "tuned" / "llm", tune.model.llm).state_dict()

@@ -68,5 +68,5 @@ def test_a_huge_question_is_refused_with_its_token_count(tiny_tokenizer_dir):
 
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     check_question_fits(tokenizer, "Is there a lesion?", 512, 36, 48)
-    with pytest.raises(InputLimitError, match=r"--question: [\d,]{5,} tokens exceeds the limit of 426"):
+    with pytest.raises(InputLimitError, match=r"--question: [\d,]{5,} tokens exceeds the limit of 425"):
         check_question_fits(tokenizer, "lesion " * 20_000, 512, 36, 48)

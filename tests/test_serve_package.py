@@ -118,8 +118,10 @@ def test_serve_loads_a_package_or_a_stage_output(stage_outputs, tmp_path):
     trained, base = stage_outputs
     package = build_package(trained, base, tmp_path / "package")
     assert load_model(str(tmp_path)).config.model.llm.hidden_size == 32  # a folder holding one package
-    with pytest.raises(PackageError, match="base-models input is unknown"):
+    with pytest.raises(PackageError, match="base-models input cannot be found .*no stage.json records an input 'base'"):
         load_model(str(trained))
-    (trained / "stage.json").write_text(json.dumps({"stage": "instruct-tune", "inputs": {"base": str(base)}}))
+    (trained / "stage.json").write_text(json.dumps({"stage": "instruct-tune", "inputs": {"base": {"path": str(base)}}}))
     assert load_model(str(trained)).taxonomy is not None  # base read from its stage.json
+    (trained / "stage.json").write_text(json.dumps({"stage": "instruct-tune", "inputs": {"base": str(base)}}))
+    assert load_model(str(trained)).taxonomy is not None  # an older record: a bare path
     assert load_model(str(package)).image_size == 64

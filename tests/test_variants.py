@@ -25,6 +25,7 @@ def test_every_paper_ablation_is_a_variant():
         "qwen2-backbone": ("model.llm.backbone", "qwen2"),
         "codebook-8": ("model.codebook.codes_per_modality", 8),
         "codebook-64": ("model.codebook.codes_per_modality", 64),
+        "lora": ("instruct_tune.lora_rank", 32),
     }
     for name, (dotted, value) in expected.items():
         node = variant_config(get_preset("tiny"), get_variant(name))

@@ -70,18 +70,27 @@ def trained_chain(tmp_path_factory) -> SimpleNamespace:
     return _chain_of(Path(lines[-1].removeprefix("Done. Last output: ").strip()))
 
 
+def _input(record: dict, name: str) -> Path:
+    """stage.json records each input as {md5, stage, path}."""
+    return Path(record["inputs"][name]["path"])
+
+
 def _chain_of(last_dir: Path) -> SimpleNamespace:
     record = json.loads((last_dir / "stage.json").read_text())
     # The chain ends in register-model when the registry gates on the evaluation; follow it back.
-    evaluate_dir = Path(record["inputs"]["evaluation"]) if "evaluation" in record["inputs"] else last_dir
+    evaluate_dir = _input(record, "evaluation") if "evaluation" in record["inputs"] else last_dir
     record = json.loads((evaluate_dir / "stage.json").read_text())
     workdir = evaluate_dir.parent.parent
-    test_images = sorted(Path(record["inputs"]["data"]).glob("biomedparse/test/*.png"))
+    from medsight.data.prepared_index import read_split
+    from medsight.data.taxonomy import resolve_taxonomy
+
+    data = _input(record, "data")
+    test_images = sorted(r.image_path for r in read_split(data, "test", resolve_taxonomy(data, "")))
     return SimpleNamespace(
         workdir=workdir,
         evaluate=evaluate_dir,
-        model=Path(record["inputs"]["model"]),
-        base=Path(record["inputs"]["base"]),
+        model=_input(record, "model"),
+        base=_input(record, "base"),
         metrics=json.loads((evaluate_dir / "metrics.json").read_text()),
         test_images=test_images,
     )

@@ -70,7 +70,7 @@ def _check_question(checkpoint: Path, base: Path | None, question: str, max_new_
         return
     visual = config.num_patch_tokens + (config.perceiver.num_queries if config.region_embeddings else 0)
     check_question_fits(load_tokenizer(tokenizer_dir), question, config.llm.max_position_embeddings, visual,
-                        max_new_tokens)
+                        max_new_tokens, config.llm)
 
 
 def predict_command(

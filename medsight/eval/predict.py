@@ -73,15 +73,20 @@ def load_input_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.
     return read_dicom(path) if is_dicom(path) else load_image(path)
 
 
-def check_question_fits(tokenizer, question: str, max_positions: int, visual_tokens: int, max_new_tokens: int) -> None:
-    """Refuse a question whose prompt, with the image tokens and the answer, overflows the context."""
+def check_question_fits(tokenizer, question: str, max_positions: int, visual_tokens: int, max_new_tokens: int,
+                        llm=None) -> None:
+    """Refuse a question whose prompt, with the image tokens and the answer, overflows the context.
+    ``llm``: the model's LLM config (its prompt format: medsight markers or the chat template)."""
     from medsight.data.conversation_dataset import PromptFormat, encode_prompt
 
-    def count(text: str) -> int:
-        prompt = encode_prompt(tokenizer, PromptFormat.from_tokenizer(tokenizer), text, visual_tokens)
-        return len(prompt) - visual_tokens - 2  # minus the user and assistant markers
+    prompt_format = PromptFormat.from_tokenizer(tokenizer, llm)
+    # What the prompt adds around the question: turn markers, or the chat template's scaffolding.
+    overhead = len(encode_prompt(tokenizer, prompt_format, "", visual_tokens)) - visual_tokens
 
-    room = question_token_limit(max_positions, visual_tokens, 2, max_new_tokens)
+    def count(text: str) -> int:
+        return len(encode_prompt(tokenizer, prompt_format, text, visual_tokens)) - visual_tokens - overhead
+
+    room = question_token_limit(max_positions, visual_tokens, overhead, max_new_tokens)
     # The character cap is the server's; a local run only needs the question to fit the context.
     limits = InputLimits(max_question_chars=max(len(question), 1), max_question_tokens=max(room, 1))
     limits.check_question(question, count, "--question", room=room)

@@ -143,6 +143,8 @@ class MedSight(nn.Module):
         # Slice: real checkpoints pad their vocab (Qwen3: 151,936 rows for 151,669 tokens), and
         # region ids start right after the tokenizer's last real token.
         base = self.llm.get_output_embeddings()(hidden)[..., : self.base_vocab_size]
+        if not len(self.vocabulary):
+            return base  # stage 3: no region tokens yet (and ZeRO-3 cannot gather a 0-row weight)
         region = self.region_tokens(hidden=hidden)
         return torch.cat([base, region], dim=-1)
 

@@ -86,7 +86,9 @@ def upstream_outputs(*outputs: Path) -> dict[str, Path]:
         if name in found:
             continue
         found[name] = directory
-        pending += [Path(p) for p in record.get("inputs", {}).values() if Path(p).is_dir()]
+        # Inputs are recorded as {md5, stage, path?} (older outputs: a bare path).
+        paths = [entry if isinstance(entry, str) else entry.get("path", "") for entry in record.get("inputs", {}).values()]
+        pending += [Path(p) for p in paths if p and Path(p).is_dir()]
     return found
 
 

@@ -173,10 +173,7 @@ def log_model_package(
                 pip_requirements=_pip_requirements(),
                 tags=dict(tags or {}),
             )
-    if run_id:
-        from mlflow.entities import LoggedModelOutput
-
-        mlflow_client.log_outputs(run_id, [LoggedModelOutput(info.model_id, 0)])
+    # Logged inside the run, the model is already among the run's outputs (MLflow links it).
     return LoggedModel(run.info.run_id, info.model_uri, info.artifact_path)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,11 +26,13 @@ def _fail(message: str, code: int = 1) -> None:
 def _base_for(model: Path, base: Path | None) -> Path:
     if base is not None:
         return base
-    record = model / "stage.json"
-    recorded = json.loads(record.read_text()).get("inputs", {}).get("base") if record.is_file() else None
-    if not recorded or not Path(recorded).is_dir():
-        _fail(f"{model}: cannot tell where its base models are; pass --base DIR (the base-models stage output)", 2)
-    return Path(recorded)
+    from medsight.platform.resolve import ResolveError, resolve_input
+
+    try:
+        return resolve_input(model, "base")  # the recorded folder, a sibling output, the cache or the store
+    except ResolveError as error:
+        _fail(f"{error}; or pass --base DIR (the base-models stage output)", 2)
+    raise AssertionError  # unreachable: _fail exits
 
 
 def _errors():

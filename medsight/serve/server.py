@@ -9,7 +9,6 @@ metrics, optional bearer auth and the body-size cap.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -133,11 +132,14 @@ def load_model(source: str, device: str = "cpu", cache: Path | None = None):
         return load_package(root, device)
     from medsight.model.inference import MedSightInference
 
-    stage = path / "stage.json"
-    base = json.loads(stage.read_text()).get("inputs", {}).get("base") if stage.is_file() else None
-    if not base or not Path(base).is_dir():
-        raise PackageError(f"{path}: not a model package, and its base-models input is unknown; build a package with `medsight registry package`")
-    return MedSightInference.load(path, Path(base), device=device)
+    from medsight.platform.resolve import ResolveError, resolve_input
+
+    try:
+        base = resolve_input(path, "base")
+    except ResolveError as error:
+        raise PackageError(f"{path}: not a model package, and its base-models input cannot be found ({error}); "
+                           "build a package with `medsight registry package`") from None
+    return MedSightInference.load(path, base, device=device)
 
 
 def build_app(model, config: ServeConfig):

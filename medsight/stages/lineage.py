@@ -173,8 +173,16 @@ def recorded_input(directory: Path, name: str) -> dict[str, str] | None:
 
     Reads ``stage.json`` (older outputs stored a bare path there) and falls back to ``lineage.json``.
     """
-    record = _read_json(Path(directory) / _STAGE) or {}
-    entry = record.get("inputs", {}).get(name)
+    path = Path(directory) / _STAGE
+    record: Any = {}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            # A damaged record must not read as "no input recorded": say which file is broken.
+            raise ValueError(f"{path}: invalid JSON ({error.msg}, line {error.lineno}); rerun the stage that "
+                             "wrote it or pull it again") from None
+    entry = record.get("inputs", {}).get(name) if isinstance(record, dict) else None
     if isinstance(entry, str):
         return {"path": entry}
     if isinstance(entry, dict):

@@ -112,11 +112,13 @@ _LLM_ARCHITECTURE = tuple(f"model.llm.{name}" for name in (
     "intermediate_size", "max_position_embeddings", "tokenizer_vocab_size"))
 _VISION = ("data.taxonomy", "model.encoder", "model.perceiver")
 # The region vocabulary's size and kind (stages that build the LLM side but train no codebook).
-_VOCABULARY = tuple(f"model.codebook.{name}" for name in ("num_modalities", "codes_per_modality", "code_dim",
-                                                           "modality_predictor")) + ("model.grounding",)
+_VOCABULARY = tuple(f"model.codebook.{name}" for name in ("architecture", "num_modalities", "codes_per_modality",
+                                                           "code_dim", "modality_predictor")) + ("model.grounding",)
 # Stage 3 has no region tokens yet; num_modalities only for the label-space check.
 _ALIGNMENT = (*_VISION, "model.codebook.num_modalities", "model.region_embeddings", "model.patch_merge",
-              "model.llm.backbone", "model.llm.gradient_checkpointing", "model.llm.max_position_embeddings")
+              "model.t2v_activation", "model.llm.backbone", "model.llm.gradient_checkpointing",
+              "model.llm.max_position_embeddings", "model.llm.prompt_format", "model.llm.image_token",
+              "model.llm.system_prompt")
 _LANGUAGE = (*_ALIGNMENT, *_VOCABULARY)
 _SEG_LOSS = ("model.loss.bce_weight", "model.loss.dice_weight")
 _MATCHING = ("model.loss.match_bce", "model.loss.match_dice", "model.loss.match_class")
@@ -260,6 +262,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("one-way-decoder", "query-to-image only decoder, no dual cross-attention (App. F.7)",
             ("model.perceiver.two_way=false",)),
     Variant("qwen2-backbone", "Qwen2 LLM backbone instead of Qwen3 (App. F.6)", ("model.llm.backbone=qwen2",)),
+    Variant("lora", "stage 5 trains rank-32 LoRA adapters on every linear layer of the LLM instead of all of it (App. F.4)",
+            ("instruct_tune.lora_rank=32",)),
 )
 
 
