@@ -135,6 +135,10 @@ def test_import_then_predict_evaluate_and_finetune(tmp_path):
     assert set(after) == set(before)  # adapters merged away: a plain model again
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(k.endswith("_proj.weight") for k in changed)  # only LoRA-targeted layers moved
+    # The in-process DeepSpeed stages left no rank variables behind for later child processes.
+    import os
+
+    assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
 
 
 def _predict_app():
@@ -145,3 +149,20 @@ def _predict_app():
     app = typer.Typer()
     app.command()(predict_command)
     return app
+
+
+def test_a_stage_in_process_leaves_no_rank_variables(tmp_path, monkeypatch):
+    """A single-process DeepSpeed stage sets RANK/WORLD_SIZE/MASTER_* for its one-rank group; a
+    later child process that inherited them would take itself for a torchrun rank."""
+    import os
+
+    from medsight.train import distributed
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with distributed.process_group():
+        from medsight.train.engine import ensure_distributed_env
+
+        ensure_distributed_env()
+        assert os.environ["WORLD_SIZE"] == "1"
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)

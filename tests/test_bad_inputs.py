@@ -1,4 +1,5 @@
-"""The bad-input corpus (``tests/bad_inputs/*.yaml``): the real CLI on each case, in a subprocess.
+"""The bad-input corpus (``tests/bad_inputs/*.yaml``): the real CLI entry point on each case, all
+cases in one child interpreter (``tests/cli_batch.py``).
 
 Each case names the prepared inputs it starts from (copies of real tiny stage outputs), the damage
 done to them, the command, the exit code and a text its one error line must contain. For every
@@ -222,37 +223,58 @@ def test_the_corpus_is_large_and_covers_every_kind_the_issue_lists():
     assert {case["item"] for case in cases} >= {1, 2, 3, 5, 6, 7, 8, 9, "existing"}
 
 
+@pytest.fixture(scope="module")
+def corpus_runs(prepared: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every case set up in its own folder, then all their commands run through the real
+    ``medsight`` entry point in one child interpreter (tests/cli_batch.py: a fresh interpreter
+    per case spent most of the corpus's minutes importing torch)."""
+    root = tmp_path_factory.mktemp("corpus")
+    runs, jobs = {}, []
+    for case_file in CASES:
+        spec = load_case(case_file)
+        case = root / case_file.stem / "case"
+        case.mkdir(parents=True)
+        for name in spec.get("inputs", []):
+            shutil.copytree(prepared[name], case / name, symlinks=True)
+        values = placeholders(case)
+        values["unwritable"] = str(unwritable_folder(case)) if "{unwritable}" in json.dumps(spec) else ""
+        for step in spec.get("setup", []):
+            apply(fill(step, values), case)
+        out = case / "out"
+        env = {**os.environ, "MEDSIGHT_HASH_INDEX": str(case.parent / "hash-index.sqlite"), "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        env.pop("MEDSIGHT_DEBUG", None)
+        runs[case_file.stem] = {"spec": spec, "case": case, "values": values, "out_was_fresh": not out.exists(),
+                                "before": snapshot(case)}
+        jobs.append({"argv": fill(spec["command"], values), "cwd": str(case), "env": env})
+    jobs_file, results_file = root / "jobs.json", root / "results.json"
+    jobs_file.write_text(json.dumps(jobs))
+    subprocess.run([sys.executable, str(Path(__file__).parent / "cli_batch.py"), str(jobs_file), str(results_file)],
+                   timeout=1800, check=False)
+    results = json.loads(results_file.read_text()) if results_file.is_file() else []
+    for (name, run), result in zip(runs.items(), results):
+        run["result"] = result
+    return runs
+
+
 @pytest.mark.parametrize("case_file", CASES, ids=[path.stem for path in CASES])
-def test_bad_input(case_file: Path, prepared: dict[str, Path], tmp_path: Path) -> None:
-    spec = load_case(case_file)
-    case = tmp_path / "case"
-    case.mkdir()
-    for name in spec.get("inputs", []):
-        shutil.copytree(prepared[name], case / name, symlinks=True)
-    values = placeholders(case)
-    values["unwritable"] = str(unwritable_folder(case)) if "{unwritable}" in json.dumps(spec) else ""
-    for step in spec.get("setup", []):
-        apply(fill(step, values), case)
-    out = case / "out"
-    out_was_fresh = not out.exists()
-    before = snapshot(case)
-    env = {**os.environ, "MEDSIGHT_HASH_INDEX": str(tmp_path / "hash-index.sqlite"), "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MEDSIGHT_DEBUG", None)
-    result = subprocess.run([sys.executable, "-m", "medsight.cli", *fill(spec["command"], values)], cwd=case,
-                            capture_output=True, text=True, env=env, timeout=300)
-    output = result.stdout + result.stderr
-    shown = f"exit {result.returncode}\n--- stderr ---\n{result.stderr[-3000:]}"
-    assert result.returncode == spec["exit"], shown
+def test_bad_input(case_file: Path, corpus_runs: dict[str, dict]) -> None:
+    run = corpus_runs[case_file.stem]
+    assert "result" in run, "the batch interpreter died before this case ran"
+    spec, case, values, result = run["spec"], run["case"], run["values"], run["result"]
+    output = result["stdout"] + result["stderr"]
+    shown = f"exit {result['exit']}\n--- stderr ---\n{result['stderr'][-3000:]}"
+    assert result["exit"] == spec["exit"], shown
     assert "Traceback" not in output, shown
     # A progress bar is redrawn with "\r": what a terminal shows is the text after the last one.
-    lines = [line.rsplit("\r", 1)[-1] for line in result.stderr.split("\n")]
+    lines = [line.rsplit("\r", 1)[-1] for line in result["stderr"].split("\n")]
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, shown
     assert fill(spec["error"], values) in errors[0], shown
     after = snapshot(case)
-    if out_was_fresh:
+    if run["out_was_fresh"]:
         after = {k: v for k, v in after.items() if k != "out" and not k.startswith("out/")}
+    before = run["before"]
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert changed == [], f"changed outside a fresh --out: {changed[:8]}"
 

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,13 +13,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """The README's chain command in a fresh process: in-process runs inherit whatever global
-    state earlier tests left (thread settings, RNG, an initialised process group)."""
-    workdir = tmp_path_factory.mktemp("learning")
-    subprocess.run([sys.executable, "-m", "medsight.cli", "chain", "--preset", "tiny", "--workdir", str(workdir)], check=True)
+def chain(trained_chain):
+    """The README's chain command, run once per session in a fresh process (``trained_chain``,
+    tests/trained_model.py; the serving tests use the same model)."""
     stages = {}
-    for stage_file in workdir.glob("*/*/stage.json"):
+    for stage_file in sorted(trained_chain.workdir.glob("*/*/stage.json"), key=lambda p: p.stat().st_mtime):
         output = stage_file.parent
         record = json.loads(stage_file.read_text())
         metrics = json.loads((output / "metrics.json").read_text())

@@ -1,21 +1,20 @@
 """Session fixtures for serving tests: a tiny model trained once, registered, and served.
 
-- ``trained_chain``: the tiny chain with shortened schedules (perceiver 3 epochs, codebook 1,
-  instruct 2; about 2 minutes on 2 free cores), run once per session in a fresh process (the
-  v2t stage initialises a process-wide DeepSpeed group). Set MEDSIGHT_TEST_CHAIN_DIR to keep
-  the outputs between sessions (unchanged stages are reused; any change under medsight/
-  retrains), or MEDSIGHT_TEST_EVALUATE_DIR to an evaluate output of such a chain to use that
-  model as it is while iterating on serving code.
+- ``trained_chain``: the README's tiny chain (``medsight chain --preset tiny``), run once per
+  session in a fresh process (in-process runs would inherit what earlier tests left behind); the
+  learning tests read its metrics, the serving and registry tests use its model. Set
+  MEDSIGHT_TEST_CHAIN_DIR to keep the outputs between sessions (unchanged stages are reused;
+  any change under medsight/ retrains), or MEDSIGHT_TEST_EVALUATE_DIR to an evaluate output of
+  such a chain to use that model as it is while iterating on serving code.
 - ``registry``: a real MLflow sqlite registry whose artifacts live in a real S3 server
   (SeaweedFS on loopback), with the trained model registered through the gate and promoted.
 - ``model_server``: ``medsight serve --model models:/medsight@production`` on 127.0.0.1,
   started from another working directory while the chain's outputs are moved away, so what it
   serves comes from the registry alone.
 
-The shortened chain's answers are not good (wrong organ names on some images), but its grammar
-is learned: "Segment all visible structures." gets one region token per structure named. Tests
-that need several region tokens pick a held-out image for which ``medsight predict`` itself
-gives at least two (``multi_region_image``), so they check the server, not the luck of training.
+"Segment all visible structures." gets one region token per structure named. Tests that need
+several region tokens pick a held-out image for which ``medsight predict`` itself gives at least
+two (``multi_region_image``), so they check the server, not the luck of training.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAIN_OVERRIDES = ("perceiver_pretrain.epochs=3", "codebook_pretrain.epochs=1", "instruct_tune.epochs=2")
 MULTI_REGION_QUESTION = "Segment all visible structures."
 NO_REGION_QUESTION = "Is there a lesion in this image?"
 SERVER_TOKEN_ENV = "MEDSIGHT_SERVE_TOKEN"
@@ -59,8 +57,6 @@ def trained_chain(tmp_path_factory) -> SimpleNamespace:
         return _chain_of(Path(os.environ["MEDSIGHT_TEST_EVALUATE_DIR"]))
     workdir = Path(os.environ.get("MEDSIGHT_TEST_CHAIN_DIR") or tmp_path_factory.mktemp("chain"))
     command = [sys.executable, "-m", "medsight.cli", "chain", "--preset", "tiny", "--workdir", str(workdir)]
-    for override in CHAIN_OVERRIDES:
-        command += ["--set", override]
     log = workdir.parent / f"{workdir.name}.log"
     with log.open("w") as handle:
         done = subprocess.run(command, env=python_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=3600)

@@ -69,7 +69,8 @@ def process_group() -> Iterator[None]:
     """Join the job's process group for the duration of a stage (no-op at world size 1, or when
     a group already exists, e.g. DeepSpeed created it)."""
     if not launched() or dist.is_initialized():
-        yield
+        with _single_process_scope():
+            yield
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
@@ -79,6 +80,26 @@ def process_group() -> Iterator[None]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# What a single-process DeepSpeed stage sets up for itself (engine.ensure_distributed_env).
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def _single_process_scope() -> Iterator[None]:
+    """Restore the rank variables a single-process stage set for DeepSpeed, so processes this one
+    starts later (a test's, a notebook's) are not taken for ranks of a launched job. Its one-rank
+    group stays: DeepSpeed keeps references to it for the next stage of the same process."""
+    saved = {name: os.environ.get(name) for name in _RANK_VARIABLES}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def active() -> bool:
