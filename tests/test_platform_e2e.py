@@ -30,7 +30,7 @@ TEST_OVERRIDES = [
     "evaluate.max_new_tokens=8", "evaluate.report_samples=2",
 ]
 ALL = [spec.name for spec in STAGES]
-DOWNSTREAM_OF_CODEBOOK = {"codebook-pretrain", "grounding-data", "t2v-align", "instruct-tune", "evaluate"}
+DOWNSTREAM_OF_CODEBOOK = {"codebook-pretrain", "grounding-data", "t2v-align", "instruct-tune", "evaluate", "register-model"}
 
 
 @pytest.fixture(scope="module")
