@@ -179,3 +179,16 @@ def test_executor_output_file_is_read_from_the_executor_arguments() -> None:
     assert executor_output_file(argv) == Path("/tmp/a/executor_output.json")
     assert executor_output_file(["x", "--executor_input", "not json"]) is None
     assert executor_output_file(["pytest", "-q"]) is None
+
+
+def test_a_component_starts_one_rank_per_gpu_it_sees(monkeypatch) -> None:
+    """The compiled DAG asks for N GPUs per LLM stage; run where fewer (or none) are visible, as
+    kfp.local on a laptop does, the component does not start N CPU ranks on a few cores."""
+    from medsight.train.launch import pod_ranks
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert pod_ranks("8") == "1" and pod_ranks("1") == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert pod_ranks("8") == "4" and pod_ranks("2") == "2"
+    with pytest.raises(ValueError, match="positive number"):
+        pod_ranks("zero")

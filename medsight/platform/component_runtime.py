@@ -377,9 +377,11 @@ def run_component(
     else:
         with tempfile.TemporaryDirectory(prefix="medsight-result-") as tmp:
             result_file = Path(tmp) / "result.json"
+            from medsight.train.launch import pod_ranks
+
             # One rank per GPU the stage's pod was given (pipelines/deployment.py sets the count).
             command = stage_command(stage, preset, overrides, refs, result_file, use_existing,
-                                    nproc=os.environ.get(NPROC_ENV, "1"))
+                                    nproc=pod_ranks(os.environ.get(NPROC_ENV, "1")))
             done = subprocess.run(command, check=False)
             if done.returncode != 0 or not result_file.is_file():
                 raise RuntimeError(f"stage {stage} failed (exit {done.returncode}); its error is printed above")

@@ -9,6 +9,7 @@ naming it; the same command then resumes from the last checkpoint.
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import sys
@@ -46,6 +47,24 @@ def resolve_nproc(value: str | int) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--nproc-per-node {value!r}: give a positive number or auto")
     return int(text)
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, found without importing torch (the KFP executor avoids it):
+    the CUDA_VISIBLE_DEVICES list when set, else the NVIDIA device files (/dev/nvidia0, ...)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return len([d for d in listed.split(",") if d.strip() and d.strip() != "-1"])
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def pod_ranks(requested: str) -> str:
+    """Ranks for a component: the GPUs its pod requested (pipelines/deployment.py), but no more
+    than it sees. The same compiled DAG run by ``kfp.local`` on a machine without GPUs then
+    trains each stage in one process instead of N CPU ranks competing for its cores."""
+    count = resolve_nproc(requested)
+    gpus = visible_gpus()
+    return str(min(count, gpus) if gpus else 1)
 
 
 def needs_launcher(nproc: int) -> bool:
