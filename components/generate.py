@@ -30,7 +30,7 @@ def {function}(
     card: dsl.Output[dsl.HTML],
 {optional}):
     """{description}"""
-    from medsight.platform.component_runtime import run_component
+    from medsight.platform.kfp_component import run_component
 
     run_component({stage!r}, preset=preset, overrides=overrides, inputs={inputs}, output=output,
                   metrics=metrics, card=card{extra})
@@ -102,7 +102,7 @@ def compare_variants(
     table: dsl.Output[dsl.Markdown],
 {inputs}) -> str:
     """One row per ablation variant with its evaluation's headline metrics (shown in the KFP UI)."""
-    from medsight.platform.component_runtime import compare_evaluations
+    from medsight.platform.kfp_component import compare_evaluations
 
     return compare_evaluations([{pairs}], table.path)
 '''

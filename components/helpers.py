@@ -16,7 +16,7 @@ def stage_from_refs(
     card: dsl.Output[dsl.HTML],
 ):
     """Any one stage, its inputs given as DVC references: {"data": "<md5>.dir" | "run:<id>/<stage>"}."""
-    from medsight.platform.component_runtime import run_component
+    from medsight.platform.kfp_component import run_component
 
     run_component(stage, preset=preset, overrides=overrides, inputs={k: str(v) for k, v in inputs.items()},
                   output=output, metrics=metrics, card=card)

@@ -224,7 +224,8 @@ def _run_stage_in_store(name: str, config, inputs: dict[str, str], workdir: Path
     from medsight.cli_errors import error_message
     from medsight.platform.artifacts import ArtifactStoreError
     from medsight.platform.cli import store_env
-    from medsight.platform.component_runtime import StageFailed, execute_stage
+    from medsight.platform.component_runtime import execute_stage, outcome as result_of
+    from medsight.platform.launched_stage import StageFailed
     from medsight.platform.storage import StorageError
 
     with store_env(workdir):
@@ -232,11 +233,7 @@ def _run_stage_in_store(name: str, config, inputs: dict[str, str], workdir: Path
             outcome = execute_stage(name, inputs, config, use_existing=use_existing, nproc=nproc)
         except (ArtifactStoreError, StorageError, StageFailed, ValueError, OSError) as error:
             _fail(f"{name}: {error_message(error)}")
-    if outcome is None:
-        return None
-    return {"stage": name, "ref": json.loads(outcome.ref.to_json()), "cached": outcome.cached,
-            "metrics": outcome.metrics, "seconds": outcome.seconds, "cache_key": outcome.cache_key,
-            "inputs": outcome.inputs}
+    return None if outcome is None else result_of(outcome)
 
 
 @app.command("chain")

@@ -12,7 +12,8 @@ import yaml
 from medsight.config.access import covered
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore, ArtifactStoreError
 from medsight.config import ConfigError
-from medsight.platform.component_runtime import WORK_DIR_ENV, artifact_ref, execute_stage, resolve_config, run_component
+from medsight.platform.component_runtime import WORK_DIR_ENV, execute_stage, resolve_config
+from medsight.platform.kfp_component import artifact_ref, run_component
 from medsight.stages.registry import StageSpec
 from platform_fixtures import s3_server, store_env  # noqa: F401 - fixtures
 

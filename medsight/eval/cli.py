@@ -27,14 +27,12 @@ def _fail(message: str, code: int = 1) -> None:
 def _base_for(checkpoint: Path, base: Path | None) -> Path:
     """--base, else the base-models input the checkpoint records (by DVC hash): found locally or
     fetched from the store (``medsight/platform/resolve.py``)."""
-    if base is not None:
-        return base
-    from medsight.platform.resolve import ResolveError, resolve_input
+    from medsight.platform.resolve import ResolveError, base_for
 
     try:
-        return resolve_input(checkpoint, "base")
+        return base_for(checkpoint, base)
     except ResolveError as error:
-        _fail(f"{error}; or pass --base DIR (the base-models stage output)", code=1)
+        _fail(str(error), code=1)
     raise AssertionError  # unreachable: _fail exits
 
 

@@ -24,14 +24,12 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _base_for(model: Path, base: Path | None) -> Path:
-    if base is not None:
-        return base
-    from medsight.platform.resolve import ResolveError, resolve_input
+    from medsight.platform.resolve import ResolveError, base_for
 
     try:
-        return resolve_input(model, "base")  # the recorded folder, a sibling output, the cache or the store
+        return base_for(model, base)  # the recorded folder, a sibling output, the cache or the store
     except ResolveError as error:
-        _fail(f"{error}; or pass --base DIR (the base-models stage output)", 2)
+        _fail(str(error), 2)
     raise AssertionError  # unreachable: _fail exits
 
 

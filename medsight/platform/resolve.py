@@ -116,3 +116,13 @@ def resolve_input(checkpoint: Path, name: str) -> Path:
         f"pull it next to the checkpoint (`dvc pull {stage or name}` in the run repository), or set "
         "MEDSIGHT_S3_ENDPOINT and the AWS credentials (`source runs/platform/s3/client.env`) so it is fetched by hash"
     )
+
+
+def base_for(checkpoint: Path, base: Path | None) -> Path:
+    """``base`` when given (a CLI's --base), else the base-models input ``checkpoint`` records."""
+    if base is not None:
+        return Path(base)
+    try:
+        return resolve_input(checkpoint, "base")
+    except ResolveError as error:
+        raise ResolveError(f"{error}; or pass --base DIR (the base-models stage output)") from None
