@@ -300,11 +300,13 @@ def test_settings_come_from_the_compiled_env():
     assert settings.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
-def test_component_runs_a_trainjob_on_a_run_cache_miss_then_reads_the_pushed_output(monkeypatch):
-    """The component's path: miss -> TrainJob (whose first node pushes and records) -> hit."""
+@pytest.mark.parametrize("looked_up", [False, True])
+def test_component_runs_a_trainjob_on_a_run_cache_miss_then_reads_the_pushed_output(monkeypatch, looked_up):
+    """The component's path: miss -> TrainJob (whose first node pushes and records) -> hit. The
+    component's own body has already seen the miss (looked_up): the store is asked once, not twice."""
     import medsight.platform.component_runtime as runtime
 
-    results = iter([None, SimpleNamespace(stage="instruct-tune", ref=SimpleNamespace(to_json=lambda: '{"md5": "9f.dir"}'),
+    results = iter(([] if looked_up else [None]) + [SimpleNamespace(stage="instruct-tune", ref=SimpleNamespace(to_json=lambda: '{"md5": "9f.dir"}'),
                                           cached=True, metrics={"val_lm_loss": 1.5}, seconds=0.0, cache_key="k",
                                           inputs={})])
     calls: list[str] = []
@@ -312,8 +314,8 @@ def test_component_runs_a_trainjob_on_a_run_cache_miss_then_reads_the_pushed_out
     cluster = FakeCluster([COMPLETE])
     from medsight.platform.multinode import multinode_outcome
 
-    outcome = multinode_outcome("instruct-tune", "tiny", [], REFS, SETTINGS, client=sdk_client(cluster))
-    assert calls == ["lookup", "lookup"] and len(cluster.created) == 1
+    outcome = multinode_outcome("instruct-tune", "tiny", [], REFS, SETTINGS, client=sdk_client(cluster), looked_up=looked_up)
+    assert calls == ["lookup"] * (1 if looked_up else 2) and len(cluster.created) == 1
     assert outcome["ref"] == {"md5": "9f.dir"} and outcome["cached"] is False and outcome["metrics"] == {"val_lm_loss": 1.5}
 
 

@@ -47,6 +47,22 @@ def test_push_then_pull_into_fresh_cache_gives_identical_bytes(store_env: dict, 
         assert tree_hashes(pulled) == hashes
 
 
+def test_one_file_is_read_from_the_remote_without_pulling_the_output(store_env: dict, tmp_path: Path) -> None:
+    """What a restored component shows as its card: one file, read through the DVC manifest."""
+    store = ArtifactStore()
+    store.ensure_ready()
+    ref, _ = _add_and_push(store, tmp_path / "a")
+    assert json.loads(store.read_file(ref, "metrics.json")) == {"val_dice": 0.5}
+    assert store.read_file(ref, "part1/file1.bin") == (tmp_path / "a" / "stage-out" / "part1" / "file1.bin").read_bytes()
+    assert store.read_file(ref, "report.html") is None
+    # An object whose bytes no longer match its name is refused, with the object named.
+    manifest = json.loads(store.storage.get_bytes(store.config.bucket, store.object_key(ref.md5)))
+    md5 = next(e["md5"] for e in manifest if e["relpath"] == "metrics.json")
+    store.storage.put_bytes(store.config.bucket, store.object_key(md5), b'{"val_dice": 0.9}')
+    with pytest.raises(ArtifactStoreError, match=re.escape(md5[2:])):
+        store.read_file(ref, "metrics.json")
+
+
 def test_fresh_clone_pulls_with_plain_dvc_from_another_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """git clone -> dvc pull STAGE with the dvc CLI, the store on another port than at push time."""
     from platform_fixtures import make_credentials

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,28 @@ def test_run_component_writes_kfp_outputs(store_env: dict, tmp_path: Path, monke
     run_component("synth-data", preset="tiny", overrides=small, inputs={}, output=again,
                   metrics=_FakeArtifact(tmp_path / "m2"), card=_FakeArtifact(tmp_path / "c2"))
     assert again.metadata["cached"] is True and again.metadata["dvc_md5"] == ref.md5
+    # A hit in a fresh executor process (as kfp.local and a cluster pod start it) restores the
+    # stage without importing torch, DVC, MLflow or the Kubernetes client.
+    probe = textwrap.dedent(f"""
+        import json, os, sys
+        os.environ["_KFP_RUNTIME"] = "true"
+        import kfp.dsl.executor_main
+        from medsight.platform.kfp_component import run_component
+        class Artifact:
+            def __init__(self, path):
+                self.path, self.metadata = path, {{}}
+            def log_metric(self, name, value):
+                pass
+        out = Artifact({str(tmp_path / "probe" / "output")!r})
+        run_component("synth-data", preset="tiny", overrides={small!r}, inputs={{}}, output=out,
+                      metrics=Artifact({str(tmp_path / "probe" / "m")!r}), card=Artifact({str(tmp_path / "probe" / "c")!r}))
+        heavy = [m for m in ("torch", "dvc", "mlflow", "kubernetes", "deepspeed") if m in sys.modules]
+        print("PROBE=" + json.dumps({{"cached": out.metadata["cached"], "heavy": heavy}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("PROBE="))[6:])
+    assert report == {"cached": True, "heavy": []}, report
     used = _FakeArtifact(tmp_path / "used" / "output")
     run_component("synth-data", preset="tiny", overrides=[*small, "data.seed=4"], inputs={}, output=used,
                   metrics=_FakeArtifact(tmp_path / "m3"), card=_FakeArtifact(tmp_path / "c3"), use_existing=ref.md5)

@@ -99,3 +99,18 @@ def test_bad_data_fails_clearly_and_writes_nothing(small_run, tmp_path, how):
     assert result.returncode != 0
     assert named in result.stderr, result.stderr[-1500:]
     assert not (out / STAGE_FILE).exists() and not (out / "modules").exists()
+
+
+def test_base_models_are_the_same_whatever_ran_before_in_the_process(small_run, tmp_path):
+    """`medsight chain` runs base-models in-process after other work, KFP in a fresh interpreter;
+    an unseeded random init made the two differ (and with them every downstream metric)."""
+    import torch
+
+    root, config = small_run
+    torch.rand(1000)  # moves the global generator past where the fixture's run left it
+    run_stage("base-models", config, {"data": root / "data"}, tmp_path / "again", reuse=False)
+    for name in ("encoder/model.safetensors", "llm/model.safetensors"):
+        assert (tmp_path / "again" / name).read_bytes() == (root / "base" / name).read_bytes(), name
+    other = apply_overrides(config, ["data.seed=7"])
+    run_stage("base-models", other, {"data": root / "data"}, tmp_path / "other", reuse=False)
+    assert (tmp_path / "other" / "encoder/model.safetensors").read_bytes() != (root / "base" / "encoder/model.safetensors").read_bytes()

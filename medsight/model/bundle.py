@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from medsight.config.schema import ExperimentConfig
 from medsight.data.taxonomy import TAXONOMY_FILE, Taxonomy, resolve_taxonomy
-from medsight.model.weights import load_weights, save_weights
+
+if TYPE_CHECKING:  # finding and copying bundle files needs no torch (model registration, packaging)
+    from torch import nn
 
 MODULES_DIR = "modules"
 MODULE_NAMES = ("perceiver", "codebook", "v2t", "t2v", "region_tokens")
@@ -77,6 +78,8 @@ def stage_taxonomy(config: ExperimentConfig, inputs: dict[str, Path]) -> Taxonom
 
 
 def save_modules(output: Path, modules: dict[str, nn.Module], taxonomy: Taxonomy) -> None:
+    from medsight.model.weights import save_weights
+
     for name, module in modules.items():
         save_weights(module, module_file(output, name))
     taxonomy.save(taxonomy_file(output))
@@ -94,5 +97,7 @@ def copy_modules(source: dict[str, Path], output: Path, names: tuple[str, ...]) 
 def load_module(module: nn.Module, modules: dict[str, Path], name: str, stage_hint: str) -> nn.Module:
     if name not in modules:
         raise FileNotFoundError(f"no {name} weights among the stage inputs; run {stage_hint} first")
+    from medsight.model.weights import load_weights
+
     load_weights(module, modules[name])
     return module

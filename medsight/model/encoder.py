@@ -115,8 +115,15 @@ class ImageEncoder(nn.Module):
         self.load_report = None  # set by from_open_clip_weights: what a release held besides the ViT
 
     @classmethod
-    def random_init(cls, config: EncoderConfig) -> ImageEncoder:
-        return cls(config, _create_visual(config, pretrained=None))
+    def random_init(cls, config: EncoderConfig, seed: int | None = None) -> ImageEncoder:
+        """Random weights. With a seed they are the same in every process: the base-models stage
+        runs in-process after other work in `medsight chain` and in a fresh interpreter under KFP,
+        and an unseeded init made those two (and so every downstream metric) differ."""
+        if seed is None:
+            return cls(config, _create_visual(config, pretrained=None))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config, _create_visual(config, pretrained=None))
 
     @classmethod
     def from_open_clip_weights(cls, config: EncoderConfig, weights_path: Path) -> ImageEncoder:

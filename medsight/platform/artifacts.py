@@ -17,6 +17,7 @@ Credentials never enter a DVC config file: boto reads ``AWS_ACCESS_KEY_ID`` /
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -291,7 +292,7 @@ class DvcWorkspace:
             pointer = self.root / f"{name}.dvc"
             pointer.write_text(ref.pointer(name))
             pointers.append(str(pointer))
-        if pointers:
+        if pointers and not self._checkout_cached(pointers):
             what = ", ".join(f"{ref.stage or name} ({ref.md5})" for name, ref in refs.items())
             _retry(
                 f"pulling {what} from {self.config.dvc_url} at {self.config.endpoint} "
@@ -300,6 +301,19 @@ class DvcWorkspace:
                 lambda: self.repo.pull(targets=pointers, remote=REMOTE_NAME),
             )
         return {name: self.root / name for name in refs}
+
+    def _checkout_cached(self, pointers: list[str]) -> bool:
+        """Check the outputs out of the local DVC cache when it already holds all of them (the
+        shared cache of a one-machine run): no remote status query. False: something is missing,
+        and a pull fetches it."""
+        from dvc.exceptions import CheckoutError
+
+        try:
+            with quiet():
+                self.repo.checkout(targets=pointers)
+        except CheckoutError:
+            return False
+        return True
 
 
 class ArtifactStore:
@@ -336,6 +350,21 @@ class ArtifactStore:
         for shard in sorted({key.rsplit("/", 1)[0] for key in wanted}):
             present.update(self.storage.list_keys(self.config.bucket, shard + "/"))
         return wanted <= present
+
+    def read_file(self, ref: ArtifactRef, relpath: str) -> bytes | None:
+        """One file of a stored output, read from the DVC remote through its manifest: no DVC
+        import, no copy of the rest (an evaluation's report without its predictions). None when
+        the output has no such file; an object whose content does not hash to its name is refused."""
+        if not ref.md5.endswith(".dir"):
+            return None
+        manifest = self.storage.get_bytes(self.config.bucket, self.object_key(ref.md5))
+        md5 = next((e["md5"] for e in json.loads(manifest or b"[]") if e.get("relpath") == relpath), None)
+        if md5 is None:
+            return None
+        data = self.storage.get_bytes(self.config.bucket, self.object_key(md5))
+        if data is not None and hashlib.md5(data).hexdigest() != md5:
+            raise ArtifactStoreError(f"{self.object_uri(md5)} ({relpath} of {ref.md5}) does not match its hash")
+        return data
 
     # -- run-cache -----------------------------------------------------------------------
     def cache_lookup(self, stage: str, key: str) -> dict[str, Any] | None:

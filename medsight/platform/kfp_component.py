@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore
-from medsight.platform.component_runtime import NPROC_ENV, WORK_DIR_ENV, execute_stage, outcome, resolve_config
+from medsight.platform.component_runtime import NPROC_ENV, execute_stage, outcome, resolve_config
 
 
 def artifact_ref(artifact: Any) -> str:
@@ -72,16 +71,21 @@ def run_component(
     """Body of every generated stage component: run the stage CLI, then fill the KFP outputs."""
     from medsight.platform.stage_card import render_stage_card
 
-    from medsight.platform.multinode import MultiNodeSettings, multinode_outcome
-
     refs = {name: artifact_ref(artifact) for name, artifact in inputs.items()}
-    settings = MultiNodeSettings.from_env()
-    # A run-cache hit needs no stage process (no torch, no stage imports): restore it right here.
+    # A run-cache hit needs no stage process (no torch, no stage imports, not even the Kubernetes
+    # client the multi-node path needs): restore it right here.
     hit = execute_stage(stage, refs, resolve_config(preset, overrides), use_existing=use_existing, restore_only=True)
+    settings = None
+    if hit is None and not use_existing:
+        from medsight.platform.multinode import MultiNodeSettings
+
+        settings = MultiNodeSettings.from_env()
     if hit is not None:
         result = outcome(hit)
-    elif settings is not None and not use_existing:
-        result = multinode_outcome(stage, preset, overrides, refs, settings)
+    elif settings is not None:
+        from medsight.platform.multinode import multinode_outcome
+
+        result = multinode_outcome(stage, preset, overrides, refs, settings, looked_up=True)
     else:
         with tempfile.TemporaryDirectory(prefix="medsight-result-") as tmp:
             result_file = Path(tmp) / "result.json"
@@ -115,41 +119,24 @@ def run_component(
     # A stage with a page of its own (the evaluation's report, the data check's) shows it as its
     # card; every other stage gets a summary card.
     page = get_stage(stage).card
-    html = _pull_files(ref, [page]).get(page) if page else None
+    html = store.read_file(ref, page) if page else None
     Path(card.path).parent.mkdir(parents=True, exist_ok=True)
     Path(card.path).write_bytes(html or render_stage_card(stage, result, store.object_uri(ref.md5)).encode())
-
-
-def _pull_files(ref: ArtifactRef, patterns: Sequence[str]) -> dict[str, bytes]:
-    """Read a few small files of a stored output (reports, metrics) without keeping a copy."""
-    store = ArtifactStore()
-    work_root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir())
-    work_root.mkdir(parents=True, exist_ok=True)
-    ws_dir = Path(tempfile.mkdtemp(prefix="read-", dir=work_root))
-    try:
-        with store.workspace(ws_dir) as ws:
-            root = ws.pull(ref, "out")
-            found: dict[str, bytes] = {}
-            for pattern in patterns:
-                for path in sorted(root.glob(pattern)):
-                    found.setdefault(path.relative_to(root).as_posix(), path.read_bytes())
-            return found
-    finally:
-        shutil.rmtree(ws_dir, ignore_errors=True)
 
 
 def compare_evaluations(results: Sequence[tuple[str, Any]], table_path: str | None = None) -> str:
     """Markdown table: one row per (variant name, evaluation artifact or reference), headline metrics."""
     from medsight.stages.registry import evaluation_stage
 
+    store = ArtifactStore()
     rows: list[tuple[str, dict[str, float], str]] = []
     for name, evaluation in results:
         ref = ArtifactRef.parse(artifact_ref(evaluation))
         if ref is None:
             rows.append((name, {}, "-"))
             continue
-        files = _pull_files(ref, ["metrics.json"])
-        metrics = json.loads(files["metrics.json"]) if "metrics.json" in files else {}
+        found = store.read_file(ref, "metrics.json")
+        metrics = json.loads(found) if found is not None else {}
         rows.append((name, metrics, ref.short))
     # Headline numbers only; every metric stays in each evaluation's metrics.json and MLflow run.
     headline = (*evaluation_stage().metrics, "comprehension_avg", "diagnosis_recall", "mecovqa_dice")

@@ -281,13 +281,15 @@ def run_multinode(stage: str, preset: str, overrides: Sequence[str], refs: Mappi
 
 
 def multinode_outcome(stage: str, preset: str, overrides: Sequence[str], refs: Mapping[str, str], settings: Any,
-                      client: Any = None) -> dict[str, Any]:
+                      client: Any = None, looked_up: bool = False) -> dict[str, Any]:
     """A stage whose deployment asks for several nodes: restored from the run-cache, or run as a
-    TrainJob whose first node pushes the output, then read back from the run-cache."""
+    TrainJob whose first node pushes the output, then read back from the run-cache.
+    ``looked_up``: the caller already found no run-cache entry (the component checks first)."""
     from medsight.platform import component_runtime as runtime
 
     config = runtime.resolve_config(preset, overrides)
-    found = None if runtime._forced(stage) else runtime.execute_stage(stage, refs, config, compute=False)
+    skip_lookup = looked_up or runtime._forced(stage)
+    found = None if skip_lookup else runtime.execute_stage(stage, refs, config, compute=False)
     if found is None:
         run_multinode(stage, preset, list(overrides), refs, settings, client=client)
         found = runtime.execute_stage(stage, refs, config, compute=False)

@@ -41,7 +41,7 @@ def run(config: ExperimentConfig, inputs: dict[str, Path], output: Path, tracker
     if encoder_cfg.weights_path:
         encoder = ImageEncoder.from_open_clip_weights(encoder_cfg, Path(encoder_cfg.weights_path))
     else:
-        encoder = ImageEncoder.random_init(encoder_cfg)
+        encoder = ImageEncoder.random_init(encoder_cfg, seed=config.data.seed)
     encoder.save(output / "encoder")
 
     if llm_cfg.weights_path:

@@ -5,18 +5,23 @@ under ``torch.distributed.run`` (torchrun), which sets RANK / WORLD_SIZE / LOCAL
 MASTER_ADDR / MASTER_PORT. Every helper here works at world size 1 without a process group,
 so stage code never branches on how it was launched. State lives in ``torch.distributed``
 itself; this module keeps none.
+
+torch is imported only where a tensor or a group is needed: no process group can exist before
+torch is imported, so a single-process bookkeeping stage (data-check, register-model) asks "am I
+rank 0?" here without paying torch's ~2 s import.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 # Long enough for rank 0 to write a consolidated 8B-parameter checkpoint while the others wait.
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
@@ -27,14 +32,27 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.strip() else default
 
 
+def _initialized() -> bool:
+    """A process group exists (never before torch.distributed was imported)."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
+        import torch.distributed as dist
+
         return dist.get_world_size()
     return _env_int("WORLD_SIZE", 1)
 
 
 def rank() -> int:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
+        import torch.distributed as dist
+
         return dist.get_rank()
     return _env_int("RANK", 0)
 
@@ -55,12 +73,16 @@ def launched() -> bool:
 
 def device() -> torch.device:
     """This rank's device: its own GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
 
 
 def backend() -> str:
+    import torch
+
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -68,10 +90,13 @@ def backend() -> str:
 def process_group() -> Iterator[None]:
     """Join the job's process group for the duration of a stage (no-op at world size 1, or when
     a group already exists, e.g. DeepSpeed created it)."""
-    if not launched() or dist.is_initialized():
+    if not launched() or _initialized():
         with _single_process_scope():
             yield
         return
+    import torch
+    import torch.distributed as dist
+
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     dist.init_process_group(backend=backend(), timeout=COLLECTIVE_TIMEOUT)
@@ -104,20 +129,25 @@ def _single_process_scope() -> Iterator[None]:
 
 def active() -> bool:
     """A process group with more than one rank exists: collectives are needed."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _initialized() and world_size() > 1
 
 
 def shard() -> tuple[int, int]:
     """(this rank, ranks) for splitting work that is gathered afterwards; (0, 1) without a group."""
-    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+    return (rank(), world_size()) if active() else (0, 1)
 
 
 def barrier() -> None:
     if active():
+        import torch.distributed as dist
+
         dist.barrier()
 
 
 def _collective_device() -> torch.device:
+    import torch
+    import torch.distributed as dist
+
     # NCCL moves CUDA tensors only; gloo moves CPU tensors.
     return device() if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -126,6 +156,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks of ``tensor`` (a new tensor on the input's device)."""
     if not active():
         return tensor.clone()
+    import torch.distributed as dist
+
     work = tensor.detach().to(_collective_device(), copy=True)
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(tensor.device)
@@ -139,6 +171,8 @@ def mean_over_ranks(values: Mapping[str, float]) -> dict[str, float]:
     """Each named scalar averaged over ranks (losses logged once, for the whole global batch)."""
     if not active() or not values:
         return dict(values)
+    import torch
+
     keys = sorted(values)
     summed = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
     return {k: float(v) / world_size() for k, v in zip(keys, summed.tolist())}
@@ -148,6 +182,8 @@ def sum_over_ranks(values: Mapping[str, float]) -> dict[str, float]:
     """Each named scalar summed over ranks (e.g. a metric's numerator and count)."""
     if not active() or not values:
         return dict(values)
+    import torch
+
     keys = sorted(values)
     summed = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
     return dict(zip(keys, summed.tolist()))
@@ -157,6 +193,9 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """[W, *shape]: every rank's ``tensor`` (same shape on every rank), rank order."""
     if not active():
         return tensor.unsqueeze(0).clone()
+    import torch
+    import torch.distributed as dist
+
     work = tensor.detach().contiguous().to(_collective_device())
     parts = [torch.empty_like(work) for _ in range(world_size())]
     dist.all_gather(parts, work)
@@ -167,6 +206,8 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` (picklable, in memory only) as a list on rank 0; None elsewhere."""
     if not active():
         return [obj]
+    import torch.distributed as dist
+
     parts: list[Any] | None = [None] * world_size() if is_main() else None
     if dist.get_backend() == "nccl":
         # gather_object on NCCL needs the current CUDA device set; all_gather_object is simpler.
@@ -180,6 +221,8 @@ def gather_to_main(obj: Any) -> list[Any] | None:
 def all_gather_objects(obj: Any) -> list[Any]:
     if not active():
         return [obj]
+    import torch.distributed as dist
+
     everything: list[Any] = [None] * world_size()
     dist.all_gather_object(everything, obj)
     return everything
@@ -189,6 +232,8 @@ def broadcast_from_main(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not active():
         return obj
+    import torch.distributed as dist
+
     holder = [obj if is_main() else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
