@@ -116,3 +116,28 @@ def test_batched_generation_matches_single_sample(tiny_model):
     batched = inference.answer(images, questions, max_new_tokens=6, repetition_penalty=1.0)
     single = [inference.answer(images[i : i + 1], [q], max_new_tokens=6, repetition_penalty=1.0)[0] for i, q in enumerate(questions)]
     assert [a.text for a in batched] == [a.text for a in single]
+
+
+def test_region_token_rows_get_the_same_gradient_every_time():
+    """Every non-region position looks up row 0 (then masked); indexing's backward accumulated
+    those duplicates in thread order, so stage 5 differed run to run on a 2-core CPU (and so did
+    the evaluation it feeds). The embedding lookup's backward sums them in a fixed order."""
+    from medsight.model.region_vocabulary import RegionTokenEmbeddings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        embeddings = RegionTokenEmbeddings(24, 64)
+        with torch.no_grad():
+            embeddings.input_rows.normal_(generator=generator)
+        ids = torch.randint(0, 3, (16, 2048), generator=generator)
+        upstream = torch.randn(16, 2048, 64, generator=generator)
+        grads = []
+        for _ in range(5):
+            embeddings.zero_grad()
+            (embeddings(ids=ids) * upstream).sum().backward()
+            grads.append(embeddings.input_rows.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], grad) for grad in grads[1:])

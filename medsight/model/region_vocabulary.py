@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SEG_TOKEN = "[SEG]"
@@ -76,7 +77,7 @@ class RegionTokenEmbeddings(nn.Module):
         """
         if hidden is not None:
             return hidden @ self.output_rows.to(hidden.dtype).T
-        return self.input_rows[ids]
+        return F.embedding(ids, self.input_rows)
 
     @torch.no_grad()
     def initialise(self, rows: torch.Tensor) -> None:
