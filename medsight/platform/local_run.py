@@ -82,7 +82,7 @@ class LocalRunRequest:
             return {"stage_name": self.stage, "inputs": dict(self.stage_inputs), "preset": self.preset,
                     "overrides": list(self.overrides)}
         if self.variants is not None:
-            # The ablation pipeline's variants are compiled in (see _run_pipeline).
+            # The ablation pipeline's variants are compiled in (see _build_pipeline).
             return {"preset": self.preset, "overrides": list(self.overrides), "data_revision": self.data_revision}
         return {"preset": self.preset, "overrides": list(self.overrides), "data_revision": self.data_revision}
 
@@ -210,7 +210,13 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
     tracking_uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
     started = time.time()
     console.write(f"MedSIGHT local pipeline run {run_id} (preset {request.preset}) in {workdir}\n")
-    with _sigterm_as_exit(), SeaweedS3Server(workdir / "s3") as server:
+    server = SeaweedS3Server(workdir / "s3")
+    with _sigterm_as_exit(), contextlib.ExitStack() as stack:
+        stack.callback(server.stop)
+        server.start(wait=False)
+        # KFP's import and the DAG's build take seconds of this process; SeaweedFS boots meanwhile.
+        pipeline = _build_pipeline(request)
+        server.wait_ready()
         console.write(f"  S3 (SeaweedFS) at {server.endpoint}; DVC remote {LOCAL_STORE_URL}/dvc\n")
         client_env_file(workdir / "s3", client_settings(server.env()))
         env = {
@@ -240,7 +246,7 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
                 store.ensure_ready()
                 repo = RunRepo(workdir / "repo")
                 repo.ensure(store.config)
-                _run_pipeline(request, workdir, events, log_path, console)
+                _run_pipeline(pipeline, request, workdir, events, log_path, console)
             except BaseException:
                 parent.join()
                 if parent.tracker is not None:
@@ -262,6 +268,7 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
                 found = sorted(evaluation.rglob("*.html"))
                 report = found[0] if found else None
             table = store.get_run_file(run_id, "ablation.md") if request.variants is not None else None
+            server.begin_stop()  # no S3 from here on: it flushes while MLflow records the run
             parent.join()
             if parent.tracker is None:
                 console.write(f"  MLflow: the pipeline run could not be recorded ({parent.error})\n")
@@ -270,9 +277,7 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
     return LocalRunResult(run_id, workdir, summaries, time.time() - started, commit, tracking_uri, report, table)
 
 
-def _run_pipeline(request: LocalRunRequest, workdir: Path, events: Path, log_path: Path, console: IO[str]) -> None:
-    from kfp import local
-
+def _build_pipeline(request: LocalRunRequest) -> Any:
     from pipelines.deployment import DeploymentSettings
     from pipelines.medsight_pipeline import build_pipelines
 
@@ -280,7 +285,12 @@ def _run_pipeline(request: LocalRunRequest, workdir: Path, events: Path, log_pat
     # backoff), and locally a failure is deterministic, so retrying only delays the error.
     name = request.pipeline_name
     settings = DeploymentSettings(retries=0, ablation_variants=list(request.variants or []))
-    pipeline = build_pipelines(settings, names=(name,), variant=request.variant)[name]
+    return build_pipelines(settings, names=(name,), variant=request.variant)[name]
+
+
+def _run_pipeline(pipeline: Any, request: LocalRunRequest, workdir: Path, events: Path, log_path: Path,
+                  console: IO[str]) -> None:
+    from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
     # Captured: the live line replaces tqdm's bars, which would fill the log with one line per update.

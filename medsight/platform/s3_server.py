@@ -152,6 +152,7 @@ class SeaweedS3Server:
         self.preferred_port = port
         self._credentials = credentials
         self.startup_timeout = startup_timeout
+        self._stopping = False
         self.weed_binary = weed_binary
         self.process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
@@ -195,7 +196,9 @@ class SeaweedS3Server:
         return self.data_dir / "server.json"
 
     # -- lifecycle ---------------------------------------------------------------------
-    def start(self) -> SeaweedS3Server:
+    def start(self, wait: bool = True) -> SeaweedS3Server:
+        """Launch SeaweedFS; ``wait=False`` returns at once (call ``wait_ready`` before the first
+        request), so a caller can do its own start-up work while the server boots."""
         if self.process is not None and self.process.poll() is None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +235,9 @@ class SeaweedS3Server:
             "-admin.ui=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            # Heartbeats stop this long before the volume server does, so a cluster master can
+            # steer writes elsewhere; one local server has no other volume to steer them to.
+            "-volume.preStopSeconds=0",
         ]
         for name, port in ports.items():
             command.append(f"-{name}.port={port}")
@@ -250,12 +256,17 @@ class SeaweedS3Server:
         _RUNNING.add(self)
         self._pid_path.write_text(str(self.process.pid))
         self._state_path.write_text(json.dumps({"port": self.port}))
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        """Block until the server answers (see ``_wait_ready``); stop it if it never does."""
         try:
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
-        return self
 
     def _last_port(self) -> int | None:
         try:
@@ -359,19 +370,28 @@ class SeaweedS3Server:
         except OSError:
             return "(no log)"
 
+    def begin_stop(self) -> None:
+        """SIGTERM without waiting: the server flushes and exits while the caller finishes work
+        that needs no S3; ``stop`` then waits for it."""
+        if self.process is not None and self.process.poll() is None and not self._stopping:
+            self.process.send_signal(signal.SIGTERM)
+            self._stopping = True
+
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM and wait (SeaweedFS flushes in 3-4 s); SIGKILL if it does not exit in time."""
+        """SIGTERM and wait (SeaweedFS flushes in about a second); SIGKILL if it does not exit in time."""
         process = self.process
         if process is None:
             return
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            if not self._stopping:  # once: a second signal could cut SeaweedFS's flush short
+                process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
         self.process = None
+        self._stopping = False
         _RUNNING.discard(self)
         self._pid_path.unlink(missing_ok=True)
 
@@ -381,6 +401,7 @@ class SeaweedS3Server:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+        self._stopping = False
         _RUNNING.discard(self)
         self._pid_path.unlink(missing_ok=True)
 
