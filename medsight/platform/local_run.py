@@ -238,9 +238,14 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
             "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
             "PYTHONWARNINGS": "ignore",
         }
+        fresh_tracking_store = not (workdir / "mlflow" / "mlflow.db").exists()
         with patched_env(env):
             parent = _PipelineRun(run_id, request.preset)
             parent.start()
+            if fresh_tracking_store:
+                # A new sqlite store is created by migrating its schema; a stage's child doing the
+                # same at the same moment fails one of them ("duplicate column name"). Once only.
+                parent.join()
             try:
                 store = ArtifactStore()
                 store.ensure_ready()
