@@ -17,4 +17,8 @@ grep -v '^kserve==' requirements.lock > "$VENV/.lock-without-kserve.txt"
 "$VENV/bin/pip" install --quiet -r "$VENV/.lock-without-kserve.txt"
 "$VENV/bin/pip" install --quiet --no-deps "$(grep '^kserve==' requirements.lock)"
 "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+# DeepSpeed's CPU shared-memory op, compiled now (~30 s) rather than by the first LLM stage of the
+# first pipeline (medsight/train/native_ops.py). Without a compiler the stage builds it or fails
+# as it would have anyway, so this step only warns.
+"$VENV/bin/python" -m medsight.train.native_ops || echo "bootstrap: DeepSpeed's CPU op was not prebuilt; the first LLM stage will compile it" >&2
 echo "$want" > "$stamp"

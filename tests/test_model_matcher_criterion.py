@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from medsight.config.schema import LossConfig
 from medsight.model.criterion import SetCriterion, dice_loss, ordered_mask_loss, sigmoid_bce_loss
-from medsight.model.matcher import HungarianMatcher
+from medsight.model.matcher import HungarianMatcher, softplus_sums
 from medsight.model.region_perceiver import PerceiverOutput
 
 
@@ -90,6 +90,14 @@ def test_matcher_total_cost_equals_brute_force_minimum(seed: int) -> None:
     assert sorted(target_idx.tolist()) == list(range(num_targets))
     assert len(set(query_idx.tolist())) == num_targets
     assert cost[query_idx, target_idx].sum().item() == pytest.approx(brute_force_cost(cost), abs=1e-5)
+
+
+def test_softplus_sums_agree_with_torch_softplus_far_into_both_tails() -> None:
+    logits = torch.cat([torch.linspace(-120, 120, 4000), torch.tensor([0.0, 1e-9, -1e-9, 88.7, -88.7])])
+    logits = logits[torch.randperm(logits.numel(), generator=torch.Generator().manual_seed(0))].reshape(5, -1)
+    expected = F.softplus(logits.double()).sum(dim=-1)
+    assert torch.allclose(softplus_sums(logits).double(), expected, rtol=1e-6, atol=0)
+    assert torch.isfinite(softplus_sums(torch.full((2, 5), 1e30))).all()  # no exp overflow
 
 
 def test_matcher_rejects_more_targets_than_queries_and_accepts_none() -> None:

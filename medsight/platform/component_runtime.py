@@ -107,12 +107,16 @@ def _forced(stage: str) -> bool:
     return stage in wanted or "all" in wanted
 
 
-def _make_tracker(stage: str, config: Any, tags: dict[str, str]) -> Any:
+def _make_tracker(stage: str, config: Any, tags: dict[str, str], background: bool = False) -> Any:
     from medsight.platform.tracking import MLflowTracker, resolve_tracking_uri
     from medsight.train.tracker import NullTracker
 
     if not resolve_tracking_uri(config):
         return NullTracker()
+    if background:
+        from medsight.platform.tracking_process import TrackerProcess
+
+        return TrackerProcess(stage, config, tags=tags)
     return MLflowTracker.from_env(stage=stage, config=config, tags=tags)
 
 
@@ -244,10 +248,13 @@ def _run_and_push(
     computed = work_root / "medsight-stages" / f"{stage}-{key[:12]}"
     tracker: Any = None
     try:
+        # Opened first, in a helper process: MLflow loads there while this one pulls the inputs
+        # and imports the stage (tracking_process.py).
+        tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"},
+                                background=not get_stage(stage).uses_mlflow)
         with store.workspace(ws_dir) as ws:
             paths = ws.pull_many({f"in-{name}": ref for name, ref in refs.items()})
             paths = {name: paths[f"in-{name}"] for name in refs}
-            tracker = _make_tracker(stage, config, {**base_tags, "medsight.cache_hit": "false"})
             compute_started = time.time()
             # The inputs' versions (DVC hashes, store URIs) go into stage.json, not these temp paths.
             store_uris = {name: store.object_uri(ref.md5) for name, ref in refs.items()}
@@ -294,12 +301,11 @@ def _log_evaluated_model(tracker: Any, inputs: Mapping[str, Path], output: Path,
     run_id = getattr(tracker, "run_id", None)
     if not run_id or "model" not in inputs or "base" not in inputs:
         return
-    from medsight.platform.final_model import log_final_model
     from medsight.stages.lineage import read_lineage
 
     try:
-        log_final_model(inputs["model"], inputs["base"], tracking_uri=tracker.tracking_uri, run_id=run_id,
-                        lineage=read_lineage(output), metrics=metrics)
+        # By whichever process holds the run (a helper has MLflow loaded already).
+        tracker.log_final_model(inputs["model"], inputs["base"], read_lineage(output), metrics)
     except Exception as error:  # noqa: BLE001 - see the docstring
         print(f"warning: the evaluated model was not logged to MLflow: {error}", file=sys.stderr)
         tracker.set_tags({"medsight.final_model_error": str(error)[:500]})

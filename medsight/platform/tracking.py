@@ -92,6 +92,35 @@ def _default_tags(stage: str) -> dict[str, str]:
     return tags
 
 
+def run_arguments(stage: str, config: Any = None, *, uri: str | None = None, run_name: str | None = None,
+                  tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ``MLflowTracker`` arguments of a stage's run (URI, experiment, name, tags), resolved from
+    the environment and the config without importing MLflow."""
+    tracking_uri = resolve_tracking_uri(config, uri)
+    if not tracking_uri:
+        raise TrackingError(
+            "no MLflow tracking URI: set MLFLOW_TRACKING_URI (e.g. sqlite:///runs/mlflow.db) "
+            "or config tracking.uri"
+        )
+    tracking = getattr(config, "tracking", None)
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or getattr(tracking, "experiment", None) or DEFAULT_EXPERIMENT
+    return {
+        "tracking_uri": tracking_uri,
+        "run_name": run_name or stage,
+        "experiment": experiment,
+        "tags": {**_default_tags(stage), "medsight.preset": str(getattr(config, "preset", "")),
+                 mlflow_runs.ROLE_TAG: mlflow_runs.PIPELINE_ROLE if stage == "pipeline" else mlflow_runs.STAGE_ROLE,
+                 **(tags or {})},
+    }
+
+
+def config_params(config: Any) -> dict[str, str]:
+    """The resolved config as MLflow params: dotted keys, text values."""
+    from medsight.config import to_dict
+
+    return {key: str(value) for key, value in flatten(to_dict(config)).items()}
+
+
 _OPEN: "weakref.WeakSet[MLflowTracker]" = weakref.WeakSet()
 
 
@@ -170,29 +199,10 @@ class MLflowTracker:
         system_metrics: bool | None = None,
         pipeline_run_id: str | None = None,
     ) -> MLflowTracker:
-        tracking_uri = resolve_tracking_uri(config, uri)
-        if not tracking_uri:
-            raise TrackingError(
-                "no MLflow tracking URI: set MLFLOW_TRACKING_URI (e.g. sqlite:///runs/mlflow.db) "
-                "or config tracking.uri"
-            )
-        tracking = getattr(config, "tracking", None)
-        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or getattr(tracking, "experiment", None) or DEFAULT_EXPERIMENT
-        tracker = cls(
-            tracking_uri,
-            run_name=run_name or stage,
-            experiment=experiment,
-            tags={**_default_tags(stage), "medsight.preset": str(getattr(config, "preset", "")),
-                  mlflow_runs.ROLE_TAG: mlflow_runs.PIPELINE_ROLE if stage == "pipeline" else mlflow_runs.STAGE_ROLE,
-                  **(tags or {})},
-            parent=parent,
-            system_metrics=system_metrics,
-            pipeline_run_id=pipeline_run_id,
-        )
+        tracker = cls(**run_arguments(stage, config, uri=uri, run_name=run_name, tags=tags), parent=parent,
+                      system_metrics=system_metrics, pipeline_run_id=pipeline_run_id)
         if config is not None and log_config:
-            from medsight.config import to_dict
-
-            tracker.log_params(to_dict(config))
+            tracker.log_params(config_params(config))
         return tracker
 
     def _experiment_id(self, name: str) -> str:
@@ -263,6 +273,14 @@ class MLflowTracker:
         datasets = mlflow_runs.dataset_inputs(lineage, os.environ.get("MEDSIGHT_STORE_URL", ""))
         if datasets:
             self.client.log_inputs(self.run_id, datasets=datasets)
+
+    def log_final_model(self, model_dir: Path, base_dir: Path, lineage: Mapping[str, Any],
+                        metrics: Mapping[str, float]) -> None:
+        """The evaluated model as an MLflow model owned by this run (``final_model.py``)."""
+        from medsight.platform.final_model import log_final_model
+
+        log_final_model(Path(model_dir), Path(base_dir), tracking_uri=self.tracking_uri, run_id=self.run_id,
+                        lineage=lineage, metrics=metrics)
 
     # -- lifecycle -----------------------------------------------------------------------
     def flush(self) -> None:

@@ -74,6 +74,9 @@ class StageSpec:
     after: tuple[str, ...] = ()
     # A file of the output that the KFP run page shows as the stage's card (else a summary card).
     card: str = ""
+    # The stage talks to MLflow itself (the model registry): its tracking run is opened in its own
+    # process, where MLflow is loaded anyway, not in a helper (platform/tracking_process.py).
+    uses_mlflow: bool = False
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -233,6 +236,7 @@ STAGES: tuple[StageSpec, ...] = (
         reads=("register",),
         output="report",
         metrics=("registered",),
+        uses_mlflow=True,
     ),
 )
 

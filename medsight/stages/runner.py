@@ -230,6 +230,9 @@ def _compute(plan: StagePlan, config: ExperimentConfig, output: Path, work: Path
     from medsight.train import distributed
 
     main = distributed.is_main()
+    # The stage's module (torch, its models) is imported before the tracker is first asked for its
+    # run id: a tracker opening its run in another process gets that long to do so.
+    stage_fn = plan.spec.load()
     lineage: dict = {}
     if main:
         save_config(config, work / CONFIG_FILE)
@@ -251,7 +254,7 @@ def _compute(plan: StagePlan, config: ExperimentConfig, output: Path, work: Path
     distributed.barrier()
     started = time.perf_counter()
     with recorded_reads(config) as reads:
-        metrics = plan.spec.load()(config, plan.inputs, work, tracker)
+        metrics = stage_fn(config, plan.inputs, work, tracker)
     distributed.barrier()
     if not main:
         return StageRun({key: float(value) for key, value in metrics.items()}, False, plan.key, output)
