@@ -82,3 +82,27 @@ def test_no_tracking_uri_is_reported_without_starting_a_helper(monkeypatch: pyte
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(TrackingError, match="MLFLOW_TRACKING_URI"):
         TrackerProcess("evaluate")
+
+
+def test_the_stage_process_itself_never_imports_mlflow(store: str, tmp_path: Path) -> None:
+    """What the helper is for: MLflow loads in it, not in the process that computes the stage."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from medsight.config import get_preset\n"
+        "from medsight.platform.tracking_process import TrackerProcess\n"
+        "tracker = TrackerProcess('instruct-tune', get_preset('tiny'))\n"
+        "tracker.log_metrics({'loss': 1.0}, step=0)\n"
+        "print('RUN=' + tracker.run_id)\n"
+        "tracker.close()\n"
+        "print('MLFLOW_IMPORTED=' + str('mlflow' in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MLFLOW_IMPORTED=False" in done.stdout
+    run_id = next(line for line in done.stdout.splitlines() if line.startswith("RUN=")).removeprefix("RUN=")
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(store).get_run(run_id).info.status == "FINISHED"
