@@ -207,7 +207,8 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     events = workdir / "logs" / f"{run_id}.events.jsonl"
     log_path = workdir / "logs" / f"{run_id}.log"
-    tracking_uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+    tracking_db = workdir / "mlflow" / "mlflow.db"
+    tracking_uri = f"sqlite:///{tracking_db}"
     started = time.time()
     console.write(f"MedSIGHT local pipeline run {run_id} (preset {request.preset}) in {workdir}\n")
     server = SeaweedS3Server(workdir / "s3")
@@ -238,7 +239,7 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
             "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
             "PYTHONWARNINGS": "ignore",
         }
-        fresh_tracking_store = not (workdir / "mlflow" / "mlflow.db").exists()
+        fresh_tracking_store = not tracking_db.exists()
         with patched_env(env):
             parent = _PipelineRun(run_id, request.preset)
             parent.start()

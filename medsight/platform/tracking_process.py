@@ -27,7 +27,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from medsight.platform.tracking import TrackingError, config_params, run_arguments
+from medsight.platform.tracking import TrackingError, config_params, flatten, run_arguments
+
+# The Tracker calls the helper forwards as they are: {"op": name, "args": keyword arguments}.
+_FORWARDED = frozenset({"log_params", "log_metrics", "set_tags", "log_lineage", "log_artifact"})
 
 
 class TrackerProcess:
@@ -42,41 +45,39 @@ class TrackerProcess:
             [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        self._send({"op": "open", "arguments": arguments,
-                    "params": config_params(config) if config is not None else {}})
+        self._send("open", arguments=arguments, params=config_params(config) if config is not None else {})
         atexit.register(self._close_at_exit)
 
     # -- Tracker protocol ---------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        from medsight.platform.tracking import flatten
-
-        self._send({"op": "log_params", "params": {k: str(v) for k, v in flatten(params).items()}})
+        # As text here: JSON would turn a tuple into a list, and MLflow would show "[...]".
+        self._send("log_params", params={k: str(v) for k, v in flatten(params).items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._send({"op": "log_metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step})
+        self._send("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._send({"op": "set_tags", "tags": {str(k): str(v) for k, v in tags.items()}})
+        self._send("set_tags", tags={str(k): str(v) for k, v in tags.items()})
 
     def log_lineage(self, lineage: Mapping[str, Any]) -> None:
-        self._send({"op": "log_lineage", "lineage": lineage})
+        self._send("log_lineage", lineage=lineage)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._call({"op": "log_artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+        self._call("log_artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def log_final_model(self, model_dir: Path, base_dir: Path, lineage: Mapping[str, Any],
                         metrics: Mapping[str, float]) -> None:
         """``final_model.log_final_model`` into this run, where MLflow is already loaded. Its
         failure raises ``TrackingError`` but leaves the run usable (the caller decides)."""
-        reply = self._call({"op": "log_final_model", "model_dir": str(Path(model_dir).resolve()),
-                            "base_dir": str(Path(base_dir).resolve()), "lineage": lineage, "metrics": dict(metrics)})
+        reply = self._call("log_final_model", model_dir=str(Path(model_dir).resolve()),
+                           base_dir=str(Path(base_dir).resolve()), lineage=lineage, metrics=dict(metrics))
         if reply.get("op_error"):
             raise TrackingError(reply["op_error"])
 
     @property
     def run_id(self) -> str:
         if self._run_id is None:
-            self._run_id = str(self._call({"op": "run_id"})["run_id"])
+            self._run_id = str(self._call("run_id")["run_id"])
         return self._run_id
 
     def close(self, status: str = "FINISHED") -> None:
@@ -84,7 +85,7 @@ class TrackerProcess:
             return
         self._closed = True
         try:
-            reply = self._call({"op": "close", "status": status})
+            reply = self._call("close", status=status)
             self._run_id = self._run_id or reply.get("run_id")
         except TrackingError as error:
             if status == "FINISHED":
@@ -95,18 +96,18 @@ class TrackerProcess:
             self._finish_process()
 
     # -- plumbing -------------------------------------------------------------------------
-    def _send(self, message: dict[str, Any]) -> None:
-        if self._closed and message["op"] != "close":
-            raise TrackingError(f"MLflow run already closed; cannot {message['op']}")
+    def _send(self, op: str, reply: bool = False, **args: Any) -> None:
+        if self._closed and op != "close":
+            raise TrackingError(f"MLflow run already closed; cannot {op}")
         stdin = self._process.stdin
         assert stdin is not None
         try:
-            stdin.write(json.dumps(message) + "\n")
+            stdin.write(json.dumps({"op": op, "args": args, "reply": reply}) + "\n")
         except (BrokenPipeError, OSError, ValueError):
             raise TrackingError(self._exit_message()) from None
 
-    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
-        self._send({**message, "reply": True})
+    def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        self._send(op, reply=True, **args)
         stdout = self._process.stdout
         assert stdout is not None
         line = stdout.readline()
@@ -151,28 +152,19 @@ def serve(requests: IO[str], replies: IO[str]) -> None:
     error: str | None = None  # the first failure; every later reply carries it
     for line in requests:
         request = json.loads(line)
-        op = request["op"]
+        op, args = request["op"], request["args"]
         if op == "log_final_model":
-            replies.write(json.dumps({"error": error, "op_error": _log_final_model(tracker, request)}) + "\n")
+            replies.write(json.dumps({"error": error, "op_error": _log_final_model(tracker, args)}) + "\n")
             replies.flush()
             continue
         try:
-            if error is None:
-                if op == "open":
-                    tracker = MLflowTracker(**request["arguments"])
-                    tracker.log_params(request["params"])
-                elif tracker is not None and op == "log_params":
-                    tracker.log_params(request["params"])
-                elif tracker is not None and op == "log_metrics":
-                    tracker.log_metrics(request["metrics"], step=request["step"])
-                elif tracker is not None and op == "set_tags":
-                    tracker.set_tags(request["tags"])
-                elif tracker is not None and op == "log_lineage":
-                    tracker.log_lineage(request["lineage"])
-                elif tracker is not None and op == "log_artifact":
-                    tracker.log_artifact(Path(request["path"]), request["artifact_path"])
+            if error is None and op == "open":
+                tracker = MLflowTracker(**args["arguments"])
+                tracker.log_params(args["params"])
+            elif error is None and op in _FORWARDED and tracker is not None:
+                getattr(tracker, op)(**args)
             if op == "close" and tracker is not None:
-                tracker.close(request["status"])
+                tracker.close(args["status"])
         except Exception as failure:  # noqa: BLE001 - reported to the stage at its next waited call
             error = error or (str(failure) if isinstance(failure, TrackingError)
                               else f"MLflow {op} failed: {type(failure).__name__}: {failure}")
@@ -185,13 +177,12 @@ def serve(requests: IO[str], replies: IO[str]) -> None:
         tracker.close("FAILED")  # the stage process ended without closing: it crashed
 
 
-def _log_final_model(tracker: Any, request: dict[str, Any]) -> str | None:
+def _log_final_model(tracker: Any, args: dict[str, Any]) -> str | None:
     """Package and log the evaluated model; its error as text (the run itself stays usable)."""
     if tracker is None:
         return "no MLflow run to log the model into"
     try:
-        tracker.log_final_model(Path(request["model_dir"]), Path(request["base_dir"]), request["lineage"],
-                                request["metrics"])
+        tracker.log_final_model(**args)
     except Exception as failure:  # noqa: BLE001 - reported to the caller, which decides
         return f"{type(failure).__name__}: {failure}"
     return None
