@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "deepspeed", "transformers", "mlflow", "dvc", "kubernetes")
+HEAVY = ("torch", "deepspeed", "transformers", "timm", "open_clip", "mlflow", "dvc", "kubernetes")
 
 
 def _imported_after(code: str, cwd: Path) -> list[str]:
@@ -74,3 +74,40 @@ def test_vision_stages_do_not_import_deepspeed(stage, tmp_path):
         get_stage({stage!r}).load()
     """, tmp_path)
     assert "torch" in imported and "deepspeed" not in imported, imported
+
+
+def test_encoder_builds_without_transformers_or_timm(tmp_path):
+    """open_clip imports transformers and timm whenever they are installed; the encoder (open_clip's
+    own ViT) needs neither, so a perceiver or codebook stage does not pay for them. They still
+    import normally afterwards (the LLM stages build the encoder too)."""
+    imported = _imported_after("""
+        import torch
+        from medsight.config.schema import EncoderConfig
+        from medsight.model.encoder import ImageEncoder
+        encoder = ImageEncoder.random_init(EncoderConfig(), seed=0)
+        size = encoder.config.image_size
+        tokens = encoder(torch.rand(1, 3, size, size)).patch_tokens
+        assert tokens.shape[0] == 1 and tokens.isfinite().all()
+    """, tmp_path)
+    assert "open_clip" in imported and "transformers" not in imported and "timm" not in imported, imported
+    after = _imported_after("""
+        from medsight.config.schema import EncoderConfig
+        from medsight.model.encoder import ImageEncoder
+        ImageEncoder.random_init(EncoderConfig(), seed=0)
+        import timm, transformers
+        from transformers import AutoConfig
+        assert AutoConfig is not None and timm.__version__
+    """, tmp_path)
+    assert {"open_clip", "transformers", "timm"} <= set(after), after
+
+
+def test_open_clip_configs_with_library_towers_keep_them():
+    """A bundled open_clip config whose tower comes from transformers or timm (or a hub model,
+    unknown until downloaded) imports open_clip with both available."""
+    from medsight.model.encoder import _needs_optional_towers
+
+    assert not _needs_optional_towers("ViT-L-14-336-quickgelu")  # UniMed-CLIP's architecture
+    assert not _needs_optional_towers("medsight-tiny-vit")  # registered by MedSIGHT, plain ViT
+    assert _needs_optional_towers("roberta-ViT-B-32")  # Hugging Face text tower
+    assert _needs_optional_towers("ViT-B-16-SigLIP")  # timm vision tower
+    assert _needs_optional_towers("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")

@@ -65,3 +65,28 @@ def test_missing_uri_and_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
         MLflowTracker.from_env(stage="x")
     assert _safe_uri("https://user:CHANGE_ME@mlflow.example:5000/") == "https://mlflow.example:5000/"
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}}) == {"a.b": 1, "a.c.d": [1, 2]}
+
+
+def test_processes_starting_on_a_new_store_together_all_get_runs(tmp_path: Path) -> None:
+    """The local runner's parent run and the first stages open a store that does not exist yet at
+    the same moment: one migrates its schema while the others wait (no "duplicate column name"),
+    and none sees a half-made database."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    opener = ("import sys\nfrom medsight.platform.tracking import MLflowTracker\n"
+              "tracker = MLflowTracker(sys.argv[1], run_name=sys.argv[2], parent=None)\n"
+              "tracker.close()\nprint(tracker.run_id)\n")
+    children = [subprocess.Popen([sys.executable, "-c", opener, uri, f"run-{i}"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outputs = [child.communicate(timeout=120) for child in children]
+    assert [child.returncode for child in children] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    client = MlflowClient(uri)
+    run_ids = [out.strip() for out, _ in outputs]
+    assert len(set(run_ids)) == 3
+    assert {client.get_run(run_id).info.status for run_id in run_ids} == {"FINISHED"}
+    assert [e.name for e in client.search_experiments()] == ["medsight"]  # one experiment, Default archived
+    assert sorted(p.name for p in (tmp_path / "mlflow").iterdir() if p.name != "mlflow.db.lock") == ["mlflow.db"]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-import open_clip
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -20,6 +23,9 @@ from medsight.config.schema import EncoderConfig
 logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
+# Libraries open_clip imports, when installed, for towers it builds from them (Hugging Face text
+# towers, timm vision towers); its own ViT needs neither.
+_OPTIONAL_TOWER_LIBRARIES = ("transformers", "timm")
 
 
 @dataclass
@@ -65,15 +71,50 @@ def _without_random_init_warning() -> Iterator[None]:
         root.removeHandler(handler)
 
 
+def _needs_optional_towers(model_name: str) -> bool:
+    """Whether open_clip's bundled config ``model_name`` builds a tower from transformers or timm
+    (read from its JSON without importing open_clip). Names it does not bundle (MedSIGHT's own
+    configs, registered from ``open_clip_config``) build its plain ViT; hub names are not known."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return True
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(folder) / "model_configs" / f"{model_name}.json"
+        if bundled.is_file():
+            towers = json.loads(bundled.read_text())
+            return bool(towers.get("text_cfg", {}).get("hf_model_name") or towers.get("vision_cfg", {}).get("timm_model_name"))
+    return False
+
+
+def open_clip_module(model_name: str) -> ModuleType:
+    """open_clip, imported without transformers and timm when ``model_name`` needs neither.
+
+    open_clip imports both at import time whenever they are installed, and both are (for the LLM).
+    That cost each stage that builds the encoder but no LLM (perceiver, codebook, grounding data)
+    ~1 s, and the LLM stages timm's share. While open_clip loads they are marked absent, which it
+    treats as not installed; the marks go right after, so a later ``import transformers`` works.
+    Imported at first use, when the model name is known: stages import this module at start-up,
+    single-threaded."""
+    if "open_clip" not in sys.modules and not _needs_optional_towers(model_name):
+        hidden = [name for name in _OPTIONAL_TOWER_LIBRARIES if name not in sys.modules]
+        sys.modules.update(dict.fromkeys(hidden))
+        try:
+            importlib.import_module("open_clip")
+        finally:
+            for name in hidden:
+                if sys.modules.get(name, False) is None:
+                    del sys.modules[name]
+    return importlib.import_module("open_clip")
+
+
 def _registered_by_us(name: str) -> bool:
     """A config this module registered earlier (its stub text tower tells it from open_clip's own)."""
-    from open_clip.factory import get_model_config
-
-    registered = get_model_config(name)
+    registered = open_clip_module(name).get_model_config(name)
     return registered is not None and registered.get("text_cfg") == open_clip_config(EncoderConfig())["text_cfg"]
 
 
 def _create_visual(config: EncoderConfig, pretrained: str | None) -> nn.Module:
+    open_clip = open_clip_module(config.model_name)
     # open_clip's registry is process-wide: a custom name registered with other dims (another
     # run in this process) is registered again with this config's.
     builtin = config.model_name in open_clip.list_models() and not _registered_by_us(config.model_name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 from medsight.platform.artifacts import ArtifactRef, ArtifactStore
 from medsight.platform.component_runtime import NPROC_ENV, execute_stage, outcome, resolve_config
+from medsight.platform.stage_server import run_stage_command
 
 
 def artifact_ref(artifact: Any) -> str:
@@ -94,9 +94,10 @@ def run_component(
             # One rank per GPU the stage's pod was given (pipelines/deployment.py sets the count).
             command = stage_command(stage, preset, overrides, refs, result_file, use_existing,
                                     nproc=pod_ranks(os.environ.get(NPROC_ENV, "1")))
-            done = subprocess.run(command, check=False)
-            if done.returncode != 0 or not result_file.is_file():
-                raise RuntimeError(f"stage {stage} failed (exit {done.returncode}); its error is printed above")
+            # Forked from the local runner's warm stage server when there is one (stage_server.py).
+            returncode = run_stage_command(command)
+            if returncode != 0 or not result_file.is_file():
+                raise RuntimeError(f"stage {stage} failed (exit {returncode}); its error is printed above")
             result = json.loads(result_file.read_text())
     ref = ArtifactRef.parse(json.dumps(result["ref"]))
     assert ref is not None

@@ -37,6 +37,7 @@ from medsight.platform.mlflow_runs import PARENT_OWNED_ENV
 from medsight.platform.progress_view import ProgressView, captured_output
 from medsight.platform.run_repo import CLIENT_ENV_KEYS, RunRepo, client_env_file
 from medsight.platform.s3_server import SeaweedS3Server
+from medsight.platform.stage_server import SERVER_ENV, StageServer
 from medsight.platform.tracking import ARTIFACTS_ENV, SYSTEM_METRICS_ENV
 from medsight.stages.lineage import COMMIT_ENV, VARIANT_ENV, git_commit
 from medsight.train.progress_events import EVENTS_ENV
@@ -239,14 +240,16 @@ def run_local(request: LocalRunRequest, console: IO[str] | None = None) -> Local
             "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
             "PYTHONWARNINGS": "ignore",
         }
-        fresh_tracking_store = not tracking_db.exists()
+        # Stage processes are forked from a warm interpreter that has the stage libraries imported.
+        stages = StageServer(log_path.with_suffix(".stage-server.log"))
+        env[SERVER_ENV] = str(stages.socket)
+        stack.callback(stages.stop)
         with patched_env(env):
+            stages.start()
+            # A new sqlite store's schema is made while the pipeline starts; the first stages'
+            # trackers wait for it on its lock file (mlflow_runs.prepare_sqlite_store).
             parent = _PipelineRun(run_id, request.preset)
             parent.start()
-            if fresh_tracking_store:
-                # A new sqlite store is created by migrating its schema; a stage's child doing the
-                # same at the same moment fails one of them ("duplicate column name"). Once only.
-                parent.join()
             try:
                 store = ArtifactStore()
                 store.ensure_ready()

@@ -51,23 +51,38 @@ def source_tags(source_name: str) -> dict[str, str]:
 
 def prepare_sqlite_store(tracking_uri: str, artifact_root: str | None) -> None:
     """Create a new sqlite tracking database with ``artifact_root`` as its default artifact
-    location and archive its "Default" experiment; an existing database is left as it is."""
+    location and archive its "Default" experiment; an existing database is left as it is.
+
+    Creating one migrates its schema (seconds). Processes that start on a new store together (the
+    local runner's parent run and the first stages) take turns on a lock file: two migrating one
+    file fail ("duplicate column name"). The schema is built in a temporary file renamed into
+    place, so a creator killed half-way leaves no half-migrated database behind."""
     if not tracking_uri.startswith("sqlite:///"):
         return
     database = Path(tracking_uri.removeprefix("sqlite:///"))
     if database.exists():
         return
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    import fcntl
 
     database.parent.mkdir(parents=True, exist_ok=True)
-    store = SqlAlchemyStore(tracking_uri, artifact_root or (database.resolve().parent / "mlartifacts").as_uri())
-    try:
-        # MLflow makes experiment 0 on every new database; MedSIGHT never logs there.
-        store.delete_experiment(SqlAlchemyStore.DEFAULT_EXPERIMENT_ID)
-    except Exception:  # noqa: BLE001 - an older MLflow that refuses: the experiment then stays
-        pass
-    finally:
-        store.engine.dispose()
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if database.exists():
+            return  # made by whoever held the lock before us
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        building = database.with_name(f".{database.name}.{os.getpid()}.new")
+        building.unlink(missing_ok=True)
+        store = SqlAlchemyStore(f"sqlite:///{building}",
+                                artifact_root or (database.resolve().parent / "mlartifacts").as_uri())
+        try:
+            # MLflow makes experiment 0 on every new database; MedSIGHT never logs there.
+            store.delete_experiment(SqlAlchemyStore.DEFAULT_EXPERIMENT_ID)
+        except Exception:  # noqa: BLE001 - an older MLflow that refuses: the experiment then stays
+            pass
+        finally:
+            store.engine.dispose()
+        os.replace(building, database)
 
 
 def mark_model_training(client: Any, experiment_id: str) -> None:
