@@ -99,3 +99,14 @@ def test_no_server_left_behind(s3_server: SeaweedS3Server) -> None:  # noqa: F81
             and any(str(s3_server.data_dir) in part for part in (p.info["cmdline"] or []))}
     assert mine == {s3_server.process.pid}
     assert os.environ.get("AWS_SECRET_ACCESS_KEY") != s3_server.credentials.secret_key
+
+
+def test_ports_are_picked_below_the_outgoing_connection_range() -> None:
+    """A port the kernel may give to a client's outgoing connection can be taken between the
+    check and SeaweedFS's bind (it then exits at start-up); blocks are picked below that range."""
+    from medsight.platform.s3_server import _COMPONENTS, GRPC_OFFSET, _ephemeral_floor, _pick_port_block
+
+    floor = _ephemeral_floor()
+    for _ in range(20):
+        base = _pick_port_block()
+        assert base + len(_COMPONENTS) + GRPC_OFFSET < floor

@@ -68,6 +68,14 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port Linux hands out for outgoing connections (32768 unless configured)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _pick_port_block(preferred: int | None = None) -> int:
     """A base port b with b..b+4 and their +10000 gRPC partners all free on loopback."""
 
@@ -77,8 +85,12 @@ def _pick_port_block(preferred: int | None = None) -> int:
     if preferred and preferred + len(_COMPONENTS) + GRPC_OFFSET < 65536 and block_free(preferred):
         return preferred
     rng = secrets.SystemRandom()
+    # Below the kernel's range for outgoing connections: a port checked free here can otherwise be
+    # taken by some client's connection before SeaweedFS binds it (it then exits at start-up).
+    top = _ephemeral_floor() - GRPC_OFFSET - len(_COMPONENTS)
+    low, high = (10000, top) if top > 12000 else (15000, 55000 - GRPC_OFFSET - len(_COMPONENTS))
     for _ in range(200):
-        base = rng.randrange(15000, 55000 - GRPC_OFFSET - len(_COMPONENTS))
+        base = rng.randrange(low, high)
         if block_free(base):
             return base
     raise S3ServerError("no free block of local ports for SeaweedFS; free some ports and retry")
