@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, NoReturn
 
 
 def executor_output_file(argv: Sequence[str]) -> Path | None:
@@ -30,6 +31,22 @@ def executor_output_file(argv: Sequence[str]) -> Path | None:
                 return None
             return Path(path) if path else None
     return None
+
+
+def flush_streams(*streams: IO[str]) -> None:
+    """Flush ``streams`` and stdout/stderr, skipping any already closed."""
+    for stream in (*streams, sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def exit_now(code: int, *streams: IO[str]) -> NoReturn:
+    """End the process at once: logging handlers and the streams flushed, no interpreter teardown."""
+    logging.shutdown()
+    flush_streams(*streams)
+    os._exit(code)
 
 
 def _stamp(path: Path) -> int | None:
@@ -53,13 +70,7 @@ def exit_without_teardown_once_written(output_file: Path) -> None:
         after = _stamp(output_file)
         if after is None or after == before:
             return
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(0)
+        exit_now(0)
 
     atexit.register(finish)
 

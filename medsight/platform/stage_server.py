@@ -34,6 +34,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from medsight.platform.fast_exit import flush_streams
+
 SERVER_ENV = "MEDSIGHT_STAGE_SERVER"  # the server's socket; set by the local runner
 READY_SUFFIX = ".ready"  # written once the libraries are imported: before it, components don't wait
 CLI_MODULE = "medsight.cli"
@@ -62,8 +64,7 @@ def _run_forked(socket_path: str, args: list[str], env: dict[str, str]) -> int |
         try:
             connection.connect(socket_path)
             request = json.dumps({"args": args, "env": env, "cwd": os.getcwd()}).encode() + b"\n"
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
+            flush_streams()
             socket.send_fds(connection, [request], [0, 1, 2])
         except OSError:
             return None
@@ -104,8 +105,7 @@ def serve(socket_path: Path) -> None:
         except (OSError, ValueError):
             connection.close()
             continue
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        flush_streams()  # or the child would write the server's buffered output again
         pid = os.fork()
         if pid == 0:
             listener.close()
@@ -165,11 +165,7 @@ def _child(connection: socket.socket, fds: list[int], request: dict) -> None:
         traceback.print_exc()
     finally:
         finished.set()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        flush_streams()
         try:
             connection.sendall(json.dumps({"returncode": code}).encode() + b"\n")
         except OSError:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -28,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from medsight.platform.fast_exit import exit_now
 from medsight.platform.tracking import TrackingError, config_params, flatten, run_arguments
 
 # The Tracker calls the helper forwards as they are: {"op": name, "args": keyword arguments}.
@@ -199,13 +199,7 @@ def main() -> None:
     # The run is ended and every MLflow call was synchronous: nothing is left to write. Tearing
     # down the interpreter with MLflow and SQLAlchemy loaded took ~0.6 s, which the stage waited
     # out after closing its run (its last step before the component ends).
-    logging.shutdown()
-    for stream in (replies, sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(0)
+    exit_now(0, replies)
 
 
 if __name__ == "__main__":
